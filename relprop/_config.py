@@ -1,0 +1,28 @@
+"""Every tunable number of relprop in one place (STUMPY's config.py pattern).
+
+Tests patch these (``monkeypatch.setattr(relprop._config, "THREADS_PER_BLOCK", 8)``)
+rather than passing hidden keyword arguments.
+"""
+
+#: Fast-math flags for every ``@njit`` kernel: STUMPY's set, i.e. *without* ``nnan``
+#: and ``ninf``, so NaN/Inf propagate and ``np.isnan`` still works inside kernels.
+#: A plain ``set``: Numba rejects a frozenset ("Expected fastmath option(s) to be either a bool, dict or set").
+FASTMATH_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+#: Numba's on-disk cache: a second process does not recompile.
+NUMBA_CACHE = True
+
+#: CUDA threads per block for 1-D grid-stride launches (tests patch it down to 8).
+THREADS_PER_BLOCK = 128
+
+#: Default ε of LRP-ε and default stabiliser of every other rule (MATH.md).
+DEFAULT_EPSILON = 1e-6
+DEFAULT_STABILIZER = 1e-6
+
+#: Upper bound on the im2col buffer of one chunk of a convolution, in bytes.  Chunks of
+#: samples are sized so that their column matrix stays near the cache.
+CONV_CHUNK_BYTES = 4 * 1024 * 1024
+
+#: Default bound on how many modified inputs go through the net at once
+#: (input-level methods: SmoothGrad, Integrated Gradients, occlusion, perturbation).
+DEFAULT_BATCH_SIZE = 64

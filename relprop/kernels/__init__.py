@@ -1,0 +1,206 @@
+"""Public kernel entry points: validate, pick the backend, allocate, call.
+
+Each function here checks its arguments at the boundary (shapes, one float dtype,
+finiteness, window geometry), resolves ``backend`` (``None`` → ``"cpu"`` for NumPy
+input, ``"cuda"`` for CuPy input; ``"reference"`` for the NumPy oracle) and calls the
+implementation of that backend, which has the same name in
+``relprop.kernels.{reference,cpu,cuda}``.
+
+Geometry arguments (``stride``, ``padding``, ``dilation``, ``kernel``) take an int or
+a pair of ints, as PyTorch.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _validate as V
+from .._backend import array_namespace, resolve_backend
+from . import _ops
+
+__all__ = [
+    "dense_forward", "dense_vjp", "conv2d_forward", "conv2d_vjp",
+    "maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp",
+    "relu_forward", "relu_backward_gradient", "relu_backward_deconvnet", "relu_backward_guided",
+    "stabilized_divide",
+]
+
+
+def _prepare(where, backend, check_finite, **arrays):
+    """Common checks; returns (xp, backend, contiguous arrays dict)."""
+    xp = array_namespace(*arrays.values())
+    for name, a in arrays.items():
+        if a is not None:
+            V.check_float_array(name, a, where=where)
+    V.check_same_dtype(where, **arrays)
+    if check_finite:
+        for name, a in arrays.items():
+            if a is not None:
+                V.check_finite(name, a, where=where)
+    backend = resolve_backend(backend, xp)
+    arrays = {k: (None if v is None else xp.ascontiguousarray(v)) for k, v in arrays.items()}
+    return xp, backend, arrays
+
+
+def _check_bias(where, b, n_out):
+    if b is not None:
+        V.check_shape("b", b, (n_out,), where)
+
+
+def dense_forward(x, w, b=None, *, backend=None, check_finite=True):
+    """z = x W^T + b.  x (N, I), w (J, I) (PyTorch's layout), b (J,) or None → z (N, J)."""
+    where = "dense_forward"
+    V.check_float_array("x", x, 2, where)
+    V.check_float_array("w", w, 2, where)
+    V.check_shape("w", w, (None, x.shape[1]), where)
+    _check_bias(where, b, w.shape[0])
+    _, backend, a = _prepare(where, backend, check_finite, x=x, w=w, b=b)
+    return _ops.dense_forward(a["x"], a["w"], a["b"], backend)
+
+
+def dense_vjp(g, w, *, backend=None, check_finite=True):
+    """Input-VJP of a dense layer: g W.  g (N, J), w (J, I) → (N, I)."""
+    where = "dense_vjp"
+    V.check_float_array("g", g, 2, where)
+    V.check_float_array("w", w, 2, where)
+    V.check_shape("g", g, (None, w.shape[0]), where)
+    _, backend, a = _prepare(where, backend, check_finite, g=g, w=w)
+    return _ops.dense_vjp(a["g"], a["w"], backend)
+
+
+def _conv_geometry(where, x_shape, w, stride, padding, dilation):
+    stride = V.pair("stride", stride, where, minimum=1)
+    padding = V.pair("padding", padding, where, minimum=0)
+    dilation = V.pair("dilation", dilation, where, minimum=1)
+    if w.shape[1] != x_shape[1]:
+        raise ValueError(f"{where}: w has shape {tuple(w.shape)}, expected (K, C={x_shape[1]}, kh, kw)")
+    V.check_window_geometry(where, x_shape[2:], w.shape[2:], stride, padding, dilation)
+    return stride, padding, dilation
+
+
+def conv2d_forward(x, w, b=None, stride=1, padding=0, dilation=1, *, backend=None, check_finite=True):
+    """2-D convolution.  x (N,C,H,W), w (K,C,kh,kw), b (K,) or None → (N,K,Ho,Wo)."""
+    where = "conv2d_forward"
+    V.check_float_array("x", x, 4, where)
+    V.check_float_array("w", w, 4, where)
+    stride, padding, dilation = _conv_geometry(where, x.shape, w, stride, padding, dilation)
+    _check_bias(where, b, w.shape[0])
+    _, backend, a = _prepare(where, backend, check_finite, x=x, w=w, b=b)
+    return _ops.conv2d_forward(a["x"], a["w"], a["b"], stride, padding, dilation, backend)
+
+
+def conv2d_vjp(g, w, input_shape, stride=1, padding=0, dilation=1, *, backend=None, check_finite=True):
+    """Input-VJP (transposed convolution) of conv2d.  g (N,K,Ho,Wo) → (N,C,H,W) = ``input_shape``."""
+    where = "conv2d_vjp"
+    V.check_float_array("g", g, 4, where)
+    V.check_float_array("w", w, 4, where)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape}")
+    stride, padding, dilation = _conv_geometry(where, input_shape, w, stride, padding, dilation)
+    expected = _ops.conv2d_output_shape(input_shape, w.shape, stride, padding, dilation)
+    V.check_shape("g", g, expected, where)
+    _, backend, a = _prepare(where, backend, check_finite, g=g, w=w)
+    return _ops.conv2d_vjp(a["g"], a["w"], input_shape, stride, padding, dilation, backend)
+
+
+def _pool_geometry(where, x_shape, kernel, stride, padding):
+    kernel = V.pair("kernel", kernel, where, minimum=1)
+    stride = kernel if stride is None else V.pair("stride", stride, where, minimum=1)
+    padding = V.pair("padding", padding, where, minimum=0)
+    V.check_window_geometry(where, x_shape[2:], kernel, stride, padding, pool=True)
+    return kernel, stride, padding
+
+
+def maxpool2d_forward(x, kernel, stride=None, padding=0, *, backend=None, check_finite=True):
+    """Max pooling with switches → (out (N,C,Ho,Wo), switches int64 (N,C,Ho,Wo)).
+
+    A switch is the flat index ``h * W + w`` of the window's maximum in its input plane;
+    ties go to the first maximum in row-major window order.  ``stride`` defaults to ``kernel``.
+    """
+    where = "maxpool2d_forward"
+    V.check_float_array("x", x, 4, where)
+    kernel, stride, padding = _pool_geometry(where, x.shape, kernel, stride, padding)
+    _, backend, a = _prepare(where, backend, check_finite, x=x)
+    return _ops.maxpool2d_forward(a["x"], kernel, stride, padding, backend)
+
+
+def maxunpool2d(g, switches, input_shape, *, backend=None, check_finite=True):
+    """Route g (N,C,Ho,Wo) back to the switch positions of an (N,C,H,W) array, summing overlaps."""
+    where = "maxunpool2d"
+    V.check_float_array("g", g, 4, where)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4 or input_shape[:2] != tuple(g.shape[:2]):
+        raise ValueError(f"{where}: input_shape {input_shape} must be (N={g.shape[0]}, C={g.shape[1]}, H, W)")
+    xp = array_namespace(g, switches)
+    if tuple(switches.shape) != tuple(g.shape):
+        raise ValueError(f"{where}: switches has shape {tuple(switches.shape)}, expected {tuple(g.shape)}")
+    if switches.dtype != np.int64:
+        raise TypeError(f"{where}: switches has dtype {switches.dtype}, expected int64")
+    plane = input_shape[2] * input_shape[3]
+    if switches.size and (int(switches.min()) < 0 or int(switches.max()) >= plane):
+        raise ValueError(f"{where}: switches must lie in [0, H*W={plane})")
+    _, backend, a = _prepare(where, backend, check_finite, g=g)
+    return _ops.maxunpool2d(a["g"], xp.ascontiguousarray(switches), input_shape, backend)
+
+
+def avgpool2d_forward(x, kernel, stride=None, padding=0, *, backend=None, check_finite=True):
+    """Average pooling (padding counted: divide by kh·kw, PyTorch's count_include_pad=True)."""
+    where = "avgpool2d_forward"
+    V.check_float_array("x", x, 4, where)
+    kernel, stride, padding = _pool_geometry(where, x.shape, kernel, stride, padding)
+    _, backend, a = _prepare(where, backend, check_finite, x=x)
+    return _ops.avgpool2d_forward(a["x"], kernel, stride, padding, backend)
+
+
+def avgpool2d_vjp(g, input_shape, kernel, stride=None, padding=0, *, backend=None, check_finite=True):
+    """VJP of average pooling: g (N,C,Ho,Wo) → (N,C,H,W) = ``input_shape``."""
+    where = "avgpool2d_vjp"
+    V.check_float_array("g", g, 4, where)
+    input_shape = tuple(int(s) for s in input_shape)
+    kernel, stride, padding = _pool_geometry(where, input_shape, kernel, stride, padding)
+    V.check_shape("g", g, _ops.pool_output_shape(input_shape, kernel, stride, padding), where)
+    _, backend, a = _prepare(where, backend, check_finite, g=g)
+    return _ops.avgpool2d_vjp(a["g"], input_shape, kernel, stride, padding, backend)
+
+
+def _same_shape(where, **arrays):
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    first = next(iter(shapes))
+    for k, s in shapes.items():
+        if s != shapes[first]:
+            raise ValueError(f"{where}: {k} has shape {s}, expected {shapes[first]} (the shape of {first})")
+
+
+def relu_forward(x, *, backend=None, check_finite=True):
+    """max(x, 0)."""
+    _, backend, a = _prepare("relu_forward", backend, check_finite, x=x)
+    return _ops.relu_forward(a["x"], backend)
+
+
+def relu_backward_gradient(g, z, *, backend=None, check_finite=True):
+    """Gradient through ReLU: g · 1[z > 0]."""
+    _same_shape("relu_backward_gradient", g=g, z=z)
+    _, backend, a = _prepare("relu_backward_gradient", backend, check_finite, g=g, z=z)
+    return _ops.relu_backward_gradient(a["g"], a["z"], backend)
+
+
+def relu_backward_deconvnet(g, *, backend=None, check_finite=True):
+    """DeconvNet through ReLU: max(g, 0)."""
+    _, backend, a = _prepare("relu_backward_deconvnet", backend, check_finite, g=g)
+    return _ops.relu_backward_deconvnet(a["g"], backend)
+
+
+def relu_backward_guided(g, z, *, backend=None, check_finite=True):
+    """Guided Backprop through ReLU: max(g, 0) · 1[z > 0]."""
+    _same_shape("relu_backward_guided", g=g, z=z)
+    _, backend, a = _prepare("relu_backward_guided", backend, check_finite, g=g, z=z)
+    return _ops.relu_backward_guided(a["g"], a["z"], backend)
+
+
+def stabilized_divide(r, z, epsilon=1e-6, *, backend=None, check_finite=True):
+    """r / (z + ε·sign₀(z)), sign₀(0) = +1; a zero denominator gives 0 (never NaN)."""
+    where = "stabilized_divide"
+    _same_shape(where, r=r, z=z)
+    V.check_param(where, "epsilon", epsilon, np.isfinite(epsilon) and epsilon >= 0, "a finite number >= 0")
+    _, backend, a = _prepare(where, backend, check_finite, r=r, z=z)
+    return _ops.stabilized_divide(a["r"], a["z"], epsilon, backend)

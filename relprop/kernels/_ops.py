@@ -1,0 +1,97 @@
+"""Unchecked kernel calls: allocate ``out`` with the input's namespace, run ``backend``.
+
+Used inside sweeps (nets, rules, patterns), where the input was validated once at the
+public boundary.  ``backend`` is a resolved name ("reference", "cpu" or "cuda").
+Geometry arguments are already normalised pairs.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import array_namespace, kernels
+from .._validate import conv_output_size
+
+
+def _xp(x):
+    return array_namespace(x)
+
+
+def dense_forward(x, w, b, backend):
+    out = _xp(x).empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+    if b is None:
+        b = _xp(x).zeros(w.shape[0], dtype=x.dtype)
+    return kernels(backend).dense_forward(x, w, b, out)
+
+
+def dense_vjp(g, w, backend):
+    out = _xp(g).empty((g.shape[0], w.shape[1]), dtype=g.dtype)
+    return kernels(backend).dense_vjp(g, w, out)
+
+
+def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation):
+    n, _, h, wd = x_shape
+    k, _, kh, kw = w_shape
+    return (n, k, conv_output_size(h, kh, stride[0], padding[0], dilation[0]),
+            conv_output_size(wd, kw, stride[1], padding[1], dilation[1]))
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, backend):
+    xp = _xp(x)
+    out = xp.empty(conv2d_output_shape(x.shape, w.shape, stride, padding, dilation), dtype=x.dtype)
+    if b is None:
+        b = xp.zeros(w.shape[0], dtype=x.dtype)
+    return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, out)
+
+
+def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
+    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)
+
+
+def pool_output_shape(x_shape, kernel, stride, padding):
+    n, c, h, wd = x_shape
+    return (n, c, conv_output_size(h, kernel[0], stride[0], padding[0]),
+            conv_output_size(wd, kernel[1], stride[1], padding[1]))
+
+
+def maxpool2d_forward(x, kernel, stride, padding, backend):
+    xp = _xp(x)
+    shape = pool_output_shape(x.shape, kernel, stride, padding)
+    out = xp.empty(shape, dtype=x.dtype)
+    switches = xp.empty(shape, dtype=np.int64)
+    return kernels(backend).maxpool2d_forward(x, kernel, stride, padding, out, switches)
+
+
+def maxunpool2d(g, switches, input_shape, backend):
+    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    return kernels(backend).maxunpool2d(g, switches, out)
+
+
+def avgpool2d_forward(x, kernel, stride, padding, backend):
+    out = _xp(x).empty(pool_output_shape(x.shape, kernel, stride, padding), dtype=x.dtype)
+    return kernels(backend).avgpool2d_forward(x, kernel, stride, padding, out)
+
+
+def avgpool2d_vjp(g, input_shape, kernel, stride, padding, backend):
+    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    return kernels(backend).avgpool2d_vjp(g, kernel, stride, padding, out)
+
+
+def relu_forward(x, backend):
+    return kernels(backend).relu_forward(x, _xp(x).empty_like(x))
+
+
+def relu_backward_gradient(g, z, backend):
+    return kernels(backend).relu_backward_gradient(g, z, _xp(g).empty_like(g))
+
+
+def relu_backward_deconvnet(g, backend):
+    return kernels(backend).relu_backward_deconvnet(g, _xp(g).empty_like(g))
+
+
+def relu_backward_guided(g, z, backend):
+    return kernels(backend).relu_backward_guided(g, z, _xp(g).empty_like(g))
+
+
+def stabilized_divide(r, z, epsilon, backend):
+    return kernels(backend).stabilized_divide(r, z, float(epsilon), _xp(r).empty_like(r))

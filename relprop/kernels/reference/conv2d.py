@@ -1,0 +1,57 @@
+r"""2-D convolution (cross-correlation, as every deep-learning framework): forward and input-VJP.
+
+Layout: x (N, C, H, W), w (K, C, kh, kw), b (K,), z (N, K, Ho, Wo); stride (sh, sw),
+zero padding (ph, pw), dilation (dh, dw).  With :math:`\tilde x` the zero-padded input,
+
+.. math:: z_{nkij} = b_k + \sum_{c,a,e} w_{kcae}\,
+          \tilde x_{n,c,\,i s_h + a d_h,\,j s_w + e d_w}
+
+and :math:`H_o = \lfloor (H + 2p_h - d_h(k_h - 1) - 1)/s_h \rfloor + 1` (likewise W_o).
+
+The input-VJP (the transposed convolution) sends every output signal back along the
+same taps:
+
+.. math:: \tilde g_{n,c,\,i s_h + a d_h,\,j s_w + e d_w} \mathrel{+}= w_{kcae}\, g_{nkij},
+          \qquad g^{\mathrm{in}} = \tilde g \text{ without its padding.}
+
+Both loop over the kh·kw kernel offsets; each offset is one small tensor contraction
+over channels applied to a strided view of the padded input.
+"""
+import numpy as np
+
+__all__ = ["conv2d_forward", "conv2d_vjp"]
+
+
+def _tap(offset, step, count, dil):
+    """The slice of padded positions that kernel tap ``offset`` touches for ``count`` outputs."""
+    start = offset * dil
+    return slice(start, start + step * (count - 1) + 1, step)
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, out):
+    """Convolution forward.  Shapes: x (N,C,H,W), w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = w.shape[2:]
+    ho, wo = out.shape[2:]
+    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    z = np.zeros(out.shape, dtype=x.dtype) + b[None, :, None, None]
+    for a in range(kh):
+        for e in range(kw):
+            patch = x_pad[:, :, _tap(a, sh, ho, dh), _tap(e, sw, wo, dw)]  # (N, C, Ho, Wo)
+            z += np.einsum("kc,nchw->nkhw", w[:, :, a, e], patch)
+    out[...] = z
+    return out
+
+
+def conv2d_vjp(g, w, stride, padding, dilation, out):
+    """Input-VJP (transposed convolution).  g (N,K,Ho,Wo), w (K,C,kh,kw), out (N,C,H,W)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = w.shape[2:]
+    n, c, h, wd = out.shape
+    ho, wo = g.shape[2:]
+    g_pad = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=g.dtype)
+    for a in range(kh):
+        for e in range(kw):
+            g_pad[:, :, _tap(a, sh, ho, dh), _tap(e, sw, wo, dw)] += np.einsum("kc,nkhw->nchw", w[:, :, a, e], g)
+    out[...] = g_pad[:, :, ph:ph + h, pw:pw + wd]
+    return out
