@@ -15,6 +15,13 @@ NUMBA_CACHE = True
 #: CUDA threads per block for 1-D grid-stride launches (tests patch it down to 8).
 THREADS_PER_BLOCK = 128
 
+#: Upper bound on the blocks of one CUDA launch; every kernel is a grid-stride loop, so a
+#: larger problem loops instead of launching more blocks (tests patch it down to exercise that).
+CUDA_MAX_BLOCKS = 8192
+
+#: Upper bound on the scratch of one chunk of a CUDA convolution or pattern-sum pass (its column matrix), in bytes.
+CUDA_SCRATCH_BYTES = 256 * 1024 * 1024
+
 #: Default ε of LRP-ε and default stabiliser of every other rule (MATH.md).
 DEFAULT_EPSILON = 1e-6
 DEFAULT_STABILIZER = 1e-6

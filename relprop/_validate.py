@@ -76,6 +76,7 @@ def _xp(x):
 def pair(name, value, where="", minimum=0):
     """An int or a pair of ints -> a tuple of two ints >= ``minimum``."""
     prefix = f"{where}: " if where else ""
+    given = value  # messages quote what the caller passed, not the expanded pair
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         value = (int(value), int(value))
     try:
@@ -86,9 +87,9 @@ def pair(name, value, where="", minimum=0):
         if out != (a, b):
             raise TypeError
     except (TypeError, ValueError):
-        raise TypeError(f"{prefix}{name} must be an int or a pair of ints, got {value!r}") from None
+        raise TypeError(f"{prefix}{name} must be an int or a pair of ints, got {given!r}") from None
     if min(out) < minimum:
-        raise ValueError(f"{prefix}{name} must be >= {minimum}, got {value!r}")
+        raise ValueError(f"{prefix}{name} must be >= {minimum}, got {given!r}")
     return out
 
 

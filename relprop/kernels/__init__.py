@@ -11,6 +11,8 @@ a pair of ints, as PyTorch.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from .. import _validate as V
@@ -23,14 +25,16 @@ __all__ = [
     "relu_forward", "relu_backward_gradient", "relu_backward_deconvnet", "relu_backward_guided",
     "stabilized_divide",
 ]
+__all__ += ["dense_weight_vjp", "conv2d_weight_vjp"]  # training (family "train")
+__all__ += ["pattern_stats_dense", "pattern_stats_conv2d"]  # PatternNet statistics (family "patterns")
 
 
 def _prepare(where, backend, check_finite, **arrays):
     """Common checks; returns (xp, backend, contiguous arrays dict)."""
-    xp = array_namespace(*arrays.values())
-    for name, a in arrays.items():
+    for name, a in arrays.items():  # first, so that a non-array is named in the message
         if a is not None:
             V.check_float_array(name, a, where=where)
+    xp = array_namespace(*arrays.values())
     V.check_same_dtype(where, **arrays)
     if check_finite:
         for name, a in arrays.items():
@@ -131,6 +135,8 @@ def maxunpool2d(g, switches, input_shape, *, backend=None, check_finite=True):
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) != 4 or input_shape[:2] != tuple(g.shape[:2]):
         raise ValueError(f"{where}: input_shape {input_shape} must be (N={g.shape[0]}, C={g.shape[1]}, H, W)")
+    if not hasattr(switches, "dtype") or not hasattr(switches, "shape"):
+        raise TypeError(f"{where}: switches must be an int64 array, got {type(switches).__name__}")
     xp = array_namespace(g, switches)
     if tuple(switches.shape) != tuple(g.shape):
         raise ValueError(f"{where}: switches has shape {tuple(switches.shape)}, expected {tuple(g.shape)}")
@@ -138,7 +144,10 @@ def maxunpool2d(g, switches, input_shape, *, backend=None, check_finite=True):
         raise TypeError(f"{where}: switches has dtype {switches.dtype}, expected int64")
     plane = input_shape[2] * input_shape[3]
     if switches.size and (int(switches.min()) < 0 or int(switches.max()) >= plane):
-        raise ValueError(f"{where}: switches must lie in [0, H*W={plane})")
+        raise ValueError(
+            f"{where}: switches must lie in [0, H*W={plane}) for input_shape {input_shape}, "
+            f"got values in [{int(switches.min())}, {int(switches.max())}]"
+        )
     _, backend, a = _prepare(where, backend, check_finite, g=g)
     return _ops.maxunpool2d(a["g"], xp.ascontiguousarray(switches), input_shape, backend)
 
@@ -157,6 +166,8 @@ def avgpool2d_vjp(g, input_shape, kernel, stride=None, padding=0, *, backend=Non
     where = "avgpool2d_vjp"
     V.check_float_array("g", g, 4, where)
     input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) != 4:
+        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape}")
     kernel, stride, padding = _pool_geometry(where, input_shape, kernel, stride, padding)
     V.check_shape("g", g, _ops.pool_output_shape(input_shape, kernel, stride, padding), where)
     _, backend, a = _prepare(where, backend, check_finite, g=g)
@@ -164,6 +175,8 @@ def avgpool2d_vjp(g, input_shape, kernel, stride=None, padding=0, *, backend=Non
 
 
 def _same_shape(where, **arrays):
+    for k, v in arrays.items():
+        V.check_float_array(k, v, where=where)
     shapes = {k: tuple(v.shape) for k, v in arrays.items()}
     first = next(iter(shapes))
     for k, s in shapes.items():
@@ -201,6 +214,103 @@ def stabilized_divide(r, z, epsilon=1e-6, *, backend=None, check_finite=True):
     """r / (z + ε·sign₀(z)), sign₀(0) = +1; a zero denominator gives 0 (never NaN)."""
     where = "stabilized_divide"
     _same_shape(where, r=r, z=z)
-    V.check_param(where, "epsilon", epsilon, np.isfinite(epsilon) and epsilon >= 0, "a finite number >= 0")
+    ok = isinstance(epsilon, numbers.Real) and np.isfinite(epsilon) and epsilon >= 0
+    V.check_param(where, "epsilon", epsilon, ok, "a finite number >= 0")
     _, backend, a = _prepare(where, backend, check_finite, r=r, z=z)
     return _ops.stabilized_divide(a["r"], a["z"], epsilon, backend)
+
+
+# -- training: weight vector-Jacobian products (family "train") ---------------------------------
+def dense_weight_vjp(x, g, *, backend=None, check_finite=True):
+    """Weight/bias gradients of a dense layer: (gᵀ x, Σ_n g).  x (N, I), g (N, J) → ((J, I), (J,))."""
+    where = "dense_weight_vjp"
+    V.check_float_array("x", x, 2, where)
+    V.check_float_array("g", g, 2, where)
+    V.check_shape("g", g, (x.shape[0], None), where)
+    _, backend, a = _prepare(where, backend, check_finite, x=x, g=g)
+    return _ops.dense_weight_vjp(a["x"], a["g"], backend)
+
+
+def conv2d_weight_vjp(x, g, kernel, stride=1, padding=0, dilation=1, *, backend=None, check_finite=True):
+    """Weight/bias gradients of conv2d.  x (N,C,H,W), g (N,K,Ho,Wo) → (dW (K,C,kh,kw), db (K,)).
+
+    ``kernel`` is the weight's spatial size (kh, kw) (an int or a pair); g must have the
+    forward's output shape for that geometry.
+    """
+    where = "conv2d_weight_vjp"
+    V.check_float_array("x", x, 4, where)
+    V.check_float_array("g", g, 4, where)
+    kernel = V.pair("kernel", kernel, where, minimum=1)
+    stride = V.pair("stride", stride, where, minimum=1)
+    padding = V.pair("padding", padding, where, minimum=0)
+    dilation = V.pair("dilation", dilation, where, minimum=1)
+    V.check_window_geometry(where, x.shape[2:], kernel, stride, padding, dilation)
+    w_shape = (g.shape[1], x.shape[1]) + kernel
+    V.check_shape("g", g, _ops.conv2d_output_shape(x.shape, w_shape, stride, padding, dilation), where)
+    _, backend, a = _prepare(where, backend, check_finite, x=x, g=g)
+    return _ops.conv2d_weight_vjp(a["x"], a["g"], w_shape, stride, padding, dilation, backend)
+
+
+# -- PatternNet statistics (family "patterns") ---------------------------------------------------
+_PATTERN_ACC = ("count", "sum_x", "count_pos", "sum_y", "sum_x_pos", "sum_xy")
+
+
+def _pattern_accumulators(where, xp, out, n_units, in_shape):
+    """Validate ``out`` (6 float64 accumulators to update in place) or allocate zeroed ones."""
+    if out is None:
+        return _ops.pattern_accumulators(xp, n_units, in_shape)
+    if not isinstance(out, (tuple, list)) or len(out) != len(_PATTERN_ACC):
+        raise TypeError(f"{where}: out must be a tuple of 6 float64 arrays {_PATTERN_ACC}, got {type(out).__name__}")
+    shapes = ((), in_shape, (n_units,), (2, n_units), (n_units,) + in_shape, (2, n_units) + in_shape)
+    for name, a, shape in zip(_PATTERN_ACC, out, shapes):
+        if not hasattr(a, "dtype") or np.dtype(a.dtype) != np.float64:
+            raise TypeError(f"{where}: accumulator {name} must be a float64 array, got {getattr(a, 'dtype', type(a).__name__)}")
+        V.check_shape(name, a, shape, where)
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{where}: accumulator {name} must be C-contiguous (it is updated in place)")
+    if array_namespace(*out) is not xp:
+        raise TypeError(f"{where}: the accumulators and the inputs must live on one device (numpy or cupy)")
+    return tuple(out)
+
+
+def pattern_stats_dense(x, z, b=None, out=None, *, backend=None, check_finite=True):
+    """Accumulate PatternNet statistics of a dense layer (see :mod:`relprop.kernels.reference.patterns`).
+
+    x (N, I) the layer input, z (N, J) its pre-activation x Wᵀ + b, b (J,) or None.
+    ``out``: the float64 accumulators (count (), sum_x (I,), count_pos (J,), sum_y (2, J),
+    sum_x_pos (J, I), sum_xy (2, J, I)) to add this batch into, in place; None starts from
+    zeros.  Returns the accumulators.
+    """
+    where = "pattern_stats_dense"
+    V.check_float_array("x", x, 2, where)
+    V.check_float_array("z", z, 2, where)
+    V.check_shape("z", z, (x.shape[0], None), where)
+    _check_bias(where, b, z.shape[1])
+    xp, backend, a = _prepare(where, backend, check_finite, x=x, z=z, b=b)
+    acc = _pattern_accumulators(where, xp, out, z.shape[1], (x.shape[1],))
+    return _ops.pattern_stats_dense(a["x"], a["z"], a["b"], acc, backend)
+
+
+def pattern_stats_conv2d(x, z, kernel, b=None, stride=1, padding=0, dilation=1, out=None, *, backend=None,
+                         check_finite=True):
+    """Accumulate PatternNet statistics of a conv layer: every output position is one sample.
+
+    x (N, C, H, W) the layer input, z (N, K, Ho, Wo) its pre-activation, ``kernel`` the
+    weight's spatial size (kh, kw), b (K,) or None.  ``out``: float64 accumulators (count (),
+    sum_x (C, kh, kw), count_pos (K,), sum_y (2, K), sum_x_pos (K, C, kh, kw),
+    sum_xy (2, K, C, kh, kw)) updated in place, or None.  Returns the accumulators.
+    """
+    where = "pattern_stats_conv2d"
+    V.check_float_array("x", x, 4, where)
+    V.check_float_array("z", z, 4, where)
+    kernel = V.pair("kernel", kernel, where, minimum=1)
+    stride = V.pair("stride", stride, where, minimum=1)
+    padding = V.pair("padding", padding, where, minimum=0)
+    dilation = V.pair("dilation", dilation, where, minimum=1)
+    V.check_window_geometry(where, x.shape[2:], kernel, stride, padding, dilation)
+    w_shape = (z.shape[1], x.shape[1]) + kernel
+    V.check_shape("z", z, _ops.conv2d_output_shape(x.shape, w_shape, stride, padding, dilation), where)
+    _check_bias(where, b, z.shape[1])
+    xp, backend, a = _prepare(where, backend, check_finite, x=x, z=z, b=b)
+    acc = _pattern_accumulators(where, xp, out, z.shape[1], (x.shape[1],) + kernel)
+    return _ops.pattern_stats_conv2d(a["x"], a["z"], a["b"], stride, padding, dilation, acc, backend)

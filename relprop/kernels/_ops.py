@@ -95,3 +95,40 @@ def relu_backward_guided(g, z, backend):
 
 def stabilized_divide(r, z, epsilon, backend):
     return kernels(backend).stabilized_divide(r, z, float(epsilon), _xp(r).empty_like(r))
+
+
+def dense_weight_vjp(x, g, backend):
+    xp = _xp(x)
+    out_w = xp.empty((g.shape[1], x.shape[1]), dtype=x.dtype)
+    out_b = xp.empty((g.shape[1],), dtype=x.dtype)
+    return kernels(backend).dense_weight_vjp(x, g, out_w, out_b)
+
+
+def conv2d_weight_vjp(x, g, w_shape, stride, padding, dilation, backend):
+    xp = _xp(x)
+    out_w = xp.empty(tuple(w_shape), dtype=x.dtype)
+    out_b = xp.empty((w_shape[0],), dtype=x.dtype)
+    return kernels(backend).conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b)
+
+
+# -- pattern statistics (family "patterns"): float64 accumulators updated in place -------------
+def pattern_accumulators(xp, n_units, in_shape):
+    """Zeroed float64 accumulators (count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy) for a layer
+    with ``n_units`` outputs and per-unit input shape ``in_shape`` ((I,) dense, (C, kh, kw) conv)."""
+    in_shape = tuple(int(s) for s in in_shape)
+    f8 = np.float64
+    return (xp.zeros((), dtype=f8), xp.zeros(in_shape, dtype=f8), xp.zeros((n_units,), dtype=f8),
+            xp.zeros((2, n_units), dtype=f8), xp.zeros((n_units,) + in_shape, dtype=f8),
+            xp.zeros((2, n_units) + in_shape, dtype=f8))
+
+
+def pattern_stats_dense(x, z, b, acc, backend):
+    if b is None:
+        b = _xp(x).zeros(z.shape[1], dtype=x.dtype)
+    return kernels(backend).pattern_stats_dense(x, z, b, *acc)
+
+
+def pattern_stats_conv2d(x, z, b, stride, padding, dilation, acc, backend):
+    if b is None:
+        b = _xp(x).zeros(z.shape[1], dtype=x.dtype)
+    return kernels(backend).pattern_stats_conv2d(x, z, b, stride, padding, dilation, *acc)

@@ -3,7 +3,10 @@
 Layout NCHW; geometry arguments are pairs ``(kh, kw)``, ``(sh, sw)``, ``(ph, pw)``.
 Every kernel runs ``prange`` over the N·C planes: one thread owns a whole output plane,
 so each output element has exactly one writer, no atomics are needed, and the summation
-order is fixed (results are bitwise identical run to run).
+order is fixed (results are bitwise identical run to run).  Max and average pooling
+gather over each window; unpooling and the average-pool VJP scatter serially within the
+plane a thread owns, which is just as race-free (the switches alone do not say which
+windows cover an input, and for the VJP the scatter measured faster than the gather).
 
 Pool padding never exceeds half the window (checked at the public boundary), so every
 window holds at least one real input; the kernels loop over the window clipped to the
@@ -17,39 +20,59 @@ from ... import _config
 __all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
 
 
+@njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def _has_nan(xp):
+    """True when the 2-D plane ``xp`` holds a NaN (an OR reduction the compiler vectorises)."""
+    nan = False
+    for a in range(xp.shape[0]):
+        for b in range(xp.shape[1]):
+            nan |= xp[a, b] != xp[a, b]
+    return nan
+
+
+@njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def _maxpool_plane(xp, kernel, stride, padding, op, sp, nan_aware):
+    """Max pooling of one (H, W) plane into op/sp (Ho, Wo): the first maximum of each window."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    h, wd = xp.shape
+    ho, wo = op.shape
+    for i in range(ho):
+        r0 = i * sh - ph
+        r1 = min(r0 + kh, h)
+        r0 = max(r0, 0)
+        for j in range(wo):
+            c0 = j * sw - pw
+            c1 = min(c0 + kw, wd)
+            c0 = max(c0, 0)
+            best = xp[r0, c0]
+            best_k = r0 * wd + c0
+            for a in range(r0, r1):
+                for b in range(c0, c1):
+                    v = xp[a, b]
+                    # strict > keeps the first maximum; with NaN about, the first NaN wins (argmax)
+                    if v > best or (nan_aware and v != v and best == best):
+                        best = v
+                        best_k = a * wd + b
+            op[i, j] = best
+            sp[i, j] = best_k
+
+
 @njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_forward`.
 
-    Parallel over (n, c) planes.  Each window is scanned in row-major order over its real
-    (unpadded) inputs with a strict ``>``, so ties go to the first maximum, as ``argmax``;
-    padding (-inf) can never win.  A NaN wins its window (the first NaN), as in NumPy.
-    Switches are flat indices ``h * W + w`` into the unpadded input plane.
+    Parallel over (n, c) planes, one thread per plane.  Each window is scanned in row-major
+    order over its real (unpadded) inputs with a strict ``>``, so ties go to the first
+    maximum, as ``argmax``; padding (-inf) can never win.  Switches are flat indices
+    ``h * W + w`` into the unpadded input plane.  A plane holding a NaN (only possible with
+    ``check_finite=False``) takes a NaN-aware scan in which the first NaN of a window wins,
+    as in NumPy; the plain scan is about twice as fast, hence the split.
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n_samples, n_channels, h, wd = x.shape
-    ho, wo = out.shape[2], out.shape[3]
-    for p in prange(n_samples * n_channels):
+    n_channels = x.shape[1]
+    for p in prange(x.shape[0] * n_channels):
         n, c = p // n_channels, p % n_channels
-        for i in range(ho):
-            r0 = i * sh - ph
-            r1 = min(r0 + kh, h)
-            r0 = max(r0, 0)
-            for j in range(wo):
-                c0 = j * sw - pw
-                c1 = min(c0 + kw, wd)
-                c0 = max(c0, 0)
-                best = x[n, c, r0, c0]
-                best_k = r0 * wd + c0
-                for a in range(r0, r1):
-                    for b in range(c0, c1):
-                        v = x[n, c, a, b]
-                        # strict > keeps the first maximum; a NaN beats any number once
-                        if v > best or (v != v and best == best):
-                            best = v
-                            best_k = a * wd + b
-                out[n, c, i, j] = best
-                switches[n, c, i, j] = best_k
+        xp = x[n, c]
+        _maxpool_plane(xp, kernel, stride, padding, out[n, c], switches[n, c], _has_nan(xp))
     return out, switches
 
 
@@ -57,23 +80,22 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
 def maxunpool2d(g, switches, out):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxunpool2d`.
 
-    Parallel over (n, c) planes; within a plane one thread zeroes its output plane and adds
-    ``g`` at the switch positions serially in row-major window order (the order of
-    ``np.add.at`` in the reference), so collisions from overlapping windows sum
-    deterministically without atomics.  The switches alone do not tell which windows cover
-    an input, hence a per-plane scatter rather than a gather: still one writer per plane.
+    Parallel over (n, c) planes; one thread owns an output plane, zeroes it and adds ``g``
+    at the switch positions serially in row-major window order (the order of ``np.add.at``
+    in the reference), so collisions from overlapping windows sum deterministically without
+    atomics.  The switches alone do not say which windows cover an input, hence this
+    per-plane scatter rather than a gather.
     """
     n_samples, n_channels, h, wd = out.shape
-    ho, wo = g.shape[2], g.shape[3]
-    for p in prange(n_samples * n_channels):
-        n, c = p // n_channels, p % n_channels
-        for a in range(h):
-            for b in range(wd):
-                out[n, c, a, b] = 0
-        for i in range(ho):
-            for j in range(wo):
-                k = switches[n, c, i, j]
-                out[n, c, k // wd, k % wd] += g[n, c, i, j]
+    n_planes = n_samples * n_channels
+    # flat planes: a switch is already the flat index into its (H*W) plane
+    gf = g.reshape((n_planes, g.shape[2] * g.shape[3]))
+    sf = switches.reshape(gf.shape)
+    of = out.reshape((n_planes, h * wd))
+    for p in prange(n_planes):
+        of[p, :] = 0
+        for q in range(gf.shape[1]):
+            of[p, sf[p, q]] += gf[p, q]
     return out
 
 
@@ -112,28 +134,29 @@ def avgpool2d_forward(x, kernel, stride, padding, out):
 def avgpool2d_vjp(g, kernel, stride, padding, out):
     """Same math as :func:`relprop.kernels.reference.pool2d.avgpool2d_vjp`.
 
-    A gather, parallel over (n, c) planes: input position (a, b) sits at (a + ph, b + pw) in
-    the padded plane and is covered by the windows i with i·sh <= a + ph < i·sh + kh (likewise
-    j); it sums their ``g`` in row-major window order and divides by kh·kw once.
+    Parallel over (n, c) planes; one thread owns an output plane, zeroes it and lets every
+    window add g/(kh·kw) to its real inputs, windows in row-major order (the reference's
+    order, so overlaps sum the same way).  This per-plane scatter is race-free and
+    deterministic, and measured 2-3x faster than the per-input gather for stride >= 2.
     """
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n_samples, n_channels, h, wd = out.shape
     ho, wo = g.shape[2], g.shape[3]
-    scalars = np.array([0, kh * kw]).astype(out.dtype)
-    zero, count = scalars[0], scalars[1]
+    count = np.array([kh * kw]).astype(out.dtype)[0]  # divide in the arrays' dtype, as the reference
     for p in prange(n_samples * n_channels):
         n, c = p // n_channels, p % n_channels
-        for a in range(h):
-            ap = a + ph
-            i0 = max(ap - kh + sh, 0) // sh  # ceil((ap - kh + 1) / sh), clipped at 0
-            i1 = min(ap // sh + 1, ho)
-            for b in range(wd):
-                bp = b + pw
-                j0 = max(bp - kw + sw, 0) // sw
-                j1 = min(bp // sw + 1, wo)
-                acc = zero
-                for i in range(i0, i1):
-                    for j in range(j0, j1):
-                        acc += g[n, c, i, j]
-                out[n, c, a, b] = acc / count
+        gp, op = g[n, c], out[n, c]
+        op[:] = 0
+        for i in range(ho):
+            r0 = i * sh - ph
+            r1 = min(r0 + kh, h)
+            r0 = max(r0, 0)
+            for j in range(wo):
+                c0 = j * sw - pw
+                c1 = min(c0 + kw, wd)
+                c0 = max(c0, 0)
+                v = gp[i, j] / count
+                for a in range(r0, r1):
+                    for b in range(c0, c1):
+                        op[a, b] += v
     return out
