@@ -30,3 +30,28 @@ def rng(request):
     import zlib
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _cuda_skip_reason():
+    """None when ``cuda``-marked tests can run: under the simulator, or on a GPU with CuPy."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return None
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            import cupy  # noqa: F401
+
+            return None
+    except Exception:  # no driver, no GPU, or no CuPy
+        pass
+    return "needs NUMBA_ENABLE_CUDASIM=1 or a GPU with CuPy (run: NUMBA_ENABLE_CUDASIM=1 pytest -m cuda)"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the ``cuda``-marked tests (quickly, at collection) where they cannot run."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    reason = _cuda_skip_reason() if marked else None
+    if reason is not None:
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))

@@ -1,0 +1,424 @@
+"""Every CUDA kernel against its NumPy reference twin.
+
+Runs under the CUDA simulator (``NUMBA_ENABLE_CUDASIM=1 RELPROP_HYPOTHESIS_PROFILE=cudasim
+pytest -m cuda``; NumPy arrays stand in for CuPy ones) and on a GPU with CuPy arrays;
+skipped otherwise (tests/conftest.py).  Launches are shrunk to 8 threads per block and
+3 blocks, so every kernel runs several blocks, a ragged tail and grid-stride iterations.
+Shapes stay small: the simulator interprets every thread in Python.
+"""
+import importlib
+import inspect
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relprop.kernels as K
+from helpers import assert_close
+from relprop import _backend, _config
+from relprop.kernels import _ops
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [np.float32, np.float64]
+
+
+@pytest.fixture(autouse=True)
+def small_launches(monkeypatch):
+    monkeypatch.setattr(_config, "THREADS_PER_BLOCK", 8)
+    monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", 3)
+
+
+def dev(a):
+    """The array as the cuda backend takes it: CuPy on a GPU, NumPy under the simulator."""
+    if _backend.simulator_enabled() or a is None:
+        return a
+    import cupy
+
+    return cupy.asarray(a)
+
+
+def host(a):
+    return _backend.to_numpy(a)
+
+
+def cuda_call(name, *args, **kw):
+    out = getattr(K, name)(*(dev(a) if isinstance(a, np.ndarray) else a for a in args), backend="cuda", **kw)
+    return tuple(host(o) for o in out) if isinstance(out, tuple) else host(out)
+
+
+def ref_call(name, *args, **kw):
+    return getattr(K, name)(*args, backend="reference", **kw)
+
+
+def normal(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ---------------------------------------------------------------- API mirror
+
+def _module(backend, family):
+    try:
+        return importlib.import_module(f"relprop.kernels.{backend}.{family}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"relprop.kernels.{backend}.{family}":
+            return None
+        raise
+
+
+def _signature(fn):
+    return inspect.signature(getattr(fn, "py_func", fn))
+
+
+@pytest.mark.parametrize("family", _backend.FAMILIES)
+def test_cuda_mirrors_cpu_and_reference(family):
+    ref, cpu, gpu = (_module(b, family) for b in ("reference", "cpu", "cuda"))
+    if ref is None and cpu is None and gpu is None:
+        pytest.skip(f"no {family} kernels in any backend yet")
+    assert gpu is not None, f"relprop/kernels/cuda/{family}.py is missing (reference or cpu has it)"
+    for twin in (ref, cpu):
+        if twin is None:
+            continue
+        assert sorted(gpu.__all__) == sorted(twin.__all__), twin.__name__
+        for name in twin.__all__:
+            assert _signature(getattr(gpu, name)) == _signature(getattr(twin, name)), f"{family}.{name}"
+
+
+# ---------------------------------------------------------------- elementwise
+
+ELEMENTWISE_SHAPES = [(25,), (1, 3, 3, 3), (2, 13)]  # 25 = 3 * 8 + 1: several blocks and a ragged tail
+
+
+@pytest.mark.parametrize("shape", ELEMENTWISE_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_kernels(shape, dtype, rng):
+    x = rng.integers(-2, 3, shape).astype(dtype) * dtype(0.5)  # exact zeros included
+    g = normal(rng, shape, dtype)
+    for name, args in [("relu_forward", (x,)), ("relu_backward_gradient", (g, x)),
+                       ("relu_backward_deconvnet", (g,)), ("relu_backward_guided", (g, x))]:
+        out = cuda_call(name, *args)
+        assert out.dtype == dtype
+        assert out.tobytes() == ref_call(name, *args).tobytes(), name  # selections: bitwise
+
+
+def test_relu_kernels_propagate_nan():
+    x = np.array([np.nan, -1, 0, 2, np.nan, 3], np.float32)
+    z = np.array([1, 1, 1, 1, np.nan, -1], np.float32)
+    for name, args in [("relu_forward", (x,)), ("relu_backward_gradient", (x, z)),
+                       ("relu_backward_deconvnet", (x,)), ("relu_backward_guided", (x, z))]:
+        np.testing.assert_array_equal(cuda_call(name, *args, check_finite=False),
+                                      ref_call(name, *args, check_finite=False), err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("epsilon", [0.0, 1e-2, 0.25])
+def test_stabilized_divide(dtype, epsilon, rng):
+    shape = (3, 9)
+    r = normal(rng, shape, dtype)
+    z = normal(rng, shape, dtype)
+    z[0, :4] = 0  # sign0(0) = +1; with epsilon = 0 a zero denominator gives 0
+    out = cuda_call("stabilized_divide", r, z, epsilon)
+    expected = ref_call("stabilized_divide", r, z, epsilon)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out[0, :4], expected[0, :4])
+    assert_close(out, expected)
+
+
+def test_stabilized_divide_epsilon_rounds_to_float32():
+    r = np.ones(3, np.float32)
+    z = np.array([1.0, 0.0, -1.0], np.float32)
+    expected = ref_call("stabilized_divide", r, z, 1e-50)  # eps underflows to 0 in float32
+    np.testing.assert_array_equal(cuda_call("stabilized_divide", r, z, 1e-50), expected)
+
+
+# ---------------------------------------------------------------- dense
+
+@pytest.mark.parametrize("n, i, j", [(1, 7, 5), (3, 25, 9)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense(n, i, j, dtype, rng):
+    x, w, b = normal(rng, (n, i), dtype), normal(rng, (j, i), dtype), normal(rng, (j,), dtype)
+    g = normal(rng, (n, j), dtype)
+    assert_close(cuda_call("dense_forward", x, w, b), ref_call("dense_forward", x, w, b), reduction_len=i)
+    assert_close(cuda_call("dense_forward", x, w), ref_call("dense_forward", x, w), reduction_len=i)
+    assert_close(cuda_call("dense_vjp", g, w), ref_call("dense_vjp", g, w), reduction_len=j)
+
+
+# ---------------------------------------------------------------- conv2d
+
+# (N, C, H, W, K, (kh, kw), stride, padding, dilation): batch 1, odd sizes, stride > 1,
+# padding, dilation, 1x1, and a window as large as the padded input
+CONV_CASES = [
+    (1, 2, 5, 6, 3, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 3, 7, 6, 4, (3, 2), (2, 1), (1, 2), (1, 2)),
+    (3, 1, 6, 5, 2, (1, 1), (2, 2), (0, 0), (1, 1)),
+    (2, 2, 4, 9, 3, (2, 3), (1, 3), (0, 1), (2, 1)),
+    (1, 3, 3, 3, 2, (5, 5), (1, 1), (1, 1), (1, 1)),
+]
+
+
+def _conv_problem(case, dtype, rng):
+    n, c, h, wd, k, ks, stride, padding, dilation = case
+    x = normal(rng, (n, c, h, wd), dtype)
+    w = normal(rng, (k, c) + ks, dtype)
+    b = normal(rng, (k,), dtype)
+    geo = dict(stride=stride, padding=padding, dilation=dilation)
+    out_shape = _ops.conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
+    return x, w, b, geo, out_shape
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d(case, dtype, rng):
+    _check_conv(case, dtype, rng)
+
+
+def _check_conv(case, dtype, rng):
+    x, w, b, geo, out_shape = _conv_problem(case, dtype, rng)
+    red = w[0].size
+    out = cuda_call("conv2d_forward", x, w, b, **geo)
+    assert out.dtype == dtype and out.shape == out_shape
+    assert_close(out, ref_call("conv2d_forward", x, w, b, **geo), reduction_len=red)
+    g = normal(rng, out_shape, dtype)
+    out = cuda_call("conv2d_vjp", g, w, x.shape, **geo)
+    assert out.shape == x.shape
+    assert_close(out, ref_call("conv2d_vjp", g, w, x.shape, **geo), reduction_len=red * w.shape[0])
+
+
+@st.composite
+def conv_problem(draw):
+    """A random valid convolution geometry: odd sizes, batch 1, stride, padding, dilation."""
+    n, c, k = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    span = [d * (kk - 1) + 1 for kk, d in zip(kernel, dilation)]
+    h, w = (draw(st.integers(max(1, s - 2 * p), 8)) for s, p in zip(span, padding))
+    return (n, c, h, w, k, kernel, stride, padding, dilation), draw(st.integers(0, 2**32 - 1))
+
+
+@given(problem=conv_problem())
+def test_conv2d_random_geometry(problem):
+    case, seed = problem
+    _check_conv(case, np.float32, np.random.default_rng(seed))
+
+
+def test_conv2d_chunks_over_samples(monkeypatch, rng):
+    """A scratch budget below one sample's column matrix: one sample per chunk, same result."""
+    monkeypatch.setattr(_config, "CUDA_SCRATCH_BYTES", 64)
+    x, w, b, geo, out_shape = _conv_problem((3,) + CONV_CASES[1][1:], np.float64, rng)
+    assert_close(cuda_call("conv2d_forward", x, w, b, **geo), ref_call("conv2d_forward", x, w, b, **geo),
+                 reduction_len=12)
+    g = normal(rng, out_shape, np.float64)
+    assert_close(cuda_call("conv2d_vjp", g, w, x.shape, **geo), ref_call("conv2d_vjp", g, w, x.shape, **geo),
+                 reduction_len=48)
+
+
+# ---------------------------------------------------------------- pooling
+
+@st.composite
+def pool_problem(draw):
+    """(shape, kernel, stride, padding, fill, seed): valid geometries, often overlapping or not tiling."""
+    n, c = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = tuple(draw(st.integers(0, k // 2)) for k in kernel)
+    hw = tuple(draw(st.integers(max(1, k - 2 * p), 9)) for k, p in zip(kernel, padding))
+    fill = draw(st.sampled_from(["normal", "ties", "ties"]))
+    return (n, c) + hw, kernel, stride, padding, fill, draw(st.integers(0, 2**32 - 1))
+
+
+def _pool_input(shape, fill, rng, dtype):
+    if fill == "ties":  # few distinct values: many windows hold several maxima
+        return rng.integers(0, 3, shape).astype(dtype)
+    return normal(rng, shape, dtype)
+
+
+@given(problem=pool_problem())
+def test_maxpool2d_and_unpool(problem):
+    shape, kernel, stride, padding, fill, seed = problem
+    rng = np.random.default_rng(seed)
+    x = _pool_input(shape, fill, rng, np.float32)
+    out, sw = cuda_call("maxpool2d_forward", x, kernel, stride, padding)
+    out_ref, sw_ref = ref_call("maxpool2d_forward", x, kernel, stride, padding)
+    assert sw.dtype == np.int64
+    np.testing.assert_array_equal(sw, sw_ref)  # exact: one tie-break rule
+    assert out.tobytes() == out_ref.tobytes()
+    g = normal(rng, out.shape, np.float32)
+    un = cuda_call("maxunpool2d", g, sw_ref, shape)
+    expected = ref_call("maxunpool2d", g, sw_ref, shape)
+    assert_close(un, expected, reduction_len=kernel[0] * kernel[1])
+
+
+def test_maxpool2d_ties_and_padding():
+    """Planted ties pick the first maximum in row-major order; padding never wins; batch 1."""
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    x[0, 1] = -1.0
+    x[0, 1, 2, 3] = x[0, 1, 3, 2] = 4.0
+    for kernel, stride, padding in [((2, 2), (2, 2), (0, 0)), ((3, 3), (2, 2), (1, 1)), ((3, 2), (1, 3), (1, 1))]:
+        out, sw = cuda_call("maxpool2d_forward", x, kernel, stride, padding)
+        out_ref, sw_ref = ref_call("maxpool2d_forward", x, kernel, stride, padding)
+        np.testing.assert_array_equal(sw, sw_ref)
+        np.testing.assert_array_equal(out, out_ref)
+
+
+def test_maxpool2d_nan_wins_its_window():
+    """With check_finite=False a NaN propagates: the first NaN of a window is its maximum, as np.argmax."""
+    x = np.arange(2 * 25, dtype=np.float32).reshape(1, 2, 5, 5)
+    x[0, 0, 1, 1] = x[0, 0, 1, 2] = x[0, 1, 4, 4] = np.nan
+    geo = ((3, 3), (2, 2), (1, 1))
+    out, sw = cuda_call("maxpool2d_forward", x, *geo, check_finite=False)
+    out_ref, sw_ref = ref_call("maxpool2d_forward", x, *geo, check_finite=False)
+    np.testing.assert_array_equal(sw, sw_ref)
+    np.testing.assert_array_equal(out, out_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_maxunpool2d_collisions(dtype, rng):
+    """Overlapping windows that pick the same input sum there, in window order."""
+    x = np.zeros((2, 1, 7, 7), dtype)
+    x[:, :, 3, 3] = 5  # the centre wins every window that covers it
+    _, sw = ref_call("maxpool2d_forward", x, (3, 3), (1, 1), (1, 1))
+    g = normal(rng, sw.shape, dtype)
+    assert_close(cuda_call("maxunpool2d", g, sw, x.shape), ref_call("maxunpool2d", g, sw, x.shape), reduction_len=9)
+
+
+@given(problem=pool_problem())
+def test_avgpool2d(problem):
+    shape, kernel, stride, padding, fill, seed = problem
+    rng = np.random.default_rng(seed)
+    x = _pool_input(shape, fill, rng, np.float32)
+    out = cuda_call("avgpool2d_forward", x, kernel, stride, padding)
+    assert_close(out, ref_call("avgpool2d_forward", x, kernel, stride, padding), reduction_len=kernel[0] * kernel[1])
+    g = normal(rng, out.shape, np.float32)
+    vjp = cuda_call("avgpool2d_vjp", g, shape, kernel, stride, padding)
+    red = -(-kernel[0] // stride[0]) * -(-kernel[1] // stride[1])
+    assert_close(vjp, ref_call("avgpool2d_vjp", g, shape, kernel, stride, padding), reduction_len=red)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_avgpool2d_overlapping_padded(dtype, rng):
+    x = normal(rng, (1, 2, 5, 7), dtype)
+    geo = ((3, 3), (2, 2), (1, 1))
+    out = cuda_call("avgpool2d_forward", x, *geo)
+    assert out.dtype == dtype
+    assert_close(out, ref_call("avgpool2d_forward", x, *geo), reduction_len=9)
+    g = normal(rng, out.shape, dtype)
+    assert_close(cuda_call("avgpool2d_vjp", g, x.shape, *geo), ref_call("avgpool2d_vjp", g, x.shape, *geo), 4)
+
+
+# ---------------------------------------------------------------- train (weight VJPs)
+
+def _impl(family, name):
+    mod = _module("cuda", family)
+    if mod is None or _module("reference", family) is None:
+        pytest.skip(f"no {family} kernels yet")
+    return getattr(mod, name), getattr(_module("reference", family), name)
+
+
+@pytest.mark.parametrize("n, i, j", [(1, 5, 3), (27, 4, 6)])  # 27 rows: a ragged reduction
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dense_weight_vjp(n, i, j, dtype, rng):
+    gpu, ref = _impl("train", "dense_weight_vjp")
+    x, g = normal(rng, (n, i), dtype), normal(rng, (n, j), dtype)
+    want_w, want_b = ref(x, g, np.empty((j, i), dtype), np.empty(j, dtype))
+    got_w, got_b = gpu(dev(x), dev(g), dev(np.empty((j, i), dtype)), dev(np.empty(j, dtype)))
+    assert_close(host(got_w), want_w, reduction_len=n)
+    assert_close(host(got_b), want_b, reduction_len=n)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:4])
+@pytest.mark.parametrize("scratch", [None, 64])  # 64 bytes: one sample per chunk
+def test_conv2d_weight_vjp(case, scratch, monkeypatch, rng):
+    if scratch is not None:
+        monkeypatch.setattr(_config, "CUDA_SCRATCH_BYTES", scratch)
+    _check_weight_vjp(case, np.float64, rng)
+
+
+def _check_weight_vjp(case, dtype, rng):
+    gpu, ref = _impl("train", "conv2d_weight_vjp")
+    x, w, _, geo, out_shape = _conv_problem(case, dtype, rng)
+    g = normal(rng, out_shape, dtype)
+    geo = (geo["stride"], geo["padding"], geo["dilation"])
+    want_w, want_b = ref(x, g, *geo, np.empty_like(w), np.empty(w.shape[0], dtype))
+    got_w, got_b = gpu(dev(x), dev(g), *geo, dev(np.empty_like(w)), dev(np.empty(w.shape[0], dtype)))
+    red = out_shape[0] * out_shape[2] * out_shape[3]
+    assert_close(host(got_w), want_w, reduction_len=red)
+    assert_close(host(got_b), want_b, reduction_len=red)
+
+
+# ---------------------------------------------------------------- reproducibility
+
+def test_results_are_bitwise_reproducible(rng):
+    x, w, b, geo, out_shape = _conv_problem(CONV_CASES[1], np.float32, rng)
+    g = normal(rng, out_shape, np.float32)
+    for name, args in [("conv2d_forward", (x, w, b)), ("conv2d_vjp", (g, w, x.shape))]:
+        first = cuda_call(name, *args, **geo)
+        assert cuda_call(name, *args, **geo).tobytes() == first.tobytes(), name
+
+
+# ---------------------------------------------------------------- patterns (covariance sums)
+
+def _pattern_accumulators(n_units, in_shape):
+    """float64 zeros: count (), sum_x, count_pos (J,), sum_y (2, J), sum_x_pos, sum_xy."""
+    return [np.zeros(()), np.zeros(in_shape), np.zeros(n_units), np.zeros((2, n_units)),
+            np.zeros((n_units,) + in_shape), np.zeros((2, n_units) + in_shape)]
+
+
+def _check_pattern_sums(got, want, n_samples, dtype):
+    names = ["count", "sum_x", "count_pos", "sum_y", "sum_x_pos", "sum_xy"]
+    for name, a, e in zip(names, got, want):
+        a = host(a)
+        assert a.dtype == np.float64 and a.shape == e.shape, name
+        if name.startswith("count"):
+            np.testing.assert_array_equal(a, e, err_msg=name)
+        else:  # float32 input: sums of a chunk are formed in float32
+            tol = 8 * np.finfo(dtype).eps * np.sqrt(n_samples) * 16
+            np.testing.assert_allclose(a, e, rtol=tol, atol=tol * max(np.abs(e).max(), 1.0), err_msg=name)
+
+
+@pytest.mark.parametrize("flush_rows", [None, 7])  # 7: several chunks with a ragged last one
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pattern_stats_dense(flush_rows, dtype, monkeypatch, rng):
+    gpu, ref = _impl("patterns", "pattern_stats_dense")
+    if flush_rows is not None:
+        monkeypatch.setattr(_module("cuda", "patterns"), "_FLUSH_ROWS", flush_rows)
+    n, i, j = 19, 6, 4
+    x, w, b = normal(rng, (n, i), dtype), normal(rng, (j, i), dtype), normal(rng, (j,), dtype)
+    z = (x @ w.T + b).astype(dtype)
+    z[0, 0] = 0  # the regime is z > 0: zero goes to the other regime
+    want = _pattern_accumulators(j, (i,))
+    got = [dev(a) for a in _pattern_accumulators(j, (i,))]
+    for _ in range(2):  # accumulates in place, batch after batch
+        ref(x, z, b, *want)
+        gpu(dev(x), dev(z), dev(b), *got)
+    _check_pattern_sums(got, want, n, dtype)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[1], CONV_CASES[3]])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pattern_stats_conv2d(case, dtype, rng):
+    _check_pattern_conv(case, dtype, rng, flush_rows=29)  # chunks cut across samples and rows
+
+
+def _check_pattern_conv(case, dtype, rng, flush_rows):
+    gpu, ref = _impl("patterns", "pattern_stats_conv2d")
+    x, w, b, geo, out_shape = _conv_problem(case, dtype, rng)
+    z = ref_call("conv2d_forward", x, w, b, **geo)
+    geo = (geo["stride"], geo["padding"], geo["dilation"])
+    want = _pattern_accumulators(w.shape[0], w.shape[1:])
+    got = [dev(a) for a in _pattern_accumulators(w.shape[0], w.shape[1:])]
+    ref(x, z, b, *geo, *want)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_module("cuda", "patterns"), "_FLUSH_ROWS", flush_rows)
+        gpu(dev(x), dev(z), dev(b), *geo, *got)
+    _check_pattern_sums(got, want, out_shape[0] * out_shape[2] * out_shape[3], dtype)
+
+
+@given(problem=conv_problem(), flush_rows=st.sampled_from([5, 8192]))
+def test_conv_family_random_geometry(problem, flush_rows):
+    """Weight VJP and pattern sums on random geometries (forward and input-VJP: test_conv2d_random_geometry)."""
+    case, seed = problem
+    _check_weight_vjp(case, np.float32, np.random.default_rng(seed))
+    _check_pattern_conv(case, np.float32, np.random.default_rng(seed), flush_rows)
