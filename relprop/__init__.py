@@ -5,10 +5,21 @@
 >>> R = relprop.explain(net, x, "lrp.epsilon_plus_flat")      # doctest: +SKIP
 """
 from . import kernels, nets
+from . import metrics
 from .explain import Explainer, explain, known_methods, register_method
 from .nets import Sequential, from_spec, load
+from .patterns import Patterns, PatternStats, fit_patterns, load_patterns
+from . import rules
+from .rules import (AlphaBeta, Composite, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, WSquare, ZBox,
+                    ZPlus, Zero, dtd_box, dtd_wsquare, epsilon_alpha2_beta1, epsilon_gamma_box, epsilon_plus_flat)
 
 __version__ = "0.1.0"
 
 __all__ = ["explain", "Explainer", "known_methods", "register_method", "kernels", "nets", "Sequential",
            "from_spec", "load"]
+__all__ += ["rules", "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat", "Gradient",
+            "DeconvNet", "GuidedBackprop", "Composite", "epsilon_plus_flat", "epsilon_gamma_box",
+            "epsilon_alpha2_beta1", "dtd_box", "dtd_wsquare"]
+__all__ += ["fit_patterns", "load_patterns", "Patterns", "PatternStats"]
+from . import viz, zoo  # noqa: E402  (numpy-only at import; matplotlib loads on first figure)
+__all__ += ["zoo", "viz"]

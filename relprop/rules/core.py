@@ -1,0 +1,434 @@
+r"""The generic backward step of every rule, and the sweep that walks a net with it.
+
+A rule says how the signal or relevance at a layer's output becomes the one at its
+input.  Most LRP rules are one computation with modified inputs and weights (DESIGN.md,
+"Rules as data"; Zennit's ``BasicHook``).  For a dense or conv layer with input
+:math:`a`, weights :math:`W`, bias :math:`b` and relevance :math:`R` at its output, a
+rule is a list of *terms* :math:`k = 1..K`, each a modified input
+:math:`a^{(k)} = h_k(a)` and modified parameters :math:`(W^{(k)}, b^{(k)})`, grouped into
+*groups* :math:`g` that share one denominator:
+
+.. math::
+    z^{(g)} &= \sum_{k \in g} \sigma_k \left(W^{(k)} a^{(k)} + b^{(k)}\right)
+        && \text{(modified forward)} \\
+    s^{(g)} &= \lambda_g\, m_g \odot R / \mathrm{stab}\!\left(z^{(g)}\right)
+        && \text{(stabilised ratio)} \\
+    c^{(k)} &= W^{(k)\top} s^{(g(k))} && \text{(transposed layer)} \\
+    R^{\mathrm{in}} &= \sum_k \sigma_k\, a^{(k)} \odot c^{(k)} && \text{(reduce)}
+
+with :math:`\sigma_k = \pm 1` the sign of a term (z^B subtracts its bound terms),
+:math:`\lambda_g` the weight of a group (α and −β of LRP-αβ), :math:`m_g` an optional
+mask on the sign of the original pre-activation (LRP-γ), and
+:math:`\mathrm{stab}(z) = z + \epsilon\,\mathrm{sign}_0(z)`, :math:`\mathrm{sign}_0(0) = +1`
+(MATH.md).  :math:`W^{(k)} a` is the layer's own forward with other weights
+(``layer.forward_with``), :math:`W^{(k)\top} s` its transposed pass
+(``layer.vjp_with``): the dense transpose or the conv backward-data.
+
+What the computation never does twice:
+
+- the plain term :math:`(a, W, b)` reuses the pre-activation recorded by the traced
+  forward (the ε rule runs no forward at all);
+- modified weights (:math:`W^+`, :math:`W^-`, :math:`W^2`, ones, γ-modified) are made
+  once per net, rule, layer, array namespace and dtype, and cached by the sweep;
+- terms whose input is the same for every sample (the ones of flat and w², the box
+  bounds of z^B) run their forward once at batch 1, cached per input shape; a group
+  made only of such terms caches its whole denominator;
+- terms on :math:`a^-` are skipped where the layer input is non-negative (known from
+  the layer types, e.g. behind a ReLU, or checked once with ``a.min() >= 0``);
+- all-ones weights (flat) give every input channel the same :math:`c`, so their
+  transposed pass runs on :math:`\sum_k s_k` with a single 1 → 1 channel;
+- ``s`` is written into z or R in place when nothing else reads them (buffers are not
+  reallocated per layer).
+
+Layers without weights take fixed rules: a ReLU passes relevance (:class:`Pass`),
+max-pool sends it to the switch of its window and flatten reshapes (both the layer's
+own VJP, :class:`Gradient`), average and sum pooling are the ε rule with ε = the
+stabiliser (proportional to the inputs).  Signal methods (gradient, DeconvNet, Guided
+Backprop) are rules too: the layer's VJP everywhere, with their own ReLU backward.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .._backend import array_namespace, kernels
+from ..kernels import _ops
+
+__all__ = ["Rule", "Term", "Group", "LinearRule", "Pass", "Record", "RelevanceSweep", "keep", "positive",
+           "negative", "square", "ones", "GammaMod", "check_real", "LINEAR_KINDS"]
+
+#: layer kinds that carry weights (the ones composites assign LRP rules to)
+LINEAR_KINDS = ("linear", "conv2d")
+
+
+# -- parameter modifiers: named functions p -> p' (module-level so they have names and pickle) -------------
+def keep(p, xp):
+    """p' = p."""
+    return p
+
+
+def positive(p, xp):
+    """p' = p⁺ = max(p, 0)."""
+    return xp.maximum(p, 0)
+
+
+def negative(p, xp):
+    """p' = p⁻ = min(p, 0)."""
+    return xp.minimum(p, 0)
+
+
+def square(p, xp):
+    """p' = p²."""
+    return p * p
+
+
+def ones(p, xp):
+    """p' = 1."""
+    return xp.ones_like(p)
+
+
+@dataclass(frozen=True)
+class GammaMod:
+    """p' = p + γ·part(p), part = :func:`positive` or :func:`negative` (LRP-γ)."""
+
+    gamma: float
+    part: Callable
+
+    def __call__(self, p, xp):
+        return p + self.gamma * self.part(p, xp)
+
+
+# -- validation of rule parameters ---------------------------------------------------------------------------
+def check_real(where, name, value, minimum=None, strict=False):
+    """``value`` as a finite float, ``>= minimum`` (``> minimum`` if strict); else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected a finite real number")
+    value = float(value)
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected {name} {'>' if strict else '>='} {minimum}")
+    return value
+
+
+# -- rules ---------------------------------------------------------------------------------------------------
+class Rule:
+    """Base class: how a signal at a layer's output becomes the one at its input.
+
+    Subclasses implement ``backward(layer, rec, r, state) -> r_in`` where ``rec`` is the
+    layer's :class:`Record`, ``r`` the signal at its output and ``state`` a dict the
+    sweep keeps per layer (cached modified weights).  ``kinds`` lists the layer kinds
+    the rule applies to.
+    """
+
+    kinds: tuple = LINEAR_KINDS
+
+    def backward(self, layer, rec, r, state):
+        raise NotImplementedError
+
+    def check_layer(self, layer):
+        """Raise ValueError if this rule cannot run on ``layer``."""
+        if layer.kind not in self.kinds:
+            raise ValueError(
+                f"{layer.where}: rule {self!r} applies to {'/'.join(self.kinds)} layers only"
+            )
+
+
+@dataclass(frozen=True)
+class Term:
+    """One term k of a rule: modified input a⁽ᵏ⁾, parameters W⁽ᵏ⁾ / b⁽ᵏ⁾, and its sign σ_k.
+
+    ``input``: ``"a"`` (a), ``"pos"`` (a⁺), ``"neg"`` (a⁻), ``"ones"`` (1, the same for
+    every sample), or the name of a rule attribute holding a per-feature constant (z^B's
+    ``"low"`` / ``"high"``).  ``weight`` / ``bias``: modifiers ``p -> p'``; ``bias=None``
+    drops the bias.
+    """
+
+    input: str = "a"
+    weight: Callable = keep
+    bias: Callable | None = keep
+    sign: int = 1
+
+    @property
+    def plain(self):
+        """True for (a, W, ·): its forward is the recorded pre-activation (minus b if the bias is dropped)."""
+        return self.input == "a" and self.weight is keep
+
+    @property
+    def constant(self):
+        """True when the input is the same for every sample (ones, box bounds)."""
+        return self.input not in ("a", "pos", "neg")
+
+
+@dataclass(frozen=True)
+class Group:
+    """Terms sharing one denominator z⁽ᵍ⁾; ``weight`` λ_g scales their share of R_in and
+    ``where`` (``"positive"`` / ``"negative"`` / None) keeps only outputs whose original
+    pre-activation has that sign."""
+
+    terms: tuple
+    weight: float = 1.0
+    where: str | None = None
+
+
+class LinearRule(Rule):
+    """A rule given as data: ``groups`` (of :class:`Term`) and ``stabilizer`` ε.
+
+    ``backward`` is the generic computation of the module docstring.  Subclasses are
+    frozen dataclasses defining the ``groups`` property.
+    """
+
+    groups: tuple = ()
+
+    #: ε of stab(); the ε rule names it ``epsilon``, every other rule ``stabilizer``
+    @property
+    def eps(self):
+        return self.stabilizer
+
+    def backward(self, layer, rec, r, state):
+        return relevance(self, layer, rec, r, state)
+
+
+@dataclass(frozen=True)
+class Pass(Rule):
+    """ReLU under LRP: relevance passes unchanged, R_in = R."""
+
+    kinds = ("relu",)
+
+    def backward(self, layer, rec, r, state):
+        return r
+
+
+@dataclass
+class Record:
+    """What the sweep knows about layer i: its input ``a``, output ``z`` (the
+    pre-activation of a dense/conv layer), max-pool ``switches``, the resolved
+    ``backend``, and whether ``a`` is known to be non-negative."""
+
+    a: object
+    z: object
+    switches: object
+    backend: str
+    known_nonneg: bool = False
+    #: the relevance ``r`` handed to the rule is dead afterwards and may be overwritten
+    r_scratch: bool = False
+
+    def nonneg(self):
+        """a ≥ 0 everywhere: known from the layer types, else checked once (cached)."""
+        if not self.known_nonneg:
+            self.known_nonneg = bool(array_namespace(self.a).min(self.a) >= 0)
+        return self.known_nonneg
+
+
+# -- the generic computation ---------------------------------------------------------------------------------
+def _params(rule, layer, like, state):
+    """[(W⁽ᵏ⁾, b⁽ᵏ⁾) per term, per group], in ``like``'s namespace and dtype; cached in ``state``."""
+    xp = array_namespace(like)
+    key = ("params", xp.__name__, np.dtype(like.dtype).str)
+    hit = state.get(key)
+    if hit is None:
+        w, b = layer.params(like)
+        hit = state[key] = [
+            [(t.weight(w, xp), None if (b is None or t.bias is None) else t.bias(b, xp)) for t in g.terms]
+            for g in rule.groups
+        ]
+    return hit
+
+
+def _constant_input(rule, term, a, xp):
+    """The batch-1 input of a constant term: ones, or a box bound broadcast to (1,) + a.shape[1:]."""
+    shape = (1,) + tuple(a.shape[1:])
+    if term.input == "ones":
+        return xp.ones(shape, dtype=a.dtype)
+    value = getattr(rule, term.input)
+    try:
+        out = np.broadcast_to(np.asarray(value), shape)
+    except ValueError:
+        raise ValueError(
+            f"{rule!r}: {term.input} has shape {np.shape(value)}, which does not broadcast to the layer input "
+            f"{tuple(a.shape[1:])} (per sample); give a scalar or per-feature bounds such as (1, C, 1, 1)"
+        ) from None
+    return xp.ascontiguousarray(xp.asarray(out, dtype=a.dtype))
+
+
+def _bias_shape(b, z):
+    """b reshaped to broadcast against z: (J,) for dense, (K, 1, 1) for conv."""
+    return b.reshape(b.shape + (1,) * (z.ndim - 2))
+
+
+def _stab_inverse(z, eps, xp):
+    """1 / stab(z), 0 where stab(z) = 0 (ε = 0 and z = 0): for small cached denominators."""
+    den = z + eps * xp.where(z >= 0, 1, -1).astype(z.dtype)
+    zero = den == 0
+    return xp.where(zero, 0, 1 / xp.where(zero, 1, den))
+
+
+def _transposed(layer, s, w, term, a_shape, backend, xp):
+    """c = W'ᵀ s.  All-ones weights (flat) give every input channel the same c = 1ᵀ (Σ_k s_k):
+    sum s over the output channels and run the transposed layer with one 1 → 1 channel of ones."""
+    if term.weight is not ones:
+        return layer.vjp_with(s, w, a_shape, backend)
+    s1 = xp.ascontiguousarray(s.sum(axis=1, keepdims=True))
+    w1 = xp.ones((1, 1) + tuple(w.shape[2:]), dtype=s.dtype)
+    c1 = layer.vjp_with(s1, w1, (a_shape[0], 1) + tuple(a_shape[2:]), backend)
+    return xp.array(xp.broadcast_to(c1, a_shape), order="C")
+
+
+def relevance(rule, layer, rec, r, state):
+    """R_in of ``rule`` at ``layer`` for relevance ``r`` at its output (the generic computation)."""
+    a, backend = rec.a, rec.backend
+    xp = array_namespace(r)
+    K = kernels(backend)
+    if not layer.is_linear:  # a pooling layer under the ε rule: W^T s is the layer's own VJP
+        s = K.stabilized_divide(r, rec.z, float(rule.eps), r) if rec.r_scratch else \
+            _ops.stabilized_divide(r, rec.z, rule.eps, backend)
+        c = layer.vjp(s, a, rec.z, rec.switches, backend)
+        return xp.multiply(c, a, out=c)
+    params = _params(rule, layer, a, state)
+    dkey = (xp.__name__, np.dtype(a.dtype).str, tuple(a.shape[1:]))
+    r_in = None
+    groups = [(gi, g, p) for gi, (g, p) in enumerate(zip(rule.groups, params)) if g.weight != 0]
+    scratch = rec.r_scratch and len(groups) == 1  # r may become s only if no other group reads it
+    for gi, group, gparams in groups:
+        # 1. modified forward z⁽ᵍ⁾ = Σ_k σ_k (W⁽ᵏ⁾ a⁽ᵏ⁾ + b⁽ᵏ⁾), remembering each term's input
+        z, owned, inputs = None, False, []
+        for ti, (term, (w, b)) in enumerate(zip(group.terms, gparams)):
+            if term.input == "neg" and rec.nonneg():
+                inputs.append(None)  # a⁻ = 0: only its bias (if any) reaches z, nothing goes down
+                if b is None:
+                    continue
+                zk, k_owned = xp.broadcast_to(_bias_shape(b, rec.z), rec.z.shape), False
+            elif term.constant:
+                ckey = ("const", gi, ti) + dkey
+                hit = state.get(ckey)
+                if hit is None:
+                    x1 = _constant_input(rule, term, a, xp)
+                    hit = state[ckey] = (x1, layer.forward_with(x1, w, b, backend))
+                x_k, zk = hit
+                inputs.append(x_k)
+                k_owned = False
+            elif term.plain:
+                inputs.append(a)
+                _, b0 = layer.params(a)
+                zk, k_owned = rec.z, False
+                if term.bias is None and b0 is not None:  # recorded z has the bias; this term drops it
+                    zk, k_owned = rec.z - _bias_shape(b0, rec.z), True
+            else:
+                x_k = a if (term.input == "a" or (term.input == "pos" and rec.nonneg())) else (
+                    xp.maximum(a, 0) if term.input == "pos" else xp.minimum(a, 0))
+                inputs.append(x_k)
+                zk, k_owned = layer.forward_with(x_k, w, b, backend), True
+            if z is None:
+                z, owned = (zk, k_owned) if term.sign > 0 else (-zk, True)
+            else:
+                shape = np.broadcast_shapes(z.shape, zk.shape)
+                if not owned or z.shape != shape:  # copy before accumulating in place (batch-1 stays batch-1)
+                    z, owned = xp.array(xp.broadcast_to(z, shape), order="C"), True
+                if term.sign > 0:
+                    z += zk
+                else:
+                    z -= zk
+        if z is None:
+            continue
+        # 2. s⁽ᵍ⁾ = λ_g m_g R / stab(z⁽ᵍ⁾)
+        if z.shape != r.shape:  # only constant terms: a per-position denominator, cached with its inverse
+            ikey = ("inv", gi) + dkey
+            inv = state.get(ikey)
+            if inv is None:
+                inv = state[ikey] = _stab_inverse(z, rule.eps, xp)
+            s = xp.multiply(r, inv, out=r) if scratch else r * inv
+        elif owned or scratch:  # in place: into z or r, whichever is ours
+            s = K.stabilized_divide(r, z, float(rule.eps), z if owned else r)
+        else:
+            s = _ops.stabilized_divide(r, z, rule.eps, backend)
+        if group.where is not None:
+            s *= (rec.z > 0) if group.where == "positive" else (rec.z < 0)
+        if group.weight != 1:
+            s *= group.weight
+        # 3.-4. c⁽ᵏ⁾ = W⁽ᵏ⁾ᵀ s⁽ᵍ⁾ and R_in += σ_k a⁽ᵏ⁾ ⊙ c⁽ᵏ⁾
+        for term, (w, _), x_k in zip(group.terms, gparams, inputs):
+            if x_k is None:
+                continue
+            c = _transposed(layer, s, w, term, a.shape, backend, xp)
+            if term.input != "ones":
+                xp.multiply(c, x_k, out=c)
+            if r_in is None:
+                r_in = c if term.sign > 0 else xp.negative(c, out=c)
+            elif term.sign > 0:
+                r_in += c
+            else:
+                r_in -= c
+    if r_in is None:
+        r_in = xp.zeros(a.shape, dtype=a.dtype)
+    return r_in
+
+
+# -- the sweep ------------------------------------------------------------------------------------------------
+def _known_nonneg(net):
+    """Per layer: is its input non-negative by construction (behind a ReLU, through pooling/flatten)?"""
+    known = [False] * len(net.layers)
+    for i in range(1, len(net.layers)):
+        prev = net.layers[i - 1].kind
+        known[i] = prev == "relu" or (prev in ("maxpool2d", "avgpool2d", "flatten", "sumpool") and known[i - 1])
+    return known
+
+
+class RelevanceSweep:
+    """A prepared backward sweep: one rule per layer, cached per-layer state.
+
+    Parameters
+    ----------
+    net : relprop.nets.Sequential
+    rules : list of Rule
+        One per layer (see :func:`relprop.rules.composites.resolve_rules`).
+    start : {"logit", "onehot"}
+        The signal at the output: R_c = f_c(x) (relevance methods) or the one-hot of c.
+
+    Calling it as ``sweep(x, target, backend, return_layers)`` runs the traced forward,
+    then the rules from the last layer down.  With ``return_layers=True`` it returns
+    ``(R, per_layer)`` where ``per_layer[i]`` is the signal at the input of layer i and
+    ``per_layer[-1]`` the start signal at the output (so ``per_layer[0] is R``).
+    """
+
+    def __init__(self, net, rules, start="logit"):
+        if start not in ("logit", "onehot"):
+            raise ValueError(f"output={start!r} is invalid; expected 'logit' or 'onehot'")
+        if len(rules) != len(net.layers):
+            raise ValueError(f"need one rule per layer ({len(net.layers)}), got {len(rules)}")
+        for layer, rule in zip(net.layers, rules):
+            rule.check_layer(layer)
+        self.net = net
+        self.rules = list(rules)
+        self.start = start
+        self._known_nonneg = _known_nonneg(net)
+        self._state = [{} for _ in net.layers]
+
+    def __call__(self, x, target, backend, return_layers=False):
+        from ..explain import output_signal, resolve_target
+
+        trace = self.net.trace(x, backend, check=False)
+        r = output_signal(trace.output, resolve_target(trace.output, target), self.start)
+        return self.backward(trace, r, return_layers)
+
+    def backward(self, trace, r, return_layers=False):
+        """Run the rules from the last layer down, starting from ``r`` at the net output."""
+        per_layer = [r] if return_layers else None
+        for i in range(len(self.net.layers) - 1, -1, -1):
+            layer = self.net.layers[i]
+            rec = Record(trace.inputs[i], trace.layer_output(i), trace.switches.get(i), trace.backend,
+                         self._known_nonneg[i], r_scratch=not return_layers)
+            r = self.rules[i].backward(layer, rec, r, self._state[i])
+            if return_layers:
+                per_layer.append(r)
+        if return_layers:
+            return r, per_layer[::-1]
+        return r
+
+    def __repr__(self):
+        body = "".join(f"\n  ({i}) {layer.kind}: {rule!r}" for i, (layer, rule) in
+                       enumerate(zip(self.net.layers, self.rules)))
+        return f"RelevanceSweep(start={self.start!r}{body}\n)"
+
+

@@ -1,0 +1,68 @@
+r"""Backward *signals* (not relevance) as rules: gradient, DeconvNet, Guided Backprop.
+
+All three pass :math:`W^\top g` through dense and conv layers, route max-pool through the
+switches recorded by the forward pass, spread average pooling and reshape flatten
+(each layer's own VJP).  They differ only at ReLUs, with forward pre-activation z:
+
+- :class:`Gradient` (saliency, [Simonyan2013]_): :math:`g^{\mathrm{in}} = g \cdot 1[z > 0]`
+- :class:`DeconvNet` ([Zeiler2014]_): :math:`g^{\mathrm{in}} = \max(g, 0)` (the forward mask is ignored)
+- :class:`GuidedBackprop` ([Springenberg2014]_): :math:`g^{\mathrm{in}} = \max(g, 0) \cdot 1[z > 0]`
+
+The methods ``deconvnet`` and ``guided_backprop`` start from the one-hot of the target
+class (MATH.md).  Inside a relevance sweep (a ``{layer: rule}`` dict), :class:`Gradient`
+on a dense/conv layer passes :math:`W^\top R` unnormalised and on a ReLU gates it.
+
+References
+----------
+.. [Simonyan2013] K. Simonyan, A. Vedaldi, A. Zisserman. Deep inside convolutional networks: visualising image
+   classification models and saliency maps. arXiv:1312.6034, 2013.
+.. [Zeiler2014] M. D. Zeiler, R. Fergus. Visualizing and understanding convolutional networks. ECCV 2014.
+.. [Springenberg2014] J. T. Springenberg, A. Dosovitskiy, T. Brox, M. Riedmiller. Striving for simplicity: the
+   all convolutional net. arXiv:1412.6806, 2014.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..kernels import _ops
+from .core import Rule
+
+__all__ = ["Gradient", "DeconvNet", "GuidedBackprop"]
+
+_ALL_KINDS = ("linear", "conv2d", "relu", "maxpool2d", "avgpool2d", "flatten", "sumpool")
+
+
+@dataclass(frozen=True)
+class Gradient(Rule):
+    r"""The gradient: every layer's vector-Jacobian product, :math:`g^{\mathrm{in}} = J^\top g`.
+
+    ReLU: :math:`g \cdot 1[z > 0]`; max-pool: g to the switch of its window (winner takes
+    all, which is also LRP's max-pool rule); dense/conv: :math:`W^\top g`; flatten: reshape.
+    """
+
+    kinds = _ALL_KINDS
+
+    def backward(self, layer, rec, r, state):
+        return layer.vjp(r, rec.a, rec.z, rec.switches, rec.backend)
+
+
+@dataclass(frozen=True)
+class DeconvNet(Gradient):
+    r"""DeconvNet [Zeiler2014]_: the gradient with the ReLU backward :math:`\max(g, 0)`,
+    ignoring the forward mask; max-pool unpools through the recorded switches."""
+
+    def backward(self, layer, rec, r, state):
+        if layer.kind == "relu":
+            return _ops.relu_backward_deconvnet(r, rec.backend)
+        return super().backward(layer, rec, r, state)
+
+
+@dataclass(frozen=True)
+class GuidedBackprop(Gradient):
+    r"""Guided Backprop [Springenberg2014]_: the gradient with the ReLU backward
+    :math:`\max(g, 0) \cdot 1[z > 0]` (gate by the forward mask and rectify)."""
+
+    def backward(self, layer, rec, r, state):
+        if layer.kind == "relu":
+            return _ops.relu_backward_guided(r, rec.a, rec.backend)
+        return super().backward(layer, rec, r, state)
