@@ -27,8 +27,15 @@ DEFAULT_EPSILON = 1e-6
 DEFAULT_STABILIZER = 1e-6
 
 #: Upper bound on the im2col buffer of one chunk of a convolution, in bytes.  Chunks of
-#: samples are sized so that their column matrix stays near the cache.
-CONV_CHUNK_BYTES = 4 * 1024 * 1024
+#: samples are sized so that their column matrix stays near the cache.  (CPU: 16 MiB, not
+#: less: every chunk is a few BLAS calls, and on a loaded machine each call's thread
+#: synchronisation costs far more than the cache misses of a larger chunk.)
+CONV_CHUNK_BYTES = 16 * 1024 * 1024
+
+#: The CPU input-VJP of a stride-1 convolution uses the row-shift GEMMs (whose result has C
+#: rows) when the layer has at least this many input channels C; below it, im2col's GEMM
+#: (C*kh*kw result rows) and a col2im feed BLAS better (3 channels: 3x faster).
+CONV_VJP_ROWS_MIN_CHANNELS = 8
 
 #: Default bound on how many modified inputs go through the net at once
 #: (input-level methods: SmoothGrad, Integrated Gradients, occlusion, perturbation).

@@ -212,6 +212,10 @@ class ZPlus(LinearRule):
 
 
 def _bound(name, value):
+    from .._backend import is_cupy_array, to_numpy
+
+    if is_cupy_array(value):  # bounds are rule constants: held on the host, moved per namespace when used
+        value = to_numpy(value)
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
