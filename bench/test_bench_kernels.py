@@ -1,0 +1,214 @@
+"""Kernel benchmarks: the layers of LeNet-5 and of a VGG-style CIFAR net, reference vs cpu.
+
+Shapes (float32):
+
+* LeNet-5 on 1x28x28, batch 256: conv5x5 1->6, maxpool 2, conv5x5 6->16, maxpool 2,
+  fc 256->120->84->10 (16*4*4 = 256).
+* CIFAR-VGG on 3x32x32, batch 64: conv3x3 pad 1 3->64, 64->64, maxpool 2, 64->128,
+  128->128, maxpool 2, 128->256, 256->256, maxpool 2, fc 4096->512->10.
+
+Each benchmark records its GFLOP/s and the fraction of the float32 GEMM rate measured in the
+same session (``extra_info["gflops"]``, ``extra_info["frac_of_gemm"]``; see conftest.py);
+max-pooling is memory-bound and records GB/s instead.  The NumPy reference kernels are
+written for reading, not speed: on the large layers they run a single round.
+
+Run: ``pytest bench/test_bench_kernels.py --benchmark-only`` (a table of rates ends the run).
+"""
+import numpy as np
+import pytest
+
+from relprop._backend import kernels
+from relprop.kernels import _ops
+
+BACKENDS = ["reference", "cpu"]
+
+# name, x shape, w shape, padding
+CONVS = [
+    ("lenet.conv1", (256, 1, 28, 28), (6, 1, 5, 5), 0),
+    ("lenet.conv2", (256, 6, 12, 12), (16, 6, 5, 5), 0),
+    ("vgg.conv1", (64, 3, 32, 32), (64, 3, 3, 3), 1),
+    ("vgg.conv2", (64, 64, 32, 32), (64, 64, 3, 3), 1),
+    ("vgg.conv3", (64, 64, 16, 16), (128, 64, 3, 3), 1),
+    ("vgg.conv4", (64, 128, 16, 16), (128, 128, 3, 3), 1),
+    ("vgg.conv5", (64, 128, 8, 8), (256, 128, 3, 3), 1),
+    ("vgg.conv6", (64, 256, 8, 8), (256, 256, 3, 3), 1),
+]
+# name, x shape (2x2 windows, stride 2)
+POOLS = [
+    ("lenet.pool1", (256, 6, 24, 24)),
+    ("lenet.pool2", (256, 16, 8, 8)),
+    ("vgg.pool1", (64, 64, 32, 32)),
+    ("vgg.pool2", (64, 128, 16, 16)),
+    ("vgg.pool3", (64, 256, 8, 8)),
+]
+# name, batch, in, out
+DENSES = [
+    ("lenet.fc1", 256, 256, 120),
+    ("lenet.fc2", 256, 120, 84),
+    ("lenet.fc3", 256, 84, 10),
+    ("vgg.fc1", 64, 4096, 512),
+    ("vgg.fc2", 64, 512, 10),
+]
+#: the reference kernels run one round above this many FLOPs (a few seconds at most each)
+SLOW_REFERENCE_FLOPS = 2e8
+
+
+def _ids(items):
+    return [item[0] for item in items]
+
+
+def _run(benchmark, fn, backend, flops):
+    """Benchmark ``fn``; slow reference calls get a single round, cpu calls a warm-up first."""
+    if backend == "reference" and flops > SLOW_REFERENCE_FLOPS:
+        return benchmark.pedantic(fn, rounds=1, iterations=1, warmup_rounds=0)
+    if backend != "reference":
+        fn()  # compile (or load Numba's cache) and wake the thread pools outside the timing
+    return benchmark(fn)
+
+
+def _conv_case(x_shape, w_shape, padding):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = (rng.standard_normal(w_shape) * np.sqrt(2.0 / np.prod(w_shape[1:]))).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    geometry = ((1, 1), (padding, padding), (1, 1))
+    z_shape = _ops.conv2d_output_shape(x_shape, w_shape, *geometry)
+    flops = 2.0 * np.prod(z_shape) * np.prod(w_shape[1:])
+    return x, w, b, geometry, z_shape, flops
+
+
+def _conv_label(name, x_shape, w_shape):
+    return f"{name} {'x'.join(map(str, x_shape))}->{w_shape[0]}"
+
+
+@pytest.mark.benchmark(group="conv2d_forward")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONVS, ids=_ids(CONVS))
+def test_conv2d_forward(benchmark, record_rate, name, x_shape, w_shape, padding, backend):
+    x, w, b, geometry, _, flops = _conv_case(x_shape, w_shape, padding)
+    z = _run(benchmark, lambda: _ops.conv2d_forward(x, w, b, *geometry, backend), backend, flops)
+    assert z.shape[:2] == (x_shape[0], w_shape[0])
+    record_rate(benchmark, flops=flops, backend=backend, label=_conv_label(name, x_shape, w_shape))
+
+
+@pytest.mark.benchmark(group="conv2d_vjp")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONVS, ids=_ids(CONVS))
+def test_conv2d_vjp(benchmark, record_rate, name, x_shape, w_shape, padding, backend):
+    x, w, _, geometry, z_shape, flops = _conv_case(x_shape, w_shape, padding)
+    g = np.random.default_rng(1).standard_normal(z_shape).astype(np.float32)
+    gx = _run(benchmark, lambda: _ops.conv2d_vjp(g, w, x_shape, *geometry, backend), backend, flops)
+    assert gx.shape == x_shape
+    record_rate(benchmark, flops=flops, backend=backend, label=_conv_label(name, x_shape, w_shape))
+
+
+@pytest.mark.benchmark(group="maxpool2d")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,x_shape", POOLS, ids=_ids(POOLS))
+def test_maxpool2d_with_switches(benchmark, record_rate, name, x_shape, backend):
+    if not hasattr(kernels(backend), "maxpool2d_forward"):
+        pytest.skip(f"no {backend} maxpool2d_forward kernel yet")
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    out, switches = _run(benchmark, lambda: _ops.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), backend), backend, 0)
+    record_rate(benchmark, nbytes=x.nbytes + out.nbytes + switches.nbytes, backend=backend,
+           label=f"{name} {'x'.join(map(str, x_shape))}")
+
+
+def _dense_case(n, i, j):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, i)).astype(np.float32)
+    w = (rng.standard_normal((j, i)) * np.sqrt(2.0 / i)).astype(np.float32)
+    return x, w, rng.standard_normal(j).astype(np.float32), 2.0 * n * i * j
+
+
+@pytest.mark.benchmark(group="dense_forward")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,n,i,j", DENSES, ids=_ids(DENSES))
+def test_dense_forward(benchmark, record_rate, name, n, i, j, backend):
+    x, w, b, flops = _dense_case(n, i, j)
+    _run(benchmark, lambda: _ops.dense_forward(x, w, b, backend), backend, flops)
+    record_rate(benchmark, flops=flops, backend=backend, label=f"{name} {n}x{i}->{j}")
+
+
+@pytest.mark.benchmark(group="dense_vjp")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,n,i,j", DENSES, ids=_ids(DENSES))
+def test_dense_vjp(benchmark, record_rate, name, n, i, j, backend):
+    _, w, _, flops = _dense_case(n, i, j)
+    g = np.random.default_rng(1).standard_normal((n, j)).astype(np.float32)
+    _run(benchmark, lambda: _ops.dense_vjp(g, w, backend), backend, flops)
+    record_rate(benchmark, flops=flops, backend=backend, label=f"{name} {n}x{j}->{i}")
+
+
+@pytest.mark.benchmark(group="gemm")
+def test_gemm_float32_2048(benchmark, record_rate):
+    """The yardstick itself: np.matmul of two 2048x2048 float32 matrices."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((2048, 2048)).astype(np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    benchmark(np.matmul, a, b, out=out)
+    record_rate(benchmark, flops=2.0 * a.shape[0] ** 3, backend="numpy", label="np.matmul 2048x2048")
+
+
+# ---------------------------------------------------------------- a whole CIFAR-VGG forward
+
+VGG = [("conv", 3, 64), ("conv", 64, 64), ("pool",), ("conv", 64, 128), ("conv", 128, 128), ("pool",),
+       ("conv", 128, 256), ("conv", 256, 256), ("pool",), ("flatten",), ("dense", 4096, 512), ("dense", 512, 10)]
+
+
+def _vgg_params(rng):
+    params = []
+    for layer in VGG:
+        if layer[0] == "conv":
+            _, c, k = layer
+            params.append(((rng.standard_normal((k, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32),
+                           np.zeros(k, np.float32)))
+        elif layer[0] == "dense":
+            _, i, j = layer
+            params.append(((rng.standard_normal((j, i)) * np.sqrt(2.0 / i)).astype(np.float32),
+                           np.zeros(j, np.float32)))
+        else:
+            params.append(None)
+    return params
+
+
+def vgg_forward(x, params, backend):
+    """Logits of the CIFAR-VGG net, layer by layer through the kernels (ReLU after every conv/dense but the last)."""
+    cpu = kernels(backend)
+    relu = (lambda a: _ops.relu_forward(a, backend)) if hasattr(cpu, "relu_forward") else (lambda a: np.maximum(a, 0))
+    a, last = x, max(i for i, layer in enumerate(VGG) if layer[0] == "dense")
+    for i, (layer, p) in enumerate(zip(VGG, params)):
+        if layer[0] == "conv":
+            a = relu(_ops.conv2d_forward(a, p[0], p[1], (1, 1), (1, 1), (1, 1), backend))
+        elif layer[0] == "pool":
+            a, _ = _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), backend)
+        elif layer[0] == "flatten":
+            a = a.reshape(a.shape[0], -1)
+        else:
+            a = _ops.dense_forward(a, p[0], p[1], backend)
+            a = a if i == last else relu(a)
+    return a
+
+
+def vgg_flops(batch):
+    flops, hw = 0.0, 32
+    for layer in VGG:
+        if layer[0] == "conv":
+            flops += 2.0 * batch * layer[2] * layer[1] * 9 * hw * hw
+        elif layer[0] == "pool":
+            hw //= 2
+        elif layer[0] == "dense":
+            flops += 2.0 * batch * layer[1] * layer[2]
+    return flops
+
+
+@pytest.mark.benchmark(group="forward_net")
+def test_vgg_forward_cpu(benchmark, record_rate):
+    if not hasattr(kernels("cpu"), "maxpool2d_forward"):
+        pytest.skip("no cpu maxpool2d_forward kernel yet")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
+    params = _vgg_params(rng)
+    logits = benchmark.pedantic(vgg_forward, args=(x, params, "cpu"), rounds=15, warmup_rounds=1)
+    assert logits.shape == (64, 10)
+    record_rate(benchmark, flops=vgg_flops(64), backend="cpu", label="vgg forward 64x3x32x32")

@@ -1,0 +1,492 @@
+"""Numba CPU twins of :mod:`relprop.kernels.reference.conv2d`: same math, names and signatures.
+
+A convolution is a sum of GEMMs over the kernel offsets; its speed is decided by how the GEMM
+operands are fed.  Figures below: 2-core AMD EPYC, float32, the CIFAR-VGG layers at batch 64,
+as fractions of the same run's ``np.matmul`` 2048x2048 rate (~190 GFLOP/s when quiet).
+
+**Stride 1: row shifts (chosen).**  A chunk of samples is laid out channel-major on a grid of
+``hg = H + ph`` rows per sample; the zero rows below one sample are the top padding of the
+next, so kernel row ``a`` is ONE constant shift of the flat index, ``(a*dh - ph)`` rows.  The
+``kw`` column taps are stacked as ``kw`` shifted, zero-edged copies of the input (3x the input
+for 3x3, not im2col's 9x).  The forward is then ``kh`` GEMMs, each ``W[:, :, a, :]``
+(K x kw*C) times a *window* of that buffer (a pointer offset with a long row stride, no copy),
+accumulated by BLAS itself (beta = 1), and one pass back to NCHW that adds the bias.  The
+input-VJP is the same sum with ``W^T`` over ``g``, taps shifted the other way; with K > C the
+column taps are summed on the way out instead (g copied once, kw*C rows read back).  Forward
+0.70-0.77, input-VJP 0.59-0.76 of GEMM on the >= 64-channel layers (BLAS alone: 0.83-0.89).
+The grid costs ph/H extra columns (12% at 8x8), far less than im2col's copies.
+
+**Otherwise: im2col.**  Stride > 1, and the input-VJP of layers with < 8 input channels
+(its row-shift GEMM would have only C result rows: 3x slower at C = 3), use a chunked
+im2col and one GEMM; the VJP is ``W^T @ g`` then col2im, summed per input plane in one
+fixed order.
+
+Rejected, measured: (a) chunked im2col + batched ``np.matmul`` with a ``prange`` copy:
+0.07-0.39 -- Numba's OpenMP workers keep spinning for milliseconds after every parallel
+loop and fight the BLAS threads for the two cores (0.38-0.64 with OMP_WAIT_POLICY=passive,
+a setting a library cannot impose); (b) one padded-grid copy and kh*kw single-tap GEMMs
+(inner dimension C): 0.62-0.73 for the GEMMs alone, before any copy.
+
+So the copy kernels here are *serial* ``@njit`` loops (no ``parallel=True``): one thread
+pool (BLAS's) per convolution; they cost ~10% of the time.  Work goes in chunks of samples
+of ``_config.CONV_CHUNK_BYTES`` (16 MiB: as fast as 4 MiB on a quiet machine, 2-4x faster
+on a loaded one, where every BLAS call's thread synchronisation is expensive).
+
+Results are bitwise reproducible: serial copies, fixed-order sums, and BLAS computes every
+output element in one thread with a blocking fixed by the shapes.
+"""
+import ctypes
+
+import numpy as np
+from numba import njit
+
+from ... import _config
+
+__all__ = ["conv2d_forward", "conv2d_vjp"]
+
+
+# ============================================================================================
+# BLAS GEMM on windows of flat buffers
+# ============================================================================================
+# ``_gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta)`` computes the row-major
+# C[m, n] = A[m, k] @ B[k, n] + beta * C, each operand starting ``*_off`` elements into its
+# array's buffer with row stride ``ld*``.  np.matmul cannot express a shifted window with a long
+# row stride, nor accumulate (beta = 1); both are what spare a copy of the input per offset.
+#
+# Which BLAS: the one NumPy calls, found through NumPy's extension module when it exports the
+# ILP64 CBLAS names of the PyPI wheels ("scipy_cblas_sgemm64_"), else SciPy's
+# scipy.linalg.cython_blas (SciPy is a dependency).  NumPy's keeps ONE BLAS thread pool in the
+# process (np.matmul of the dense kernels and of user code uses it too), and on the reference
+# machine its OpenBLAS 0.3.31 ran the narrow GEMMs of 64-channel layers at 0.88 of the square
+# GEMM rate against 0.70 for SciPy's 0.3.30 (one thread).  A self-test decides at import.
+
+def _numpy_cblas():
+    """{dtype: gemm} over NumPy's CBLAS ILP64 sgemm/dgemm, or None."""
+    try:
+        try:
+            from numpy._core import _multiarray_umath as umath
+        except ImportError:  # pragma: no cover - NumPy 1.x
+            from numpy.core import _multiarray_umath as umath
+        lib = ctypes.CDLL(umath.__file__)
+    except Exception:  # pragma: no cover
+        return None
+    i64 = ctypes.c_int64
+    for prefix in ("scipy_cblas_", "cblas_"):  # only "64_"-suffixed names have a known (ILP64) ABI
+        try:
+            fns = getattr(lib, prefix + "sgemm64_"), getattr(lib, prefix + "dgemm64_")
+        except AttributeError:
+            continue
+        impls = {}
+        for fn, real, dtype in zip(fns, (ctypes.c_float, ctypes.c_double), (np.float32, np.float64)):
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, real, ctypes.c_void_p, i64,
+                           ctypes.c_void_p, i64, real, ctypes.c_void_p, i64]
+
+            def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, fn=fn):
+                it = c.itemsize  # 101, 111: CblasRowMajor, CblasNoTrans
+                fn(101, 111, 111, m, n, k, 1.0, a.ctypes.data + int(a_off) * it, lda,
+                   b.ctypes.data + int(b_off) * it, ldb, beta, c.ctypes.data + int(c_off) * it, ldc)
+            impls[np.dtype(dtype)] = gemm
+        return impls
+    return None
+
+
+def _scipy_blas():
+    """{dtype: gemm} over the Fortran sgemm/dgemm of scipy.linalg.cython_blas (LP64)."""
+    from numba.extending import get_cython_function_address
+
+    ip = ctypes.POINTER(ctypes.c_int)
+    sig = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ip, ip, ip, ctypes.c_void_p, ctypes.c_void_p, ip,
+                           ctypes.c_void_p, ip, ctypes.c_void_p, ctypes.c_void_p, ip)
+    impls = {}
+    for name, real, dtype in (("sgemm", ctypes.c_float, np.float32), ("dgemm", ctypes.c_double, np.float64)):
+        fn = sig(get_cython_function_address("scipy.linalg.cython_blas", name))
+
+        def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, fn=fn, real=real):
+            # column-major BLAS sees the transposed problem C^T = B^T A^T: swap the operands
+            it, ci = c.itemsize, ctypes.c_int
+            alpha, beta = real(1.0), real(beta)
+            fn(b"N", b"N", ci(n), ci(m), ci(k), ctypes.byref(alpha),
+               b.ctypes.data + int(b_off) * it, ci(ldb), a.ctypes.data + int(a_off) * it, ci(lda),
+               ctypes.byref(beta), c.ctypes.data + int(c_off) * it, ci(ldc))
+        impls[np.dtype(dtype)] = gemm
+    return impls
+
+
+def _reproduces_matmul(impls):
+    """A shifted-window product with beta = 1 in both dtypes, checked against np.matmul."""
+    rng = np.random.default_rng(0)
+    for dtype, gemm in impls.items():
+        a = rng.standard_normal((3, 5)).astype(dtype)
+        b = rng.standard_normal((5, 9)).astype(dtype)
+        c = rng.standard_normal((3, 4)).astype(dtype)
+        want = a[:, 1:4] @ b[1:4, 2:6] + c
+        gemm(3, 4, 3, a, 1, 5, b, 9 + 2, 9, c, 0, 4, 1.0)
+        if not np.allclose(c, want, rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+def _pick_blas():
+    impls = _numpy_cblas()
+    try:
+        if impls is not None and _reproduces_matmul(impls):
+            return "numpy", impls
+    except Exception:  # pragma: no cover - a symbol with an unexpected ABI
+        pass
+    return "scipy", _scipy_blas()
+
+
+#: "numpy" or "scipy": whose BLAS the convolutions call.
+BLAS_SOURCE, _GEMM = _pick_blas()
+
+
+def _gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta):
+    _GEMM[c.dtype](m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta)
+
+
+# ============================================================================================
+# Copy kernels (serial on purpose: see the module docstring)
+# ============================================================================================
+_jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+
+
+@_jit
+def _fill0(v):
+    for q in range(v.size):
+        v[q] = 0
+
+
+@_jit
+def _copy(dst, src):
+    """dst[:] = src[:] for 1-D views of one length (0-based loop: vectorises, no wraparound checks)."""
+    for q in range(dst.size):
+        dst[q] = src[q]
+
+
+@_jit
+def _valid(count, size, step, off):
+    """The range [j0, j1) of j in [0, count) with 0 <= j*step + off < size."""
+    j0 = 0 if off >= 0 else min(count, (-off + step - 1) // step)
+    j1 = 0 if size - 1 - off < 0 else min(count, (size - 1 - off) // step + 1)
+    return j0, max(j0, j1)
+
+
+@_jit
+def _shifted_rows(src, n0, nb, kw, off0, doff, hg, wg, margin, dst):
+    """The row-shift operand of one chunk: ``kw`` column-shifted copies of ``src[n0:n0+nb]``.
+
+    dst[b*C + c, margin + n*hg*wg + r*wg + j] = src[n0 + n, c, r, j + off0 + b*doff],
+    zero where that column is outside the source, on rows r >= H_src and in both margins.
+    Each source plane is read once and written ``kw`` times (loops n, c, b).
+    """
+    c_, hs, ws = src.shape[1], src.shape[2], src.shape[3]
+    plane, hw = hg * wg, hs * ws
+    end = margin + nb * plane
+    for r_ in range(kw * c_):
+        _fill0(dst[r_, :margin])
+        _fill0(dst[r_, end:])
+    for n in range(nb):
+        base = margin + n * plane
+        for c in range(c_):
+            sp = src[n0 + n, c]
+            s = sp.ravel()
+            for b in range(kw):
+                off = off0 + b * doff
+                j0, j1 = _valid(wg, ws, 1, off)
+                d = dst[b * c_ + c, base:base + plane]
+                if wg == ws:
+                    # rows adjacent in source and grid: one flat shifted copy, then clear the
+                    # columns whose source fell into the neighbouring row
+                    lo = min(hw, max(0, -off))
+                    hi = max(lo, min(hw, hw - off))
+                    _fill0(d[:lo])
+                    _copy(d[lo:hi], s[lo + off:hi + off])
+                    _fill0(d[hi:])
+                    for r in range(hs):
+                        for j in range(j0):
+                            d[r * ws + j] = 0
+                        for j in range(j1, ws):
+                            d[r * ws + j] = 0
+                else:
+                    for r in range(hs):
+                        dr = d[r * wg:(r + 1) * wg]
+                        _fill0(dr[:j0])
+                        _copy(dr[j0:j1], sp[r, j0 + off:j1 + off])
+                        _fill0(dr[j1:])
+                    _fill0(d[hs * wg:])
+    return dst
+
+
+@_jit
+def _crop(src, n0, nb, hg, wg, bias, out):
+    """out[n0 + n, k, i, j] = src[k, n*hg*wg + i*wg + j] + bias[k]: the grid back to NCHW."""
+    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    plane = hg * wg
+    for n in range(nb):
+        for k in range(k_):
+            bk = bias[k]
+            s = src[k, n * plane:(n + 1) * plane]
+            o = out[n0 + n, k]
+            if wg == wo:
+                d = o.ravel()
+                for q in range(ho * wo):
+                    d[q] = s[q] + bk
+            else:
+                for i in range(ho):
+                    d = o[i]
+                    si = s[i * wg:i * wg + wo]
+                    for j in range(wo):
+                        d[j] = si[j] + bk
+    return out
+
+
+@_jit
+def _crop_shift_sum(src, n0, nb, kw, off0, doff, hg, wg, out):
+    """out[n0 + n, c, r, s] = sum_b src[b*C + c, n*hg*wg + r*wg + s + off0 + b*doff] over the b whose
+    column s + off0 + b*doff lies in [0, wg): the column shifts of the taps, summed on the way out."""
+    c_, h_, w_ = out.shape[1], out.shape[2], out.shape[3]
+    plane = hg * wg
+    for n in range(nb):
+        for c in range(c_):
+            o = out[n0 + n, c]
+            for r in range(h_):
+                d = o[r]
+                _fill0(d)
+                for b in range(kw):
+                    off = off0 + b * doff
+                    j0, j1 = _valid(w_, wg, 1, off)
+                    q = n * plane + r * wg + off
+                    si = src[b * c_ + c, q + j0:q + j1]
+                    dj = d[j0:j1]
+                    for j in range(j1 - j0):
+                        dj[j] += si[j]
+    return out
+
+
+@_jit
+def _im2col(x, n0, nb, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
+    """cols[(c*kh + a)*kw + b, n*ho*wo + i*wo + j] = x_padded[n0 + n, c, i*sh + a*dh, j*sw + b*dw]."""
+    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
+    plane = ho * wo
+    for c in range(c_):
+        for a in range(kh):
+            for b in range(kw):
+                row = cols[(c * kh + a) * kw + b]
+                off = b * dw - pw
+                j0, j1 = _valid(wo, w_, sw, off)
+                for n in range(nb):
+                    for i in range(ho):
+                        d = row[n * plane + i * wo:n * plane + (i + 1) * wo]
+                        h = i * sh - ph + a * dh
+                        if h < 0 or h >= h_:
+                            _fill0(d)
+                            continue
+                        s = x[n0 + n, c, h]
+                        _fill0(d[:j0])
+                        if sw == 1:
+                            _copy(d[j0:j1], s[j0 + off:j1 + off])
+                        else:
+                            for j in range(j0, j1):
+                                d[j] = s[j * sw + off]
+                        _fill0(d[j1:])
+    return cols
+
+
+@_jit
+def _to_columns(g, n0, nb, dst):
+    """dst[k, n*Ho*Wo + q] = g[n0 + n, k].ravel()[q]: a chunk of g, channel-major."""
+    k_ = g.shape[1]
+    plane = g.shape[2] * g.shape[3]
+    for k in range(k_):
+        for n in range(nb):
+            _copy(dst[k, n * plane:(n + 1) * plane], g[n0 + n, k].ravel())
+    return dst
+
+
+@_jit
+def _col2im(cols, n0, nb, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out):
+    """out[n0 + n, c] = the column rows (c, a, b) summed back onto their input positions.
+
+    A gather per (n, c) plane: its taps are added in one fixed order (a, b, i, j), so the
+    result is the same bit for bit on every run.
+    """
+    c_, h_, w_ = out.shape[1], out.shape[2], out.shape[3]
+    plane = ho * wo
+    for n in range(nb):
+        for c in range(c_):
+            o = out[n0 + n, c]
+            _fill0(o.ravel())
+            for a in range(kh):
+                for b in range(kw):
+                    row = cols[(c * kh + a) * kw + b]
+                    off = b * dw - pw
+                    j0, j1 = _valid(wo, w_, sw, off)
+                    for i in range(ho):
+                        h = i * sh - ph + a * dh
+                        if h < 0 or h >= h_:
+                            continue
+                        s = row[n * plane + i * wo:n * plane + (i + 1) * wo]
+                        d = o[h]
+                        for j in range(j0, j1):
+                            d[j * sw + off] += s[j]
+    return out
+
+
+# ============================================================================================
+# The kernels
+# ============================================================================================
+def _samples_per_chunk(rows_per_sample, n, itemsize):
+    """Samples per chunk so that one chunk's GEMM operand and result stay near the cache."""
+    return max(1, min(n, _config.CONV_CHUNK_BYTES // max(1, rows_per_sample * itemsize)))
+
+
+def _row_grid(h_in, h_out, k, p, d):
+    """(rows per sample, margin rows) of the row-shift grid (stride 1), for either direction.
+
+    A sample is ``hg`` rows; the data rows sit on top and the rest are zero, so the zero rows
+    below one sample are the top padding of the next and a kernel row ``a`` is a shift of the
+    flat index by a whole number of rows.  ``hg >= H + p`` keeps every out-of-image row read
+    on a zero row; ``margin`` zero rows before and after the chunk cover the first and last.
+    """
+    hg = max(h_in + p, h_out)
+    return hg, max(p, (k - 1) * d - p, 0)
+
+
+def _rows_path(transposed, stride, channels):
+    """Row-shift GEMMs (stride 1) or explicit im2col?  ``channels``: input channels C of the layer.
+
+    Measured (one thread, so that the GEMMs compare without the machine's noise): the row-shift
+    forward ties or beats im2col for every stride-1 layer tried, down to C = 1 or K = 3; the
+    input-VJP's row-shift GEMM has only C result rows, and for C < 8 im2col's (C*kh*kw rows) wins.
+    """
+    if stride != (1, 1):
+        return False
+    return not transposed or channels >= _config.CONV_VJP_ROWS_MIN_CHANNELS
+
+
+def conv2d_forward(x, w, b, stride, padding, dilation, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.  Shapes: x (N,C,H,W),
+    w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
+    if _rows_path(False, tuple(stride), x.shape[1]):
+        return _forward_rows(x, w, b, padding, dilation, out)
+    return _forward_im2col(x, w, b, stride, padding, dilation, out)
+
+
+def conv2d_vjp(g, w, stride, padding, dilation, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.  Shapes: g (N,K,Ho,Wo),
+    w (K,C,kh,kw), out (N,C,H,W)."""
+    if _rows_path(True, tuple(stride), out.shape[1]):
+        if w.shape[0] > w.shape[1]:
+            return _vjp_rows_shift_out(g, w, padding, dilation, out)
+        return _vjp_rows(g, w, padding, dilation, out)
+    return _vjp_im2col(g, w, stride, padding, dilation, out)
+
+
+def _forward_rows(x, w, b, padding, dilation, out):
+    """z[:, grid] = sum_a W[:, :, a, :] @ X3[:, grid + (a*dh - ph)*Wo], X3 = the kw column shifts of x."""
+    (ph, pw), (dh, dw) = padding, dilation
+    n_, c_, h_, _ = x.shape
+    k_, _, kh, kw = w.shape
+    hg, mr = _row_grid(h_, out.shape[2], kh, ph, dh)
+    wg, inner = out.shape[3], kw * c_
+    plane, margin = hg * wg, mr * wg
+    nb = _samples_per_chunk((inner + k_) * plane, n_, x.itemsize)
+    taps = np.ascontiguousarray(w.transpose(2, 0, 3, 1)).reshape(kh, k_, inner)  # [a, k, (b, c)]
+    xs = np.empty((inner, nb * plane + 2 * margin), x.dtype)
+    z = np.empty((k_, nb * plane), x.dtype)
+    for n0 in range(0, n_, nb):
+        nc = min(nb, n_ - n0)
+        _shifted_rows(x, n0, nc, kw, -pw, dw, hg, wg, margin, xs)
+        for a in range(kh):
+            _gemm(k_, nc * plane, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg, xs.shape[1],
+                  z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
+        _crop(z, n0, nc, hg, wg, b, out)
+    return out
+
+
+def _vjp_rows(g, w, padding, dilation, out):
+    """g_in[:, grid] = sum_a W[:, :, a, :]^T @ G3[:, grid + (ph - a*dh)*W], G3 = the kw column shifts of g."""
+    (ph, pw), (dh, dw) = padding, dilation
+    n_, c_, h_, w_ = out.shape
+    k_, _, kh, kw = w.shape
+    hg, mr = _row_grid(h_, g.shape[2], kh, ph, dh)
+    wg, inner = w_, kw * k_
+    plane, margin = hg * wg, mr * wg
+    nb = _samples_per_chunk((inner + c_) * plane, n_, g.itemsize)
+    taps = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(kh, c_, inner)  # [a, c, (b, k)]
+    gs = np.empty((inner, nb * plane + 2 * margin), g.dtype)
+    gin = np.empty((c_, nb * plane), g.dtype)
+    zero = np.zeros(c_, g.dtype)
+    for n0 in range(0, n_, nb):
+        nc = min(nb, n_ - n0)
+        _shifted_rows(g, n0, nc, kw, pw, -dw, hg, wg, margin, gs)
+        for a in range(kh):
+            _gemm(c_, nc * plane, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg, gs.shape[1],
+                  gin, 0, gin.shape[1], 0.0 if a == 0 else 1.0)
+        _crop(gin, n0, nc, hg, wg, zero, out)
+    return out
+
+
+def _vjp_rows_shift_out(g, w, padding, dilation, out):
+    """The same sum with the column taps shifted on the way out, for K > C: copying g once and
+    reading kw*C result rows beats writing kw*K shifted rows of g.
+
+    P[(b, c), grid] = sum_a W[:, :, a, b]^T @ G[:, grid + (ph - a*dh)*Wo];  g_in = sum_b P[b, c] shifted by pw - b*dw.
+    """
+    (ph, pw), (dh, dw) = padding, dilation
+    n_, c_, h_, _ = out.shape
+    k_, _, kh, kw = w.shape
+    hg, mr = _row_grid(h_, g.shape[2], kh, ph, dh)
+    wg, rows = g.shape[3], kw * c_
+    plane, margin = hg * wg, mr * wg
+    nb = _samples_per_chunk((rows + k_) * plane, n_, g.itemsize)
+    taps = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, rows, k_)  # [a, (b, c), k]
+    gg = np.empty((k_, nb * plane + 2 * margin), g.dtype)
+    p = np.empty((rows, nb * plane), g.dtype)
+    for n0 in range(0, n_, nb):
+        nc = min(nb, n_ - n0)
+        _shifted_rows(g, n0, nc, 1, 0, 0, hg, wg, margin, gg)
+        for a in range(kh):
+            _gemm(rows, nc * plane, k_, taps, a * rows * k_, k_, gg, margin + (ph - a * dh) * wg, gg.shape[1],
+                  p, 0, p.shape[1], 0.0 if a == 0 else 1.0)
+        _crop_shift_sum(p, n0, nc, kw, pw, -dw, hg, wg, out)
+    return out
+
+
+def _forward_im2col(x, w, b, stride, padding, dilation, out):
+    """z = W (K, C*kh*kw) @ cols (C*kh*kw, chunk columns)."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n_, c_ = x.shape[:2]
+    k_, _, kh, kw = w.shape
+    ho, wo = out.shape[2], out.shape[3]
+    rows, plane = c_ * kh * kw, ho * wo
+    nb = _samples_per_chunk((rows + k_) * plane, n_, x.itemsize)
+    w2 = np.ascontiguousarray(w).reshape(k_, rows)
+    cols = np.empty((rows, nb * plane), x.dtype)
+    z = np.empty((k_, nb * plane), x.dtype)
+    for n0 in range(0, n_, nb):
+        nc = min(nb, n_ - n0)
+        _im2col(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
+        _gemm(k_, nc * plane, rows, w2, 0, rows, cols, 0, cols.shape[1], z, 0, z.shape[1], 0.0)
+        _crop(z, n0, nc, ho, wo, b, out)
+    return out
+
+
+def _vjp_im2col(g, w, stride, padding, dilation, out):
+    """cols = W^T (C*kh*kw, K) @ g (K, chunk columns), then col2im."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    n_, c_ = out.shape[:2]
+    k_, _, kh, kw = w.shape
+    ho, wo = g.shape[2], g.shape[3]
+    rows, plane = c_ * kh * kw, ho * wo
+    nb = _samples_per_chunk((rows + k_) * plane, n_, g.itemsize)
+    wt = np.ascontiguousarray(w.reshape(k_, rows).T)
+    gc = np.empty((k_, nb * plane), g.dtype)
+    cols = np.empty((rows, nb * plane), g.dtype)
+    for n0 in range(0, n_, nb):
+        nc = min(nb, n_ - n0)
+        _to_columns(g, n0, nc, gc)
+        _gemm(rows, nc * plane, k_, wt, 0, k_, gc, 0, gc.shape[1], cols, 0, cols.shape[1], 0.0)
+        _col2im(cols, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out)
+    return out

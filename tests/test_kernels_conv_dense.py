@@ -1,0 +1,229 @@
+"""Numba CPU dense and conv2d kernels against their NumPy references.
+
+Everything goes through the public entry points in :mod:`relprop.kernels` with
+``backend="cpu"`` vs ``backend="reference"``.  The cpu convolution has two paths (row-shift
+GEMMs for stride 1 with enough channels, explicit im2col otherwise) and works in chunks of
+samples; the tests pin each path and force several chunks by patching ``relprop._config``.
+"""
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import relprop._config as config
+import relprop.kernels as K
+from helpers import assert_close
+from relprop._validate import conv_output_size
+from relprop.kernels.cpu import conv2d as cpu_conv
+
+DTYPES = [np.float32, np.float64]
+PATHS = ["rows", "im2col"]
+
+
+def pin(mp, path, chunk_bytes):
+    """Route every cpu convolution through ``path`` (where its stride allows; "auto": the
+    module's own choice) with chunks of ``chunk_bytes``."""
+    if path != "auto":
+        rows = path == "rows"
+        mp.setattr(cpu_conv, "_rows_path", lambda transposed, stride, channels: rows and stride == (1, 1))
+    mp.setattr(config, "CONV_CHUNK_BYTES", chunk_bytes)
+
+
+@st.composite
+def conv_problem(draw):
+    """(x shape, w shape, stride, padding, dilation, chunk bytes, seed) of a valid convolution."""
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    # stride (1, 1) half the time: it is the only stride the row-shift path takes
+    stride = draw(st.just((1, 1)) | st.tuples(st.integers(1, 3), st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    assume(dilation[0] * (kh - 1) + 1 <= h + 2 * padding[0])
+    assume(dilation[1] * (kw - 1) + 1 <= w + 2 * padding[1])
+    chunk = draw(st.sampled_from([1, 2000, 1 << 22]))  # one sample per chunk, a few, all
+    return (n, c, h, w), (k, c, kh, kw), stride, padding, dilation, chunk, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_problem())
+def test_conv2d_matches_reference(dtype, path, problem):
+    x_shape, w_shape, stride, padding, dilation, chunk, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    geometry = (stride, padding, dilation)
+    with pytest.MonkeyPatch.context() as mp:
+        pin(mp, path, chunk)
+        z = K.conv2d_forward(x, w, b, *geometry, backend="cpu")
+        z_ref = K.conv2d_forward(x, w, b, *geometry, backend="reference")
+        assert z.dtype == dtype
+        assert_close(z, z_ref, reduction_len=w_shape[1] * w_shape[2] * w_shape[3])
+
+        g = rng.standard_normal(z.shape).astype(dtype)
+        gx = K.conv2d_vjp(g, w, x_shape, *geometry, backend="cpu")
+        gx_ref = K.conv2d_vjp(g, w, x_shape, *geometry, backend="reference")
+        assert gx.dtype == dtype
+        # each input sums at most K * kh * kw terms (C*kh*kw bounds the forward's sum)
+        assert_close(gx, gx_ref, reduction_len=w_shape[0] * w_shape[2] * w_shape[3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_without_bias_and_edge_geometry(dtype, rng):
+    """bias=None, a 1x1 kernel, an output of width/height 1, over-padding (pad > kernel reach)."""
+    cases = [
+        ((2, 3, 5, 7), (4, 3, 1, 1), 1, 0, 1),
+        ((1, 2, 4, 4), (3, 2, 4, 4), 1, 0, 1),        # Ho = Wo = 1
+        ((1, 2, 1, 6), (2, 2, 1, 3), (1, 2), 0, 1),   # H = 1
+        ((2, 2, 3, 3), (2, 2, 1, 1), 1, 2, 1),        # padding beyond a 1x1 kernel: zero border
+        ((1, 3, 9, 8), (2, 3, 3, 2), (3, 1), (2, 1), (2, 3)),
+        ((2, 8, 5, 6), (12, 8, 3, 3), 1, 1, 1),          # C >= 8, K > C: the VJP shifts on the way out
+        ((2, 9, 4, 5), (5, 9, 2, 3), 1, (1, 2), (2, 1)),  # C >= 8, K < C
+    ]
+    for path in PATHS + ["auto"]:
+        with pytest.MonkeyPatch.context() as mp:
+            pin(mp, path, 1)
+            for x_shape, w_shape, s, p, d in cases:
+                x = rng.standard_normal(x_shape).astype(dtype)
+                w = rng.standard_normal(w_shape).astype(dtype)
+                z = K.conv2d_forward(x, w, None, s, p, d, backend="cpu")
+                assert_close(z, K.conv2d_forward(x, w, None, s, p, d, backend="reference"),
+                             reduction_len=np.prod(w_shape[1:]))
+                g = rng.standard_normal(z.shape).astype(dtype)
+                assert_close(K.conv2d_vjp(g, w, x_shape, s, p, d, backend="cpu"),
+                             K.conv2d_vjp(g, w, x_shape, s, p, d, backend="reference"),
+                             reduction_len=w_shape[0] * w_shape[2] * w_shape[3])
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_is_bitwise_deterministic(stride, rng):
+    """Two calls on a layer large enough for several chunks and multi-threaded BLAS."""
+    x = rng.standard_normal((6, 32, 17, 15)).astype(np.float32)
+    w = rng.standard_normal((48, 32, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(48).astype(np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_CHUNK_BYTES", 1 << 18)
+        z1 = K.conv2d_forward(x, w, b, stride, 1, backend="cpu")
+        z2 = K.conv2d_forward(x, w, b, stride, 1, backend="cpu")
+        assert z1.tobytes() == z2.tobytes()
+        g = rng.standard_normal(z1.shape).astype(np.float32)
+        v1 = K.conv2d_vjp(g, w, x.shape, stride, 1, backend="cpu")
+        v2 = K.conv2d_vjp(g, w, x.shape, stride, 1, backend="cpu")
+        assert v1.tobytes() == v2.tobytes()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@given(problem=conv_problem())
+def test_conv2d_vjp_is_the_adjoint(path, problem):
+    """<conv(x), g> == <x, conv_vjp(g)> in float64 (no bias: the map is linear)."""
+    x_shape, w_shape, stride, padding, dilation, chunk, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape)
+    w = rng.standard_normal(w_shape)
+    with pytest.MonkeyPatch.context() as mp:
+        pin(mp, path, chunk)
+        z = K.conv2d_forward(x, w, None, stride, padding, dilation, backend="cpu")
+        g = rng.standard_normal(z.shape)
+        gx = K.conv2d_vjp(g, w, x_shape, stride, padding, dilation, backend="cpu")
+    lhs, rhs = np.vdot(z, g), np.vdot(x, gx)
+    assert abs(lhs - rhs) <= 1e-10 * max(1.0, np.abs(z * g).sum())
+
+
+def conv_as_matrix(x_shape, w, stride, padding, dilation):
+    """The convolution unrolled into a dense (K*Ho*Wo, C*H*W) matrix, entry by entry."""
+    _, c_, h_, w_ = x_shape
+    k_, _, kh, kw = w.shape
+    ho = conv_output_size(h_, kh, stride[0], padding[0], dilation[0])
+    wo = conv_output_size(w_, kw, stride[1], padding[1], dilation[1])
+    m = np.zeros((k_, ho, wo, c_, h_, w_))
+    for k in range(k_):
+        for i in range(ho):
+            for j in range(wo):
+                for c in range(c_):
+                    for a in range(kh):
+                        for e in range(kw):
+                            r = i * stride[0] - padding[0] + a * dilation[0]
+                            s = j * stride[1] - padding[1] + e * dilation[1]
+                            if 0 <= r < h_ and 0 <= s < w_:
+                                m[k, i, j, c, r, s] += w[k, c, a, e]
+    return m.reshape(k_ * ho * wo, c_ * h_ * w_), (k_, ho, wo)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("geometry", [((1, 1), (1, 1), (1, 1)), ((2, 1), (1, 2), (1, 2))])
+def test_conv2d_equals_the_unrolled_matrix(path, geometry, rng):
+    x = rng.standard_normal((2, 3, 5, 6))
+    w = rng.standard_normal((4, 3, 3, 2))
+    b = rng.standard_normal(4)
+    m, out_shape = conv_as_matrix(x.shape, w, *geometry)
+    with pytest.MonkeyPatch.context() as mp:
+        pin(mp, path, 1)
+        z = K.conv2d_forward(x, w, b, *geometry, backend="cpu")
+        g = rng.standard_normal(z.shape)
+        gx = K.conv2d_vjp(g, w, x.shape, *geometry, backend="cpu")
+    want = (x.reshape(2, -1) @ m.T).reshape((2,) + out_shape) + b[None, :, None, None]
+    np.testing.assert_allclose(z, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gx, (g.reshape(2, -1) @ m).reshape(x.shape), rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_blas_is_found():
+    """The GEMMs go to NumPy's BLAS (one thread pool) or, failing that, SciPy's."""
+    assert cpu_conv.BLAS_SOURCE in ("numpy", "scipy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_on_the_scipy_blas_fallback(dtype, rng):
+    x = rng.standard_normal((3, 9, 7, 6)).astype(dtype)
+    w = rng.standard_normal((10, 9, 3, 2)).astype(dtype)
+    b = rng.standard_normal(10).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_conv, "_GEMM", cpu_conv._scipy_blas())
+        for s in (1, 2):
+            z = K.conv2d_forward(x, w, b, s, 1, backend="cpu")
+            assert_close(z, K.conv2d_forward(x, w, b, s, 1, backend="reference"), reduction_len=9 * 6)
+            g = rng.standard_normal(z.shape).astype(dtype)
+            assert_close(K.conv2d_vjp(g, w, x.shape, s, 1, backend="cpu"),
+                         K.conv2d_vjp(g, w, x.shape, s, 1, backend="reference"), reduction_len=10 * 6)
+
+
+def test_conv2d_kernels_accept_strided_views(rng):
+    """Called directly (below the public entry points), non-contiguous arrays still give the right answer."""
+    x = rng.standard_normal((2, 9, 8, 14))[:, :, :, ::2]
+    w = rng.standard_normal((4, 9, 3, 3, 2))[..., 0]
+    b = rng.standard_normal(8)[::2]
+    geometry = ((1, 1), (1, 1), (1, 1))
+    z = cpu_conv.conv2d_forward(x, w, b, *geometry, np.empty((2, 4, 8, 7)))
+    np.testing.assert_allclose(z, K.conv2d_forward(x, w, b, *geometry, backend="reference"), rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal((2, 4, 8, 14))[..., ::2]
+    gx = cpu_conv.conv2d_vjp(g, w, *geometry, np.empty((2, 9, 8, 7)))
+    np.testing.assert_allclose(gx, K.conv2d_vjp(g, w, x.shape, *geometry, backend="reference"), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- dense
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 9), i=st.integers(1, 40), j=st.integers(1, 40), bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_dense_matches_reference(dtype, n, i, j, bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, i)).astype(dtype)
+    w = rng.standard_normal((j, i)).astype(dtype)
+    b = rng.standard_normal(j).astype(dtype) if bias else None
+    z = K.dense_forward(x, w, b, backend="cpu")
+    assert z.dtype == dtype
+    assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=i)
+    g = rng.standard_normal((n, j)).astype(dtype)
+    gx = K.dense_vjp(g, w, backend="cpu")
+    assert gx.dtype == dtype
+    assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=j)
+
+
+def test_dense_is_bitwise_deterministic(rng):
+    x = rng.standard_normal((64, 700)).astype(np.float32)
+    w = rng.standard_normal((300, 700)).astype(np.float32)
+    b = rng.standard_normal(300).astype(np.float32)
+    assert K.dense_forward(x, w, b, backend="cpu").tobytes() == K.dense_forward(x, w, b, backend="cpu").tobytes()
+    g = rng.standard_normal((64, 300)).astype(np.float32)
+    assert K.dense_vjp(g, w, backend="cpu").tobytes() == K.dense_vjp(g, w, backend="cpu").tobytes()
