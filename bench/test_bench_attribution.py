@@ -14,25 +14,13 @@ import pytest
 
 import relprop
 from relprop import _backend, metrics
-from relprop.nets import from_spec
+
+from bench.nets import cifar_vgg_spec, random_net
 
 
 def _backend_name():
     k = _backend.kernels("cpu")
     return "cpu" if all(hasattr(k, f) for f in ("dense_forward", "conv2d_forward", "conv2d_vjp")) else "reference"
-
-
-def cifar_vgg_spec():
-    """3x32x32 input; conv3x3 pad 1: 3→64, 64→64, maxpool 2, 64→128, 128→128, maxpool 2,
-    128→256, 256→256, maxpool 2; flatten; fc 4096→512, relu, fc 512→10."""
-    spec, c = [], 3
-    for k in (64, 128, 256):
-        spec += [{"type": "conv2d", "in": c, "out": k, "kernel": 3, "padding": 1}, {"type": "relu"},
-                 {"type": "conv2d", "in": k, "out": k, "kernel": 3, "padding": 1}, {"type": "relu"},
-                 {"type": "maxpool2d", "kernel": 2, "stride": 2}]
-        c = k
-    return spec + [{"type": "flatten"}, {"type": "linear", "in": 4096, "out": 512}, {"type": "relu"},
-                   {"type": "linear", "in": 512, "out": 10}]
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +30,7 @@ def smoke(request):
 
 @pytest.fixture(scope="module")
 def vgg():
-    rng = np.random.default_rng(0)
-    spec, weights = cifar_vgg_spec(), {}
-    for i, e in enumerate(spec):
-        if e["type"] in ("conv2d", "linear"):
-            shape = (e["out"], e["in"], 3, 3) if e["type"] == "conv2d" else (e["out"], e["in"])
-            fan_in = int(np.prod(shape[1:]))
-            weights[f"{i}.weight"] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-            weights[f"{i}.bias"] = (0.01 * rng.standard_normal(shape[0])).astype(np.float32)
-    return from_spec(spec, weights)
+    return random_net(cifar_vgg_spec())
 
 
 @pytest.fixture(scope="module")

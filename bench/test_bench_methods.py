@@ -9,7 +9,6 @@ ratios within one run mean anything).  Targets (issue 3): ``lrp.epsilon`` <= 2.2
 ``pytest bench --benchmark-only`` times them; ``pytest bench --benchmark-disable`` runs
 every method once on a batch of 2 (a smoke test).
 """
-import time
 
 import numpy as np
 import pytest
@@ -17,26 +16,9 @@ import pytest
 import relprop
 from relprop._backend import kernels
 
-LENET = [
-    {"type": "conv2d", "in": 1, "out": 6, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
-    {"type": "conv2d", "in": 6, "out": 16, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
-    {"type": "flatten"}, {"type": "linear", "in": 256, "out": 120}, {"type": "relu"},
-    {"type": "linear", "in": 120, "out": 84}, {"type": "relu"}, {"type": "linear", "in": 84, "out": 10},
-]
+from bench.nets import LENET5_SPEC, best, cifar_vgg_spec, random_net
 
-
-def _vgg_spec():
-    spec, c = [], 3
-    for block in ((64, 64), (128, 128), (256, 256)):
-        for k in block:
-            spec += [{"type": "conv2d", "in": c, "out": k, "kernel": 3, "padding": 1}, {"type": "relu"}]
-            c = k
-        spec.append({"type": "maxpool2d", "kernel": 2})
-    return spec + [{"type": "flatten"}, {"type": "linear", "in": 4096, "out": 512}, {"type": "relu"},
-                   {"type": "linear", "in": 512, "out": 10}]
-
-
-NETS = {"lenet5": (LENET, (1, 28, 28), 256), "cifar_vgg": (_vgg_spec(), (3, 32, 32), 64)}
+NETS = {"lenet5": (LENET5_SPEC, (1, 28, 28), 256), "cifar_vgg": (cifar_vgg_spec(), (3, 32, 32), 64)}
 
 METHODS = [
     ("gradient", {}), ("deconvnet", {}), ("guided_backprop", {}),
@@ -51,31 +33,6 @@ METHODS = [
 SMOKE_VGG = ("lrp.epsilon", "lrp.epsilon_plus_flat")
 
 
-def _random_net(spec, seed=0):
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for i, layer in enumerate(spec):
-        if layer["type"] == "conv2d":
-            shape = (layer["out"], layer["in"], layer["kernel"], layer["kernel"])
-        elif layer["type"] == "linear":
-            shape = (layer["out"], layer["in"])
-        else:
-            continue
-        fan_in = int(np.prod(shape[1:]))
-        weights[f"{i}.weight"] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
-        weights[f"{i}.bias"] = (rng.normal(size=shape[0]) * 0.01).astype(np.float32)
-    return relprop.from_spec(spec, weights)
-
-
-def _best(fn, repeat):
-    best = np.inf
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 @pytest.fixture(scope="module")
 def method_nets(request):
     k = kernels("cpu")
@@ -86,7 +43,7 @@ def method_nets(request):
     out = {}
     for name, (spec, shape, batch) in NETS.items():
         x = np.random.default_rng(1).normal(size=(2 if disabled else batch,) + shape).astype(np.float32)
-        out[name] = (_random_net(spec), x)
+        out[name] = (random_net(spec), x)
     return out
 
 
@@ -103,8 +60,8 @@ def test_method(benchmark, method_nets, net_name, method, options):
         assert r.shape == x.shape and np.isfinite(r).all()
         return
     explainer(x)  # compile and fill the caches (modified weights) outside the timing
-    forward = _best(lambda: net.forward(x), 3)
+    forward = best(lambda: net.forward(x), 3)
     benchmark.pedantic(explainer, args=(x,), rounds=5, iterations=1, warmup_rounds=1)
-    forward = min(forward, _best(lambda: net.forward(x), 3))  # before and after: the quieter one counts
+    forward = min(forward, best(lambda: net.forward(x), 3))  # before and after: the quieter one counts
     benchmark.extra_info["forward_s"] = forward
     benchmark.extra_info["x_forward"] = benchmark.stats.stats.min / forward

@@ -38,6 +38,8 @@ import pytest
 
 import relprop
 
+from bench.nets import cifar_vgg_spec
+
 torch = pytest.importorskip("torch")
 
 
@@ -64,17 +66,6 @@ BATCH = 64
 ROUNDS = 5  # alternating rounds for the ratio
 
 
-def vgg_spec():
-    spec, c = [], 3
-    for block in ((64, 64), (128, 128), (256, 256)):
-        for k in block:
-            spec += [{"type": "conv2d", "in": c, "out": k, "kernel": 3, "padding": 1}, {"type": "relu"}]
-            c = k
-        spec.append({"type": "maxpool2d", "kernel": 2})
-    return spec + [{"type": "flatten"}, {"type": "linear", "in": 4096, "out": 512}, {"type": "relu"},
-                   {"type": "linear", "in": 512, "out": 10}]
-
-
 def torch_vgg(spec):
     nn, mods = torch.nn, []
     for e in spec:
@@ -93,7 +84,7 @@ def torch_vgg(spec):
 def vgg(request):
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    spec = vgg_spec()
+    spec = cifar_vgg_spec()
     model = torch_vgg(spec)
     with torch.no_grad():
         for mod in model:

@@ -16,7 +16,7 @@ SEGMENT = 256
 @cuda.jit
 def _segment_sums_kernel(a, seg, zero, partial):
     # a (A, R, M); partial (R, S): partial[r, s] = sum of a[., r, .] over flat items [s*seg, (s+1)*seg)
-    n_rows, n_inner = a.shape[1], a.shape[2]
+    n_inner = a.shape[2]
     n_items = a.shape[0] * n_inner
     n_seg = partial.shape[1]
     for k in range(cuda.grid(1), partial.size, cuda.gridsize(1)):

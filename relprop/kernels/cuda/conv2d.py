@@ -45,7 +45,7 @@ def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, cols):
 @cuda.jit
 def _knq_to_nkq_bias_kernel(t, b, n0, out):
     # t (K, Nc, Q) -> out[n0 + n, k, q] = t[k, n, q] + b[k]; out (N, K, Q); one thread per output
-    n_out, n_chunk, n_pos = t.shape[0], t.shape[1], t.shape[2]
+    n_out, n_pos = t.shape[0], t.shape[2]
     for k in range(cuda.grid(1), t.size, cuda.gridsize(1)):
         q = k % n_pos
         kk = (k // n_pos) % n_out

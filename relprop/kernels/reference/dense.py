@@ -5,7 +5,6 @@ Layout (PyTorch's): x (N, I), w (J, I), b (J,), z (N, J).
 .. math:: z_{nj} = \sum_i w_{ji} x_{ni} + b_j, \qquad
           (\text{VJP})\; g^{\mathrm{in}}_{ni} = \sum_j w_{ji} g_{nj}
 """
-import numpy as np
 
 __all__ = ["dense_forward", "dense_vjp"]
 

@@ -1,0 +1,62 @@
+"""The benchmark nets, shared by every bench file: LeNet-5 (1x28x28) and the CIFAR-VGG net (3x32x32).
+
+CIFAR-VGG: conv3x3 pad 1 3->64, 64->64, maxpool 2, 64->128, 128->128, maxpool 2, 128->256,
+256->256, maxpool 2, flatten, fc 4096->512, fc 512->10; ReLU after every conv and the first fc.
+Random He-scaled weights (seeded), float32.
+"""
+import time
+
+import numpy as np
+
+import relprop
+
+LENET5_SPEC = [
+    {"type": "conv2d", "in": 1, "out": 6, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+    {"type": "conv2d", "in": 6, "out": 16, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+    {"type": "flatten"}, {"type": "linear", "in": 256, "out": 120}, {"type": "relu"},
+    {"type": "linear", "in": 120, "out": 84}, {"type": "relu"}, {"type": "linear", "in": 84, "out": 10},
+]
+
+
+def cifar_vgg_spec():
+    """The CIFAR-VGG layer spec (see the module doc)."""
+    spec, c = [], 3
+    for block in ((64, 64), (128, 128), (256, 256)):
+        for k in block:
+            spec += [{"type": "conv2d", "in": c, "out": k, "kernel": 3, "padding": 1}, {"type": "relu"}]
+            c = k
+        spec.append({"type": "maxpool2d", "kernel": 2})
+    return spec + [{"type": "flatten"}, {"type": "linear", "in": 4096, "out": 512}, {"type": "relu"},
+                   {"type": "linear", "in": 512, "out": 10}]
+
+
+def random_weights(spec, seed=0):
+    """He-scaled float32 weights and small biases for every dense/conv layer of ``spec``."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for i, layer in enumerate(spec):
+        if layer["type"] == "conv2d":
+            shape = (layer["out"], layer["in"], layer["kernel"], layer["kernel"])
+        elif layer["type"] == "linear":
+            shape = (layer["out"], layer["in"])
+        else:
+            continue
+        fan_in = int(np.prod(shape[1:]))
+        weights[f"{i}.weight"] = (rng.normal(size=shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        weights[f"{i}.bias"] = (rng.normal(size=shape[0]) * 0.01).astype(np.float32)
+    return weights
+
+
+def random_net(spec, seed=0):
+    """A relprop net of ``spec`` with :func:`random_weights`."""
+    return relprop.from_spec(spec, random_weights(spec, seed))
+
+
+def best(fn, repeat):
+    """The fastest of ``repeat`` timed calls of ``fn`` (seconds)."""
+    fastest = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        fastest = min(fastest, time.perf_counter() - t0)
+    return fastest
