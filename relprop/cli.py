@@ -28,9 +28,9 @@ DEMO_METHODS = ("gradient", "gradient_x_input", "deconvnet", "guided_backprop", 
 TITLES = {
     "gradient": "Gradient", "gradient_x_input": "Gradient × Input", "deconvnet": "DeconvNet",
     "guided_backprop": "Guided Backprop", "lrp.epsilon": "LRP-ε", "lrp.epsilon_plus_flat": "LRP ε + z⁺ + flat",
-    "lrp.alpha_beta": "LRP-α2β1", "dtd.box": "DTD z^B", "pattern.net": "PatternNet",
+    "lrp.alpha_beta": "LRP-α2β1", "dtd.box": "DTD zᴮ", "pattern.net": "PatternNet",
     "pattern.attribution": "PatternAttribution", "integrated_gradients": "Integrated Gradients",
-    "smoothgrad": "SmoothGrad", "lrp.epsilon_gamma_box": "LRP ε + γ + z^B", "dtd.zplus": "DTD z⁺",
+    "smoothgrad": "SmoothGrad", "lrp.epsilon_gamma_box": "LRP ε + γ + zᴮ", "dtd.zplus": "DTD z⁺",
 }
 
 
@@ -50,8 +50,11 @@ def _load_model(spec):
     raise SystemExit(f"relprop: --model {spec!r} is neither a zoo net ({', '.join(zoo.NAMES)}) nor an existing file")
 
 
-def _method_options(method, net, patterns, meta, extra=None):
-    """Options a method needs: the patterns for pattern.*, the input box for *box methods."""
+def _method_options(method, net, patterns, meta, x, extra=None):
+    """Options a method needs: the patterns for pattern.*, the input box for *box methods.
+
+    The box is the net's declared ``input_range`` (zoo meta), else the range of ``x``.
+    """
     opts = {}
     if method.startswith("pattern."):
         if patterns is None:
@@ -59,7 +62,7 @@ def _method_options(method, net, patterns, meta, extra=None):
                              "relprop.fit_patterns and pass --patterns FILE)")
         opts["patterns"] = patterns
     if method.endswith("box"):
-        low, high = meta.get("input_range", (0.0, 1.0))
+        low, high = meta.get("input_range") or (float(np.min(x)), float(np.max(x)))
         opts.update(low=float(low), high=float(high))
     opts.update(extra or {})
     return opts
@@ -113,7 +116,7 @@ def _signal_quality_data(model_name, samples):
         try:
             from .nets import data
 
-            return data.detection("test", 256, seed=3)[0]
+            return data.detection("test", 1024, seed=3)[0]
         except ImportError:
             pass
     return samples["x"]
@@ -148,7 +151,7 @@ def demo(model="detector", methods=DEMO_METHODS, out=None, backend=None, rows=4,
         raise SystemExit(f"relprop demo: unknown method(s) {unknown}; known: {', '.join(sorted(known))}")
     for method in methods:
         try:
-            explainer = relprop.Explainer(net, method, backend=backend, **_method_options(method, net, patterns, meta))
+            explainer = relprop.Explainer(net, method, backend=backend, **_method_options(method, net, patterns, meta, x))
             explainer(x[:2], target=target[:2])  # warm-up: JIT compile and cached weights
             t0 = time.perf_counter()
             R = explainer(x, target=target)
@@ -211,7 +214,7 @@ def demo(model="detector", methods=DEMO_METHODS, out=None, backend=None, rows=4,
         if mask is not None:
             footnote += "; green box: the half holding the target digit"
         viz.grid(x[picked], {TITLES.get(m, m): heatmaps[m][picked] for m in heatmaps}, path=png,
-                 row_titles=labels, percentile=99.5, image_shape=image_shape, title=fig_title, footnote=footnote,
+                 row_titles=labels, percentile=99.5, blend=0.3, image_shape=image_shape, title=fig_title, footnote=footnote,
                  outline=None if mask is None else _outline(mask[picked], image_shape))
         print(f"\nwrote {png}", file=stream)
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s", file=stream)
@@ -300,7 +303,7 @@ def explain_command(args):
     single = x.ndim == net.input_ndim - 1
     if single:
         x = x[None]
-    options = _method_options(args.method, net, patterns, meta, dict(args.option or []))
+    options = _method_options(args.method, net, patterns, meta, x, dict(args.option or []))
     R = relprop.explain(net, x, args.method, target=args.target, backend=args.backend, **options)
     R = np.asarray(R)
     np.save(args.out, R[0] if single else R)

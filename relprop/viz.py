@@ -98,7 +98,7 @@ def save_heatmap(path, r, **options):
 
 
 def grid(x, heatmaps, path=None, row_titles=None, percentile=99.5, cmap="bwr", blend=0.0, image_shape=None,
-         input_title="input", cell_size=1.6, dpi=160, title=None, footnote=None, outline=None):
+         input_title="input", cell_size=1.2, dpi=200, title=None, footnote=None, outline=None):
     """A figure: rows = inputs, columns = the input then one heatmap per method.
 
     Parameters
@@ -154,17 +154,17 @@ def grid(x, heatmaps, path=None, row_titles=None, percentile=99.5, cmap="bwr", b
                     ax.add_patch(Rectangle((cc.min() - 0.5 + 0.6, rr.min() - 0.5 + 0.6), cc.max() - cc.min() - 0.2,
                                            rr.max() - rr.min() - 0.2, fill=False, edgecolor="#2ca02c", linewidth=1.4))
                 if row_titles is not None:
-                    ax.set_ylabel(row_titles[i], fontsize=8)
+                    ax.set_ylabel(row_titles[i], fontsize=9)
             else:
                 rgb = heatmap(heatmaps[names[j - 1]][i], percentile=percentile, cmap=cmap, x=x[i], blend=blend,
                               image_shape=image_shape)
                 ax.imshow(rgb, interpolation="nearest")
             if i == 0:
-                ax.set_title(input_title if j == 0 else names[j - 1], fontsize=8, pad=3)
+                ax.set_title(input_title if j == 0 else names[j - 1], fontsize=9, pad=3)
     if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.12 / height)
+        fig.suptitle(title, fontsize=11, y=1 - 0.1 / height)
     if footnote:
-        fig.text(0.5, 0.18 / height, footnote, ha="center", va="center", fontsize=7, color="0.25")
+        fig.text(0.5, 0.18 / height, footnote, ha="center", va="center", fontsize=8, color="0.25")
     if path is not None:
         fig.savefig(str(path), dpi=dpi, facecolor="white")
     return fig

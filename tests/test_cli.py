@@ -1,18 +1,36 @@
-"""`relprop demo` and `relprop explain` end to end, and the pictures."""
+"""`relprop demo` and `relprop explain` end to end, and the heatmap pictures."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import relprop
-from relprop import cli
+from relprop import cli, viz, zoo
+
+pytest.importorskip("matplotlib")
 
 
-def test_demo_smoke(tmp_path, capfd):
-    cli.main(["demo", "--out", str(tmp_path), "--methods", "gradient,lrp.epsilon_plus_flat,pattern.attribution",
-              "--rows", "2"])
-    out = capfd.readouterr().out
-    pngs = list(tmp_path.glob("*.png"))
-    assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000
-    assert "lrp.epsilon_plus_flat" in out and "R+ target" in out and "S_a+-" in out
+def test_demo_smoke(tmp_path, capsys):
+    png, rows = cli.demo("detector", out=tmp_path)
+    out = capsys.readouterr().out
+    assert png.exists() and png.stat().st_size > 10_000 and png.suffix == ".png"
+    assert str(png) in out and "conserv. err" in out and "rho(S)" in out
+    methods = {r["method"] for r in rows}
+    assert {"gradient", "lrp.epsilon_plus_flat", "dtd.box", "pattern.attribution"} <= methods
+    for r in rows:
+        if r["method"] in ("lrp.epsilon_plus_flat", "dtd.box", "pattern.attribution"):
+            assert r["target"] >= 0.8, r
+        assert np.isfinite(r["ms_per_image"]) and np.isfinite(r.get("aopc", 0.0))
+    by = {r["method"]: r for r in rows}
+    assert by["dtd.box"]["conservation"] < 1e-3  # z^B/z+ without bias: conservative
+
+
+def test_demo_methods_flag(tmp_path, capsys):
+    assert cli.main(["demo", "--methods", "gradient,lrp.epsilon_plus_flat", "--out", str(tmp_path / "d.png"),
+                     "--no-aopc", "--no-quality", "--rows", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "lrp.epsilon_plus_flat" in out and "R+ target" in out and (tmp_path / "d.png").exists()
 
 
 def test_demo_rejects_unknown_method(tmp_path):
@@ -20,24 +38,59 @@ def test_demo_rejects_unknown_method(tmp_path):
         cli.main(["demo", "--out", str(tmp_path), "--methods", "lrp.bogus"])
 
 
-def test_explain_command_on_a_saved_net(tmp_path):
-    model = relprop.zoo.load("digits_cnn")
-    net_path = tmp_path / "net.npz"
-    model.net.save(net_path)
-    np.save(tmp_path / "x.npy", model.x[:3])
-    cli.main(["explain", "--model", str(net_path), "--input", str(tmp_path / "x.npy"), "--method", "lrp.epsilon",
-              "--out", str(tmp_path / "R.npy"), "--png", str(tmp_path / "heat.png")])
+def test_demo_other_zoo_net(tmp_path):
+    png, rows = cli.demo("digits_mlp", methods=["gradient", "lrp.epsilon"], out=tmp_path, aopc=False)
+    assert png.exists() and len(rows) == 2
+
+
+def test_explain_subcommand(tmp_path):
+    m = zoo.load("digits_cnn")
+    np.save(tmp_path / "x.npy", m.x[:3])
+    np.save(tmp_path / "one.npy", m.x[0])  # a single input without batch axis
+    rc = cli.main(["explain", "--model", "digits_cnn", "--input", str(tmp_path / "x.npy"), "--method",
+                   "lrp.epsilon", "--out", str(tmp_path / "R.npy"), "--png", str(tmp_path / "R.png"),
+                   "--option", "epsilon=0.01"])
+    assert rc == 0
     R = np.load(tmp_path / "R.npy")
-    np.testing.assert_allclose(R, relprop.explain(model.net, model.x[:3], "lrp.epsilon"), rtol=1e-5, atol=1e-6)
-    assert (tmp_path / "heat.png").exists() or list(tmp_path.glob("heat*.png"))
+    assert R.shape == m.x[:3].shape and (tmp_path / "R.png").exists()
+    np.testing.assert_allclose(R, relprop.explain(m.net, m.x[:3], "lrp.epsilon", epsilon=0.01), rtol=1e-5, atol=1e-6)
+    # a user's own net saved with net.save, and one input without the batch axis
+    m.net.save(tmp_path / "net.npz")
+    cli.main(["explain", "--model", str(tmp_path / "net.npz"), "--input", str(tmp_path / "one.npy"),
+              "--method", "dtd.box", "--out", str(tmp_path / "r1.npy"), "--png", str(tmp_path / "r1.png")])
+    r1 = np.load(tmp_path / "r1.npy")
+    assert r1.shape == m.x[0].shape and (tmp_path / "r1.png").exists()
+    np.testing.assert_allclose(r1.sum(), m.net.forward(m.x[:1]).max(), rtol=1e-3)
+
+
+def test_python_dash_m_entry_point():
+    res = subprocess.run([sys.executable, "-m", "relprop", "methods"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "lrp.epsilon" in res.stdout
 
 
 def test_heatmap_colours():
-    r = np.array([[-2.0, 0.0, 1.0, 2.0]])
-    rgb = relprop.viz.heatmap(r)
-    assert rgb.shape == (1, 4, 3)
-    red, white, blue = rgb[0, 3], rgb[0, 1], rgb[0, 0]
-    assert red[0] > 0.9 and red[2] < 0.1          # positive -> red
-    assert blue[2] > 0.9 and blue[0] < 0.1        # negative -> blue
-    assert white.min() > 0.9                      # zero -> white (centred at 0)
-    np.testing.assert_allclose(rgb[0, 2], (rgb[0, 3] + white) / 2, atol=0.05)  # symmetric, linear scale
+    r = np.array([[-2.0, 0.0, 2.0]])
+    rgb = viz.heatmap(r)
+    np.testing.assert_allclose(rgb[0, 0], [0, 0, 1])  # most negative: blue
+    np.testing.assert_allclose(rgb[0, 1], [1, 1, 1])  # zero: white
+    np.testing.assert_allclose(rgb[0, 2], [1, 0, 0])  # most positive: red
+    # symmetric scaling: +1 next to -4 is a pale red, and a percentile saturates the outlier
+    rgb = viz.heatmap(np.array([[1.0, -4.0]]))
+    assert rgb[0, 0, 0] == 1 and rgb[0, 0, 1] > 0.7
+    rgb = viz.heatmap(np.array([[1.0, 1.0, 1.0, 100.0]]), percentile=50)
+    np.testing.assert_allclose(rgb[0, 0], [1, 0, 0])
+    # channels are summed, flat vectors reshaped, the grey input blended where |R| ~ 0
+    assert viz.heatmap(np.ones((3, 4, 5))).shape == (4, 5, 3)
+    assert viz.heatmap(np.ones(64)).shape == (8, 8, 3)
+    blended = viz.heatmap(np.zeros((2, 2)), x=np.array([[0.0, 1.0], [0.0, 0.0]]), blend=1.0)
+    assert blended[0, 1, 0] < blended[0, 0, 0]
+    with pytest.raises(ValueError, match="image_shape"):
+        viz.heatmap(np.ones(10))
+
+
+def test_grid_figure(tmp_path):
+    x = np.random.default_rng(0).random((2, 1, 6, 9)).astype(np.float32)
+    fig = viz.grid(x, {"a": x - 0.5, "b": -x}, path=tmp_path / "g.png", row_titles=["r0", "r1"], title="t",
+                   footnote="f", outline=np.ones((2, 6, 9), bool))
+    assert (tmp_path / "g.png").exists()
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["input", "a", "b"]

@@ -59,6 +59,7 @@ def clip_bias(maximum=0.0):
             if layer.is_linear and layer.bias is not None:
                 layer.set_params(layer.weight, np.minimum(layer.bias, maximum))
 
+    constraint.__name__ = f"clip_bias({maximum})"
     return constraint
 
 

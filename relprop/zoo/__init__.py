@@ -120,7 +120,7 @@ def write(path, net, samples, meta):
     np.savez_compressed(path, **arrays)
 
 
-def _load_patterns(path):
+def _load_patterns(path, net):
     if not Path(path).exists():
         return None
     try:
@@ -128,7 +128,7 @@ def _load_patterns(path):
     except ImportError:
         return None
     loader = getattr(_patterns, "load_patterns", None)
-    return None if loader is None else loader(str(path))
+    return None if loader is None else loader(str(path), net)
 
 
 def load(name, patterns=True):
@@ -156,6 +156,6 @@ def load(name, patterns=True):
     net, samples, meta = read(path)
     pats = None
     if patterns:
-        pats = _load_patterns(path.with_name(path.stem + "_patterns.npz"))
+        pats = _load_patterns(path.with_name(path.stem + "_patterns.npz"), net)
     return ZooModel(name=meta.get("name", path.stem), net=net, x=samples.get("x"), y=samples.get("y"),
                     masks=samples.get("mask"), patterns=pats, meta=meta)

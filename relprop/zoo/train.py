@@ -143,21 +143,23 @@ RECIPES = {
     "dtd_onelayer": Recipe(
         "dtd_onelayer", "the DTD seed's detection-pooling net (linear -> ReLU with b_j <= 0 -> sum) on "
                         "flattened 28x56 images: f(x) ~ 1 when a 0-3 digit is present, 0 otherwise",
-        train_data=lambda quick: _presence_flat("train", 2000 if quick else 6000, 0)[:2],
+        train_data=lambda quick: _presence_flat("train", 6000, 0)[:2],
         test_data=lambda: _presence_flat("test", 1000, 1),
         samples=lambda: dict(zip(("x", "y", "mask"), _presence_flat("test", 16, 2))),
-        options=dict(epochs=20, batch_size=32, lr=1e-3, loss="squared", constraint=clip_bias(0.0)),
-        quick=dict(epochs=6),
+        # Adam with strong decoupled weight decay: pixels a unit does not need decay to zero, so
+        # the units become templates of one half (b_j <= 0 is restored after every step)
+        options=dict(epochs=60, batch_size=32, lr=1e-4, weight_decay=10.0, loss="squared", constraint=clip_bias(0.0)),
+        quick=dict(epochs=30),
         metric="presence", image_shape=(1, 28, 56), classes=["present"],
     ),
     "pattern_toy": Recipe(
         "pattern_toy", "the PatternNet seed's linear toy: one neuron learned from x = a_s y + a_d eps "
                        "with a_s = (1, 0), a_d = (1, 1); the filter is w = (1, -1), the signal a_s",
-        train_data=lambda quick: data.pattern_toy(1000, seed=0),
+        train_data=lambda quick: data.pattern_toy(10000, seed=0),
         test_data=lambda: data.pattern_toy(1000, seed=1) + (None,),
         samples=lambda: dict(zip(("x", "y"), data.pattern_toy(16, seed=2)), mask=None),
-        options=dict(epochs=30, batch_size=32, lr=0.05, loss="squared", optimizer="sgd", momentum=0.9),
-        quick=dict(epochs=10),
+        options=dict(epochs=5, batch_size=100, lr=0.05, loss="squared", optimizer="sgd", momentum=0.9),
+        quick=dict(epochs=2),
         metric="regression", image_shape=None, classes=["y"], patterns=True, bias=False,
     ),
 }
@@ -196,6 +198,7 @@ def build(name, quick=False, progress=True, backend=None, seed=0):
     meta = {
         "name": name, "description": recipe.description, "metric": recipe.metric, "test_score": round(score, 4),
         "image_shape": None if recipe.image_shape is None else list(recipe.image_shape),
+        "input_range": None if recipe.image_shape is None else [0.0, 1.0],
         "classes": recipe.classes, "train_seconds": round(seconds, 1), "final_loss": history[-1],
         "recipe": {k: (v if isinstance(v, (int, float, str)) else getattr(v, "__name__", repr(v)))
                    for k, v in options.items()},
