@@ -14,8 +14,9 @@ _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from . import kernels, nets  # noqa: E402
 from . import metrics
+from .engine import Unit
 from .explain import Explainer, explain, known_methods, register_method
-from .nets import Sequential, from_spec, load
+from .nets import Graph, Sequential, from_spec, load
 from .patterns import Patterns, PatternStats, fit_patterns, load_patterns
 from . import rules
 from .rules import (AlphaBeta, Composite, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, WSquare, ZBox,
@@ -23,8 +24,8 @@ from .rules import (AlphaBeta, Composite, DeconvNet, Epsilon, Flat, Gamma, Gradi
 
 __version__ = "0.1.0"
 
-__all__ = ["explain", "Explainer", "known_methods", "register_method", "kernels", "nets", "Sequential",
-           "from_spec", "load"]
+__all__ = ["explain", "Explainer", "Unit", "known_methods", "register_method", "kernels", "nets", "Graph",
+           "Sequential", "from_spec", "load"]
 __all__ += ["rules", "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat", "Gradient",
             "DeconvNet", "GuidedBackprop", "Composite", "epsilon_plus_flat", "epsilon_gamma_box",
             "epsilon_alpha2_beta1", "dtd_box", "dtd_wsquare"]

@@ -20,7 +20,7 @@ import numpy as np
 BACKENDS = ("reference", "cpu", "cuda")
 
 #: kernel families: one module of that name in every backend subpackage
-FAMILIES = ("dense", "conv2d", "pool2d", "elementwise", "lrp", "patterns", "train")
+FAMILIES = ("dense", "conv2d", "pool2d", "elementwise", "patterns", "train")
 
 
 def _cupy():

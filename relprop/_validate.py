@@ -93,12 +93,19 @@ def pair(name, value, where="", minimum=0):
     return out
 
 
-def conv_output_size(size, kernel, stride, padding, dilation=1):
-    """Output length of a convolution/pool along one axis (floor mode, as PyTorch)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+def conv_output_size(size, kernel, stride, padding, dilation=1, ceil_mode=False):
+    """Output length of a convolution/pool along one axis (floor mode, or PyTorch's ceil mode,
+    in which the last window must start inside the input or its left padding)."""
+    span = size + 2 * padding - dilation * (kernel - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    if (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
 
 
-def check_window_geometry(where, in_hw, kernel, stride, padding, dilation=(1, 1), pool=False):
+def check_window_geometry(where, in_hw, kernel, stride, padding, dilation=(1, 1), pool=False, ceil_mode=False):
     """Validate a sliding-window geometry and return the output size (Ho, Wo)."""
     out = []
     for axis, (n, k, s, p, d) in enumerate(zip(in_hw, kernel, stride, padding, dilation)):
@@ -113,7 +120,7 @@ def check_window_geometry(where, in_hw, kernel, stride, padding, dilation=(1, 1)
                 f"{where}: kernel extent {span} (kernel {k}, dilation {d}) is larger than the padded "
                 f"input {n} + 2*{p} = {n + 2 * p} along axis {axis}"
             )
-        out.append(conv_output_size(n, k, s, p, d))
+        out.append(conv_output_size(n, k, s, p, d, ceil_mode))
     return tuple(out)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _config
 from ._backend import array_namespace
-from .explain import Explainer, output_signal, register_method, resolve_target
+from .explain import Explainer, gradient_sweep, output_signal, register_method, resolve_target
 
 __all__ = ["smoothgrad", "smoothgrad_squared", "integrated_gradients", "expected_gradients", "gradcam",
            "guided_gradcam", "occlusion", "erasure"]
@@ -87,7 +87,7 @@ def _forward(net, x, backend, batch_size):
 
 
 def _forward_from(net, a, start, backend):
-    """Run layers ``start, start + 1, ...`` on ``a`` (the input of layer ``start``)."""
+    """Run layers ``start, start + 1, ...`` of a chain on ``a`` (the input of layer ``start``)."""
     for layer in net.layers[start:]:
         a, _ = layer.forward(a, backend)
     return a
@@ -100,9 +100,9 @@ def _check_target(net, x, target):
 
 
 def _gradient(net, xb, tb, backend, relu="gradient"):
-    """∂f_t/∂x of a batch (one traced forward and one backward sweep)."""
+    """∂f_t/∂x of a batch (one traced forward and one backward sweep of the engine)."""
     trace = net.trace(xb, backend, check=False)
-    return net.backward(trace, output_signal(trace.output, tb, "onehot"), relu=relu)
+    return gradient_sweep(net, relu).backward(trace, output_signal(trace.output, tb, "onehot"))
 
 
 def _pick(logits, t):
@@ -435,7 +435,7 @@ class _GradCAM:
             trace = self.net.trace(xb, backend, check=False)
             g = output_signal(trace.output, resolve_target(trace.output, t), "onehot")
             a = trace.layer_output(layer)
-            alpha = self.net.backward(trace, g, stop=layer + 1).mean(axis=(2, 3))  # α_k = mean ∂y_c/∂A^k
+            alpha = gradient_sweep(self.net).backward(trace, g, stop=layer).mean(axis=(2, 3))  # α_k = mean ∂y_c/∂A^k
             cam = (alpha[:, :, None, None] * a).sum(axis=1)
             if self.relu:
                 cam = xp.maximum(cam, 0)
@@ -443,7 +443,7 @@ class _GradCAM:
                 cam = _zoom(cam, x.shape[2:], 1 if self.upsample == "bilinear" else 0)
             cam = cam[:, None]  # (n, 1, ·, ·): broadcasts over channels
             if self.guided:
-                cam = self.net.backward(trace, g, relu="guided") * cam
+                cam = gradient_sweep(self.net, "guided").backward(trace, g) * cam
             out.append(cam.astype(x.dtype, copy=False))
         return out[0] if len(out) == 1 else xp.concatenate(out)
 
@@ -590,6 +590,9 @@ class _Erasure:
                                  "pass layer=")
             layer = linear[-1] - 1
         self.layer = _resolve_layer(net, self.where, layer)
+        if not net.is_chain:
+            raise ValueError(f"{self.where}: the net is a graph with branches; erasure reruns the layers after "
+                             "the erased one and supports chains (Sequential) only")
         if group not in ("unit", "channel"):
             raise ValueError(f"{self.where}: group={group!r} is invalid; expected 'unit' or 'channel'")
         self.group = group

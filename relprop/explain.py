@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import inspect
 
-import numpy as np
-
 from ._backend import array_namespace, resolve_backend
+from .engine import Sweep, Unit, output_signal, resolve_target  # noqa: F401  (re-exported: methods use them)
 
 #: name -> factory(net, **options)
 METHODS: dict = {}
@@ -90,7 +89,8 @@ class Explainer:
 
     Parameters
     ----------
-    net : relprop.nets.Sequential
+    net : relprop.nets.Graph
+        Any relprop net (a :class:`~relprop.nets.Sequential` chain or a layer graph).
     method : str, composite or dict
         A registered method name (see :func:`known_methods`), a composite, or a
         ``{layer_index: rule}`` mapping covering every dense/conv layer.
@@ -106,10 +106,10 @@ class Explainer:
     """
 
     def __init__(self, net, method, backend=None, **options):
-        from .nets import Sequential
+        from .nets import Graph
 
-        if not isinstance(net, Sequential):
-            raise TypeError(f"net must be a relprop.nets.Sequential, got {type(net).__name__}")
+        if not isinstance(net, Graph):
+            raise TypeError(f"net must be a relprop net (relprop.nets.Graph / Sequential), got {type(net).__name__}")
         self.net = net
         self.backend = backend
         self.name, factory = resolve_method(method)
@@ -120,10 +120,20 @@ class Explainer:
             self._method = factory(net, **options)
 
     def __call__(self, x, target=None, return_layers=False):
-        """Explain ``x`` for ``target`` (None: the argmax class per sample; an int; or an int per sample)."""
+        """Explain ``x`` for ``target``: None (the argmax class per sample), an int, an int per
+        sample, or a :class:`relprop.Unit` of any layer."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"explain({self.name!r}): x must be a NumPy or CuPy float array (N, ...), "
+                            f"got {type(x).__name__}")
         backend = resolve_backend(self.backend, array_namespace(x))
         self.net.check_input(x, where=f"explain({self.name!r})")
-        return self._method(x, target, backend, return_layers)
+        out = self._method(x, target, backend, return_layers)
+        R = out[0] if isinstance(out, tuple) else out
+        xp = array_namespace(R)
+        if not bool(xp.isfinite(R).all()):
+            raise ValueError(f"explain({self.name!r}): the explanation is not finite (the input's scale or the "
+                             "method's options overflow its arithmetic); rescale the input or use float64")
+        return out
 
     def __repr__(self):
         return f"Explainer({self.name!r})"
@@ -138,77 +148,25 @@ def explain(net, x, method, target=None, backend=None, return_layers=False, **op
     return Explainer(net, method, backend=backend, **options)(x, target, return_layers=return_layers)
 
 
-# -- shared helpers of every method -----------------------------------------------------------
-def resolve_target(logits, target):
-    """Per-sample integer targets: argmax by default, an int for all, or an int array (N,)."""
-    xp = array_namespace(logits)
-    n, n_classes = logits.shape
-    if target is None:
-        return xp.argmax(logits, axis=1)
-    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        t = int(target)
-        if not 0 <= t < n_classes:
-            raise ValueError(f"target {t} is out of range for {n_classes} outputs")
-        return xp.full((n,), t, dtype=np.int64)
-    t = xp.asarray(target)
-    if t.ndim != 1 or t.shape[0] != n:
-        raise ValueError(f"target has shape {tuple(t.shape)}, expected an int or an int array of shape ({n},)")
-    if not np.issubdtype(t.dtype, np.integer):
-        raise TypeError(f"target has dtype {t.dtype}, expected integers")
-    if t.size and (int(t.min()) < 0 or int(t.max()) >= n_classes):
-        raise ValueError(f"target values must lie in [0, {n_classes}), got min {int(t.min())}, max {int(t.max())}")
-    return t.astype(np.int64)
-
-
-def output_signal(logits, target, mode="onehot"):
-    """The signal that starts a backward sweep.
-
-    ``"onehot"``: 1 at the target class (gradient-like methods); ``"logit"``: the target
-    logit f_c(x) at the target class, 0 elsewhere (relevance methods, R_c = f_c(x)).
-    """
-    xp = array_namespace(logits)
-    rows = xp.arange(logits.shape[0])
-    g = xp.zeros_like(logits)
-    if mode == "onehot":
-        g[rows, target] = 1
-    elif mode == "logit":
-        g[rows, target] = logits[rows, target]
-    else:
-        raise ValueError(f"output={mode!r} is invalid; expected 'logit' or 'onehot'")
-    return g
-
-
 # -- the gradient family ----------------------------------------------------------------------
-class _GradientMethod:
-    """Gradient (saliency, Simonyan et al. 2013): ∂f_c/∂x by the gradient sweep."""
+def gradient_sweep(net, relu="gradient", times_input=False, name="gradient"):
+    """The gradient-type sweep of ``net``: every layer's VJP, the ReLU backward chosen by ``relu``
+    ("gradient": g·1[z > 0], "deconvnet": max(g, 0), "guided": max(g, 0)·1[z > 0])."""
+    from .rules.signal import DeconvNet, Gradient, GuidedBackprop
 
-    times_input = False
-
-    def __init__(self, net):
-        self.net = net
-
-    def __call__(self, x, target, backend, return_layers=False):
-        if return_layers:
-            raise ValueError("return_layers=True is supported by the relevance methods only")
-        trace = self.net.trace(x, backend, check=False)
-        g = output_signal(trace.output, resolve_target(trace.output, target), "onehot")
-        grad = self.net.backward(trace, g)
-        return x * grad if self.times_input else grad
-
-
-class _GradientTimesInput(_GradientMethod):
-    """Gradient × Input: x ⊙ ∂f_c/∂x."""
-
-    times_input = True
+    rules = {"gradient": Gradient, "deconvnet": DeconvNet, "guided": GuidedBackprop}
+    if relu not in rules:
+        raise ValueError(f"relu={relu!r} is invalid; expected 'gradient', 'deconvnet' or 'guided'")
+    return Sweep(net, [rules[relu]()] * len(net.layers), start="onehot", times_input=times_input, name=name)
 
 
 @register_method("gradient")
 def gradient(net):
     """∂f_c/∂x: ReLU passes g·1[z > 0], max-pool routes g to the switch, linear layers pass Wᵀg."""
-    return _GradientMethod(net)
+    return gradient_sweep(net)
 
 
 @register_method("gradient_x_input")
 def gradient_x_input(net):
     """x ⊙ ∂f_c/∂x."""
-    return _GradientTimesInput(net)
+    return gradient_sweep(net, times_input=True, name="gradient_x_input")

@@ -58,8 +58,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._backend import array_namespace, to_numpy
-from .explain import output_signal, register_method, resolve_target
+from .engine import Sweep, Unit
+from .explain import gradient_sweep, register_method, resolve_target
 from .kernels import _ops
+from .nets import canonical
 
 __all__ = [
     "PatternStats", "LayerStats", "Patterns", "LayerPatterns", "PatternWarning",
@@ -228,7 +230,7 @@ class PatternStats:
                 st = self.layers[i] = LayerStats.zeros(i, layer.kind, layer.weight.shape, xp)
             if dtype == "float32":
                 st.dtype = "float32"          # the least precise data seen sets the zero tolerance
-            x, z = trace.inputs[i], trace.layer_output(i)
+            x, z = trace.layer_input(i), trace.layer_output(i)
             _, b = layer.params(x)
             if layer.kind == "linear":
                 _ops.pattern_stats_dense(x, z, b, st.accumulators, trace.backend)
@@ -568,7 +570,7 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
         raise ValueError(f"fit_patterns: mean_y={mean_y!r} is invalid; expected 'regime' or 'all'")
     from tqdm.auto import tqdm
 
-    stats = PatternStats(net)
+    stats = PatternStats(canonical(net))  # batch norms folded, as the pattern methods see the net
     batches, total = _batches(data, int(batch_size))
     with tqdm(total=total, unit="input", desc="fit_patterns", disable=not progress, delay=2.0, leave=False) as bar:
         for batch in batches:
@@ -583,11 +585,13 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
 # methods
 # ----------------------------------------------------------------------------------------------
 def _relu_follows(net, i):
-    """True when layer i's output goes through a ReLU (max-pool and flatten commute with it)."""
-    for layer in net.layers[i + 1:]:
-        if layer.kind == "relu":
+    """True when layer i's output goes through a ReLU (max-pool, flatten and identities commute with it)."""
+    while len(net.readers(i)) == 1:
+        i = net.readers(i)[0]
+        kind = net.layers[i].kind
+        if kind == "relu":
             return True
-        if layer.kind not in ("maxpool2d", "flatten"):
+        if kind not in ("maxpool2d", "flatten", "identity", "dropout"):
             return False
     return False
 
@@ -596,30 +600,13 @@ def _host64(a):
     return np.asarray(to_numpy(a), dtype=np.float64)
 
 
-class _Sweep:
-    """The backward sweep from the target logit with layer i's Wᵀ replaced by ``mats[i]``ᵀ."""
+def _pattern_sweep(net, mats, name, times_weight=False):
+    """The signal sweep from the target logit with each dense/conv layer's Wᵀ replaced by ``mats[i]``ᵀ
+    (or (W ⊙ mats[i])ᵀ): ReLUs gate by the forward mask, max-pool routes through the switches."""
+    from .rules.signal import Gradient, Pattern
 
-    def __init__(self, net, mats, name):
-        self.net = net
-        self.name = name
-        self._host = {i: _host64(m) for i, m in mats.items()}
-        self._cache = {}
-
-    def _mats(self, like):
-        xp = array_namespace(like)
-        key = (xp.__name__, np.dtype(like.dtype).str)
-        hit = self._cache.get(key)
-        if hit is None:
-            hit = self._cache[key] = {i: xp.ascontiguousarray(xp.asarray(m, dtype=like.dtype))
-                                      for i, m in self._host.items()}
-        return hit
-
-    def __call__(self, x, target, backend, return_layers=False):
-        if return_layers:
-            raise ValueError(f"{self.name}: return_layers=True is supported by the relevance methods only")
-        trace = self.net.trace(x, backend, check=False)
-        g = output_signal(trace.output, resolve_target(trace.output, target), "logit")
-        return self.net.backward(trace, g, weights=self._mats(x))
+    rules = [Pattern(_host64(mats[i]), times_weight) if i in mats else Gradient() for i in range(len(net.layers))]
+    return Sweep(net, rules, start="logit", name=name)
 
 
 def _pattern_mats(net, patterns, estimator, name):
@@ -643,59 +630,63 @@ def pattern_net(net, patterns=None, estimator="two_component"):
     ``estimator="two_component"``: a₊ for layers whose output goes through a ReLU, the linear a
     elsewhere (MATH.md); ``"linear"``: a everywhere.
     """
-    return _Sweep(net, _pattern_mats(net, patterns, estimator, "pattern.net"), "pattern.net")
+    net = canonical(net)
+    return _pattern_sweep(net, _pattern_mats(net, patterns, estimator, "pattern.net"), "pattern.net")
 
 
 @register_method("pattern.attribution")
 def pattern_attribution(net, patterns=None, estimator="two_component"):
     """PatternAttribution: the sweep with W ⊙ A in place of W (DTD with root point x − a₊wᵀx), from the target logit."""
-    mats = _pattern_mats(net, patterns, estimator, "pattern.attribution")
-    return _Sweep(net, {i: _host64(net.layers[i].weight) * a for i, a in ((i, _host64(m)) for i, m in mats.items())},
-                  "pattern.attribution")
+    net = canonical(net)
+    return _pattern_sweep(net, _pattern_mats(net, patterns, estimator, "pattern.attribution"), "pattern.attribution",
+                          times_weight=True)
 
 
 @register_method("signal.filter")
 def signal_filter(net):
     """The filter-based estimator S_w as a signal method: the pattern sweep with A = W / ‖w_j‖² per unit."""
-    return _Sweep(net, {i: filter_pattern(_host64(net.layers[i].weight)) for i in net.linear_layers()}, "signal.filter")
+    net = canonical(net)
+    return _pattern_sweep(net, {i: filter_pattern(_host64(net.layers[i].weight)) for i in net.linear_layers()},
+                          "signal.filter")
 
 
 @register_method("attribution.filter")
 def attribution_filter(net):
     """w ⊙ S_w(x): the sweep with W ⊙ W / ‖w_j‖² (DTD's w² rule through the forward ReLU masks)."""
+    net = canonical(net)
     mats = {}
     for i in net.linear_layers():
         w = _host64(net.layers[i].weight)
         mats[i] = w * filter_pattern(w)
-    return _Sweep(net, mats, "attribution.filter")
+    return _pattern_sweep(net, mats, "attribution.filter")
 
 
-class _Identity:
-    def __init__(self, net, times_gradient):
+class _SignalIdentity:
+    """S_x(x) = x: the input itself, whatever the target (which is still validated)."""
+
+    def __init__(self, net):
         self.net = net
-        self.times_gradient = times_gradient
 
     def __call__(self, x, target, backend, return_layers=False):
         if return_layers:
-            raise ValueError("return_layers=True is supported by the relevance methods only")
-        xp = array_namespace(x)
-        if not self.times_gradient:
-            return xp.array(x, copy=True)
-        trace = self.net.trace(x, backend, check=False)
-        g = output_signal(trace.output, resolve_target(trace.output, target), "onehot")
-        return x * self.net.backward(trace, g)
+            raise ValueError("signal.identity: return_layers=True is supported by the relevance methods only")
+        if isinstance(target, Unit):
+            target.resolve(self.net, x.shape)
+        elif target is not None:
+            resolve_target(array_namespace(x).zeros(self.net.shapes(x.shape)[-1], dtype=x.dtype), target)
+        return array_namespace(x).array(x, copy=True)
 
 
 @register_method("signal.identity")
 def signal_identity(net):
     """The identity estimator S_x(x) = x as a signal method: the input itself (a baseline for comparisons)."""
-    return _Identity(net, times_gradient=False)
+    return _SignalIdentity(net)
 
 
 @register_method("attribution.identity")
 def attribution_identity(net):
     """w ⊙ S_x(x) generalised: x ⊙ ∇f_c(x) (gradient × input; LRP-0 on bias-free ReLU nets)."""
-    return _Identity(net, times_gradient=True)
+    return gradient_sweep(net, times_input=True, name="attribution.identity")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ def _signature(fn):
 def test_cpu_mirrors_reference(family):
     ref = _module("reference", family)
     cpu = _module("cpu", family)
-    if ref is None and cpu is None:
-        pytest.skip(f"no {family} kernels")
     assert ref is not None, f"cpu/{family}.py has no reference twin"
     assert cpu is not None, f"reference/{family}.py has no cpu twin"
     assert sorted(ref.__all__) == sorted(cpu.__all__)

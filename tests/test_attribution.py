@@ -8,7 +8,7 @@ from scipy import ndimage
 import relprop
 from relprop import _backend, _config
 from relprop.attribution import placements
-from relprop.explain import output_signal
+from relprop.explain import gradient_sweep, output_signal
 from relprop.nets import from_spec
 
 from helpers import assert_close
@@ -238,7 +238,7 @@ def test_gradcam_default_layer_and_guided(cnn, x_img, backend):
     assert_close(cam, relprop.explain(cnn, x_img, "gradcam", layer=4, backend=backend))  # ReLU after last conv
     trace = cnn.trace(x_img, backend)
     g = output_signal(trace.output, trace.output.argmax(1), "onehot")
-    guided = cnn.backward(trace, g, relu="guided")
+    guided = gradient_sweep(cnn, "guided").backward(trace, g)
     gg = relprop.explain(cnn, x_img, "guided_gradcam", backend=backend, batch_size=2)
     assert_close(gg, guided * cam, reduction_len=100)
 

@@ -46,8 +46,8 @@ def test_save_load_roundtrip(tmp_path, rng):
 
 def test_from_spec_errors(rng):
     w = random_weights(ISSUE_SPEC, rng)
-    with pytest.raises(ValueError, match="unknown layer type 'dropout'"):
-        relprop.from_spec([{"type": "dropout"}], {})
+    with pytest.raises(ValueError, match="unknown layer type 'softmax'"):
+        relprop.from_spec([{"type": "softmax"}], {})
     with pytest.raises(ValueError, match=r"layer 0 \(conv2d\): weights has no '0.weight'"):
         relprop.from_spec(ISSUE_SPEC, {})
     bad = dict(w)

@@ -3,9 +3,9 @@
 Every layer of a small net is rewritten here as a dense matrix acting on one flattened
 sample (a conv by explicit loops over its taps, max-pool as a per-sample 0/1 selection of
 the first maximum of each window, average pooling as weights 1/(kh·kw) on the real
-inputs); each rule is then re-implemented from its MATH.md equation in the
-contribution form z_ij = a_i w_ij (Zennit's test oracles).  Nothing of relprop's sweep
-is reused: only the nets' weights.
+inputs); each rule is then the literal equation of relprop/kernels/reference/lrp.py in the
+contribution form z_ij = a_i w_ij (Zennit's test oracles) on that dense form.  Nothing of
+relprop's sweep is reused: only the nets' weights.
 """
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ import pytest
 import relprop
 from relprop import rules
 from relprop._backend import kernels as backend_kernels
+from relprop.kernels.reference import lrp as ref_lrp
 from helpers import assert_close
 from nets_factory import make_net, small_conv_spec, small_dense_spec
 
@@ -115,53 +116,29 @@ def dense_forward(steps, x):
     return recs
 
 
-def stab(z, eps):
-    """z + ε·sign₀(z), sign₀(0) = +1."""
-    return z + eps * np.where(z >= 0, 1.0, -1.0)
-
-
-def ratio(r, den):
-    """r / den, 0 where den = 0."""
-    return np.where(den == 0, 0.0, r / np.where(den == 0, 1.0, den))
-
-
-# -- each rule literally, on contributions z_ij = a_i w_ij (rows j, columns i) --------------------------------
+# -- each rule literally: the reference equations of relprop/kernels/reference/lrp.py, one sample at a time --------
 def o_epsilon(w, b, a, r, eps):
-    zij = w * a
-    return (zij * ratio(r, stab(zij.sum(1) + b, eps))[:, None]).sum(0)
+    return ref_lrp.epsilon_dense(a[None], w, b, r[None], eps)[0]
 
 
 def o_gamma(w, b, a, r, gamma, eps):
-    zij = w * a
-    z = zij.sum(1) + b
-    up, b_up = zij + gamma * np.maximum(zij, 0), b + gamma * np.maximum(b, 0)  # where z_j > 0
-    dn, b_dn = zij + gamma * np.minimum(zij, 0), b + gamma * np.minimum(b, 0)  # where z_j < 0
-    s_up = np.where(z > 0, ratio(r, stab(up.sum(1) + b_up, eps)), 0)
-    s_dn = np.where(z < 0, ratio(r, stab(dn.sum(1) + b_dn, eps)), 0)
-    return (up * s_up[:, None] + dn * s_dn[:, None]).sum(0)
+    return ref_lrp.gamma_dense(a[None], w, b, r[None], gamma, eps)[0]
 
 
 def o_alpha_beta(w, b, a, r, alpha, beta, eps, ignore_bias=False):
-    zij = w * a
-    zp, zn = np.maximum(zij, 0), np.minimum(zij, 0)
-    bp, bn = (0.0, 0.0) if ignore_bias else (np.maximum(b, 0), np.minimum(b, 0))
-    sp = ratio(r, stab(zp.sum(1) + bp, eps))
-    sn = ratio(r, stab(zn.sum(1) + bn, eps))
-    return (alpha * zp * sp[:, None] - beta * zn * sn[:, None]).sum(0)
+    return ref_lrp.alpha_beta_dense(a[None], w, b, r[None], alpha, beta, eps, ignore_bias)[0]
 
 
 def o_zbox(w, a, r, low, high, eps):
-    num = w * a - np.maximum(w, 0) * low - np.minimum(w, 0) * high
-    return (num * ratio(r, stab(num.sum(1), eps))[:, None]).sum(0)
+    return ref_lrp.zbox_dense(a[None], w, r[None], low, high, eps)[0]
 
 
-def o_wsquare(w, r, eps):
-    q = w * w
-    return (q * ratio(r, stab(q.sum(1), eps))[:, None]).sum(0)
+def o_wsquare(w, conn, r, eps):
+    return ref_lrp.wsquare_dense(w, r[None], eps, connected=conn.T[None])[0]
 
 
 def o_flat(conn, r, eps):
-    return (conn * ratio(r, stab(conn.sum(1), eps))[:, None]).sum(0)
+    return ref_lrp.flat_dense(conn, r[None], eps, connected=conn.T[None])[0]
 
 
 def o_rule(rule, w, conn, b, a, r, shape):
@@ -179,7 +156,7 @@ def o_rule(rule, w, conn, b, a, r, shape):
         high = np.broadcast_to(rule.high, (1,) + tuple(shape)).reshape(-1)
         return o_zbox(w, a, r, low, high, rule.stabilizer)
     if isinstance(rule, rules.WSquare):
-        return o_wsquare(w, r, rule.stabilizer)
+        return o_wsquare(w, conn, r, rule.stabilizer)
     if isinstance(rule, rules.Flat):
         return o_flat(conn, r, rule.stabilizer)
     if isinstance(rule, rules.Gradient):  # dense/conv layer in a signal sweep: Wᵀ g
@@ -204,7 +181,7 @@ def oracle(net, x, assignment, start="logit", stabilizer=1e-6, relu="pass", targ
         r = np.zeros_like(logits)
         r[c] = logits[c] if start == "logit" else 1.0
         for i in range(len(steps) - 1, -1, -1):
-            st, (a, z, extra) = steps[i], recs[i]
+            st, (a, _, extra) = steps[i], recs[i]
             if st[0] == "affine":
                 r = o_rule(assignment[i], st[1], st[2], st[3], a, r, shapes[i])
             elif st[0] == "avg":

@@ -82,31 +82,49 @@ def _loss_and_signal(logits, y, loss):
     return 0.5 * float(np.mean(np.sum(diff * diff, axis=1))), diff / n
 
 
-def gradients(net, x, y, loss="cross_entropy", backend=None):
-    """(loss, {layer index: (dW, db)}) for one batch: the forward trace, then the backward sweep.
+class _WeightGradient:
+    """The gradient rule that also records ∂loss/∂W, ∂loss/∂b of each dense/conv layer it passes.
 
-    db is None for a layer without bias.  The sweep stops at the first dense/conv layer
-    (the input gradient is not needed).
+    The engine hands it g = ∂loss/∂(layer output); the weight VJP kernels turn (a, g) into the
+    parameter gradients, and the input gradient goes on down.
     """
+
+    def __init__(self, grads, first):
+        from ..rules.signal import Gradient
+
+        self.grads, self.first, self.kinds, self._grad = grads, first, Gradient.kinds, Gradient()
+
+    def check_layer(self, layer):
+        self._grad.check_layer(layer)
+
+    def backward(self, layer, rec, g, state):
+        if layer.is_linear:
+            a, g = rec.a, np.ascontiguousarray(g)
+            if layer.kind == "linear":
+                dw, db = _ops.dense_weight_vjp(a, g, rec.backend)
+            else:
+                dw, db = _ops.conv2d_weight_vjp(a, g, layer.weight.shape, layer.stride, layer.padding,
+                                                layer.dilation, rec.backend)
+            self.grads[layer.index] = (dw, None if layer.bias is None else db)
+            if layer.index == self.first:  # nothing below needs a gradient: skip the input VJP
+                return None
+        return self._grad.backward(layer, rec, g, state)
+
+
+def gradients(net, x, y, loss="cross_entropy", backend=None):
+    """(loss, {layer index: (dW, db)}) for one batch: the forward trace, then the engine's backward
+    sweep with the gradient rule at every layer (batch norms are held fixed at their running statistics).
+
+    db is None for a layer without bias.
+    """
+    from ..engine import Sweep
+
     trace = net.trace(x, backend, check=False)
     value, g = _loss_and_signal(trace.output, y, loss)
-    linear = net.linear_layers()
-    first = linear[0] if linear else 0
     grads = {}
-    backend = trace.backend
-    for i in range(len(net.layers) - 1, first - 1, -1):
-        layer = net.layers[i]
-        a = trace.inputs[i]
-        g = np.ascontiguousarray(g)
-        if layer.kind == "linear":
-            dw, db = _ops.dense_weight_vjp(a, g, backend)
-        elif layer.kind == "conv2d":
-            dw, db = _ops.conv2d_weight_vjp(a, g, layer.weight.shape, layer.stride, layer.padding,
-                                            layer.dilation, backend)
-        if layer.is_linear:
-            grads[i] = (dw, None if layer.bias is None else db)
-        if i > first:
-            g = layer.vjp(g, a, trace.layer_output(i), trace.switches.get(i), backend)
+    first = net.linear_layers()[0] if net.is_chain and net.linear_layers() else -1
+    rule = _WeightGradient(grads, first)
+    Sweep(net, [rule] * len(net.layers), start="onehot", name="train").backward(trace, g)
     return value, grads
 
 

@@ -19,25 +19,29 @@ and ``per_layer[-1]`` the start signal.
 from __future__ import annotations
 
 from .. import _config
+from ..engine import Sweep
 from ..explain import METHOD_RESOLVERS, register_method
-from .composites import (PRESETS, Composite, dtd_box, dtd_wsquare, epsilon_alpha2_beta1, epsilon_gamma_box,
-                         epsilon_plus_flat, resolve_rules)
-from .core import Group, LinearRule, Pass, RelevanceSweep, Rule, Term
+from ..nets import canonical
+from .composites import (Composite, dtd_box, dtd_wsquare, epsilon_alpha2_beta1, epsilon_gamma_box, epsilon_plus_flat,
+                         resolve_rules)
+from .core import Group, LinearRule, Norm, Pass, Rule, Term
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus, Zero
-from .signal import DeconvNet, Gradient, GuidedBackprop
+from .signal import DeconvNet, Gradient, GuidedBackprop, Pattern
 
-__all__ = ["Rule", "LinearRule", "Term", "Group", "Pass", "RelevanceSweep",
+__all__ = ["Rule", "LinearRule", "Term", "Group", "Pass", "Norm",
            "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat",
-           "Gradient", "DeconvNet", "GuidedBackprop",
+           "Gradient", "DeconvNet", "GuidedBackprop", "Pattern",
            "Composite", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1", "dtd_box", "dtd_wsquare",
-           "resolve_rules", "PRESETS"]
+           "resolve_rules"]
 
 _STAB = _config.DEFAULT_STABILIZER
 _EPS = _config.DEFAULT_EPSILON
 
 
-def _sweep(net, assignment, output, stabilizer):
-    return RelevanceSweep(net, resolve_rules(net, assignment, stabilizer), start=output)
+def _sweep(net, assignment, output, stabilizer, name="relevance"):
+    """A relevance sweep on the canonical net (batch norms folded into the dense/conv layer before them)."""
+    net = canonical(net)
+    return Sweep(net, resolve_rules(net, assignment, stabilizer), start=output, name=name)
 
 
 def _everywhere(net, rule):
@@ -54,13 +58,13 @@ def _box(name, low, high):
 @register_method("deconvnet")
 def deconvnet(net):
     """DeconvNet (Zeiler & Fergus 2014): unpool through switches, ReLU passes max(g, 0), Wᵀg."""
-    return RelevanceSweep(net, [DeconvNet()] * len(net.layers), start="onehot")
+    return Sweep(net, [DeconvNet()] * len(net.layers), start="onehot", name="deconvnet")
 
 
 @register_method("guided_backprop")
 def guided_backprop(net):
     """Guided Backprop (Springenberg et al. 2014): ReLU passes max(g, 0)·1[z > 0]."""
-    return RelevanceSweep(net, [GuidedBackprop()] * len(net.layers), start="onehot")
+    return Sweep(net, [GuidedBackprop()] * len(net.layers), start="onehot", name="guided_backprop")
 
 
 # -- one rule everywhere ----------------------------------------------------------------------------------

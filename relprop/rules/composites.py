@@ -8,10 +8,17 @@ the layer rules of MATH.md in every composite: a ReLU passes relevance, max-pool
 it to the switch, flatten reshapes, average and sum pooling use the ε rule with
 ε = the stabiliser (proportional).
 
+A batch norm right after a dense/conv layer is folded into it before the rules are
+assigned (:func:`relprop.nets.canonical`); a batch norm with no dense/conv layer right
+before it is a per-channel linear layer and gets the composite's rule for dense
+(``"linear"``) layers.  A residual add and the average poolings split relevance in
+proportion to their inputs (:class:`~relprop.rules.core.Norm`), a concat slices it back.
+
 A plain ``{layer_index: rule}`` dict (the index being the position in ``net.layers``)
-assigns rules by hand; it must cover every dense/conv layer.  It may also put a signal
-rule (:class:`~relprop.rules.signal.Gradient`, ...) on any layer, or an ε rule on a
-pooling layer.
+assigns rules by hand; it must cover every dense/conv layer (a standalone batch norm it
+does not name gets :class:`~relprop.rules.core.Norm`'s proportional ε rule).  It may also
+put a signal rule (:class:`~relprop.rules.signal.Gradient`, ...) on any layer, or an ε rule
+on a pooling layer or an add.
 
 Presets (functions returning a :class:`Composite`):
 
@@ -28,12 +35,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import _config
-from .core import LINEAR_KINDS, Pass, Rule, check_real
+from .core import LINEAR_KINDS, Norm, Pass, Rule, check_real
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus
 from .signal import Gradient
 
 __all__ = ["Composite", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1", "dtd_box",
-           "dtd_wsquare", "resolve_rules", "PRESETS"]
+           "dtd_wsquare", "resolve_rules"]
 
 
 def _kinds(kinds):
@@ -88,10 +95,11 @@ class Composite:
             if hit is not None:
                 out[hit] = rule
         for i, layer in enumerate(net.layers):
-            if i in out or not layer.is_linear:
+            if i in out or not layer.parametric:
                 continue
+            kind = layer.kind if layer.is_linear else "linear"  # a standalone batch norm: a dense layer's rule
             for kinds, rule in self.layer_map:
-                if layer.kind in kinds:
+                if kind in kinds:
                     out[i] = rule
                     break
         return out
@@ -122,8 +130,10 @@ def resolve_rules(net, assignment, stabilizer=_config.DEFAULT_STABILIZER):
     missing = [f"{i} ({layer.kind})" for i, layer in enumerate(net.layers) if layer.is_linear and i not in assignment]
     if missing:
         raise ValueError(f"no rule for the dense/conv layer(s) {', '.join(missing)}; every dense/conv layer needs one")
-    defaults = {"relu": Pass(), "maxpool2d": Gradient(), "flatten": Gradient(),
-                "avgpool2d": Epsilon(stabilizer), "sumpool": Epsilon(stabilizer)}
+    norm = Norm(stabilizer)
+    defaults = {"relu": Pass(), "identity": Pass(), "dropout": Pass(), "maxpool2d": Gradient(),
+                "flatten": Gradient(), "concat": Gradient(), "avgpool2d": norm, "adaptive_avgpool2d": norm,
+                "sumpool": norm, "add": norm, "batchnorm2d": Epsilon(stabilizer), "batchnorm1d": Epsilon(stabilizer)}
     rules = [assignment[i] if i in assignment else defaults[layer.kind] for i, layer in enumerate(net.layers)]
     for layer, rule in zip(net.layers, rules):
         rule.check_layer(layer)
@@ -159,7 +169,3 @@ def dtd_wsquare(stabilizer=_config.DEFAULT_STABILIZER):
     return Composite([(LINEAR_KINDS, ZPlus(stabilizer, ignore_bias=True))],
                      first=(LINEAR_KINDS, WSquare(stabilizer)), name="dtd_wsquare")
 
-
-#: preset name -> factory
-PRESETS = {"epsilon_plus_flat": epsilon_plus_flat, "epsilon_gamma_box": epsilon_gamma_box,
-           "epsilon_alpha2_beta1": epsilon_alpha2_beta1, "dtd_box": dtd_box, "dtd_wsquare": dtd_wsquare}

@@ -40,11 +40,13 @@ What the computation never does twice:
 - ``s`` is written into z or R in place when nothing else reads them (buffers are not
   reallocated per layer).
 
-Layers without weights take fixed rules: a ReLU passes relevance (:class:`Pass`),
-max-pool sends it to the switch of its window and flatten reshapes (both the layer's
-own VJP, :class:`Gradient`), average and sum pooling are the ε rule with ε = the
-stabiliser (proportional to the inputs).  Signal methods (gradient, DeconvNet, Guided
-Backprop) are rules too: the layer's VJP everywhere, with their own ReLU backward.
+Layers without weights take fixed rules: a ReLU, identity or dropout passes relevance
+(:class:`Pass`), max-pool sends it to the switch of its window, flatten reshapes and
+concat slices (the layer's own VJP, :class:`Gradient`), average, adaptive-average and sum
+pooling and the residual add split it in proportion to their inputs (:class:`Norm`).
+Signal methods (gradient, DeconvNet, Guided Backprop) are rules too: the layer's VJP
+everywhere, with their own ReLU backward.  The engine that runs the rules over the layer
+graph is :mod:`relprop.engine`.
 """
 from __future__ import annotations
 
@@ -58,11 +60,15 @@ import numpy as np
 from .._backend import array_namespace, kernels
 from ..kernels import _ops
 
-__all__ = ["Rule", "Term", "Group", "LinearRule", "Pass", "Record", "RelevanceSweep", "keep", "positive",
-           "negative", "square", "ones", "GammaMod", "check_real", "LINEAR_KINDS"]
+__all__ = ["Rule", "Term", "Group", "LinearRule", "Pass", "Norm", "keep", "positive", "negative", "square", "ones",
+           "GammaMod", "check_real", "LINEAR_KINDS", "PARAMETRIC_KINDS", "PROPORTIONAL_KINDS"]
 
 #: layer kinds that carry weights (the ones composites assign LRP rules to)
 LINEAR_KINDS = ("linear", "conv2d")
+#: layer kinds a weight-modifying rule can run on (a batch norm is a diagonal linear layer)
+PARAMETRIC_KINDS = LINEAR_KINDS + ("batchnorm2d", "batchnorm1d")
+#: layers without weights whose relevance splits in proportion to the inputs (the ε rule on 1/n or 1 weights)
+PROPORTIONAL_KINDS = ("avgpool2d", "adaptive_avgpool2d", "sumpool", "add")
 
 
 # -- parameter modifiers: named functions p -> p' (module-level so they have names and pickle) -------------
@@ -180,6 +186,7 @@ class LinearRule(Rule):
     frozen dataclasses defining the ``groups`` property.
     """
 
+    kinds = PARAMETRIC_KINDS
     groups: tuple = ()
 
     #: ε of stab(); the ε rule names it ``epsilon``, every other rule ``stabilizer``
@@ -193,33 +200,33 @@ class LinearRule(Rule):
 
 @dataclass(frozen=True)
 class Pass(Rule):
-    """ReLU under LRP: relevance passes unchanged, R_in = R."""
+    """ReLU (and identity, dropout) under LRP: relevance passes unchanged, R_in = R."""
 
-    kinds = ("relu",)
+    kinds = ("relu", "identity", "dropout")
 
     def backward(self, layer, rec, r, state):
         return r
 
 
-@dataclass
-class Record:
-    """What the sweep knows about layer i: its input ``a``, output ``z`` (the
-    pre-activation of a dense/conv layer), max-pool ``switches``, the resolved
-    ``backend``, and whether ``a`` is known to be non-negative."""
+@dataclass(frozen=True)
+class Norm(Rule):
+    r"""The proportional split of a layer without weights (Zennit's ``Norm``; MATH.md):
 
-    a: object
-    z: object
-    switches: object
-    backend: str
-    known_nonneg: bool = False
-    #: the relevance ``r`` handed to the rule is dead afterwards and may be overwritten
-    r_scratch: bool = False
+    .. math:: R_k = \frac{x_k}{\mathrm{stab}\left(\sum_m x_m\right)} R
 
-    def nonneg(self):
-        """a ≥ 0 everywhere: known from the layer types, else checked once (cached)."""
-        if not self.known_nonneg:
-            self.known_nonneg = bool(array_namespace(self.a).min(self.a) >= 0)
-        return self.known_nonneg
+    for the residual add (x_m its inputs) and, with the layer's own weights 1/n or 1, for
+    average, adaptive-average and sum pooling — the ε rule with ε = ``stabilizer``.
+    """
+
+    stabilizer: float = 1e-6
+    kinds = PROPORTIONAL_KINDS
+
+    @property
+    def eps(self):
+        return self.stabilizer
+
+    def backward(self, layer, rec, r, state):
+        return proportional(self.eps, layer, rec, r)
 
 
 # -- the generic computation ---------------------------------------------------------------------------------
@@ -268,7 +275,7 @@ def _stab_inverse(z, eps, xp):
 def _transposed(layer, s, w, term, a_shape, backend, xp):
     """c = W'ᵀ s.  All-ones weights (flat) give every input channel the same c = 1ᵀ (Σ_k s_k):
     sum s over the output channels and run the transposed layer with one 1 → 1 channel of ones."""
-    if term.weight is not ones:
+    if term.weight is not ones or not layer.is_linear:
         return layer.vjp_with(s, w, a_shape, backend)
     s1 = xp.ascontiguousarray(s.sum(axis=1, keepdims=True))
     w1 = xp.ones((1, 1) + tuple(w.shape[2:]), dtype=s.dtype)
@@ -276,16 +283,26 @@ def _transposed(layer, s, w, term, a_shape, backend, xp):
     return xp.array(xp.broadcast_to(c1, a_shape), order="C")
 
 
+def proportional(eps, layer, rec, r):
+    """R_in = a ⊙ Jᵀ (R / stab(z)) for a layer without weights that is linear in its input(s):
+    pooling (Jᵀ its VJP) and the add (Jᵀ copies s to every input, so R_k = x_k s)."""
+    a, backend = rec.a, rec.backend
+    xp = array_namespace(r)
+    s = kernels(backend).stabilized_divide(r, rec.z, float(eps), r) if rec.r_scratch else \
+        _ops.stabilized_divide(r, rec.z, eps, backend)
+    c = layer.vjp(s, a, rec.z, rec.aux, backend)
+    if layer.n_inputs is None:  # a join: c is [s, s, ...]
+        return [ck * ak for ck, ak in zip(c, a)]
+    return xp.multiply(c, a, out=c)
+
+
 def relevance(rule, layer, rec, r, state):
     """R_in of ``rule`` at ``layer`` for relevance ``r`` at its output (the generic computation)."""
     a, backend = rec.a, rec.backend
     xp = array_namespace(r)
     K = kernels(backend)
-    if not layer.is_linear:  # a pooling layer under the ε rule: W^T s is the layer's own VJP
-        s = K.stabilized_divide(r, rec.z, float(rule.eps), r) if rec.r_scratch else \
-            _ops.stabilized_divide(r, rec.z, rule.eps, backend)
-        c = layer.vjp(s, a, rec.z, rec.switches, backend)
-        return xp.multiply(c, a, out=c)
+    if not layer.parametric:  # a pooling layer or an add under the ε rule: the proportional split
+        return proportional(rule.eps, layer, rec, r)
     params = _params(rule, layer, a, state)
     dkey = (xp.__name__, np.dtype(a.dtype).str, tuple(a.shape[1:]))
     r_in = None
@@ -363,72 +380,3 @@ def relevance(rule, layer, rec, r, state):
     if r_in is None:
         r_in = xp.zeros(a.shape, dtype=a.dtype)
     return r_in
-
-
-# -- the sweep ------------------------------------------------------------------------------------------------
-def _known_nonneg(net):
-    """Per layer: is its input non-negative by construction (behind a ReLU, through pooling/flatten)?"""
-    known = [False] * len(net.layers)
-    for i in range(1, len(net.layers)):
-        prev = net.layers[i - 1].kind
-        known[i] = prev == "relu" or (prev in ("maxpool2d", "avgpool2d", "flatten", "sumpool") and known[i - 1])
-    return known
-
-
-class RelevanceSweep:
-    """A prepared backward sweep: one rule per layer, cached per-layer state.
-
-    Parameters
-    ----------
-    net : relprop.nets.Sequential
-    rules : list of Rule
-        One per layer (see :func:`relprop.rules.composites.resolve_rules`).
-    start : {"logit", "onehot"}
-        The signal at the output: R_c = f_c(x) (relevance methods) or the one-hot of c.
-
-    Calling it as ``sweep(x, target, backend, return_layers)`` runs the traced forward,
-    then the rules from the last layer down.  With ``return_layers=True`` it returns
-    ``(R, per_layer)`` where ``per_layer[i]`` is the signal at the input of layer i and
-    ``per_layer[-1]`` the start signal at the output (so ``per_layer[0] is R``).
-    """
-
-    def __init__(self, net, rules, start="logit"):
-        if start not in ("logit", "onehot"):
-            raise ValueError(f"output={start!r} is invalid; expected 'logit' or 'onehot'")
-        if len(rules) != len(net.layers):
-            raise ValueError(f"need one rule per layer ({len(net.layers)}), got {len(rules)}")
-        for layer, rule in zip(net.layers, rules):
-            rule.check_layer(layer)
-        self.net = net
-        self.rules = list(rules)
-        self.start = start
-        self._known_nonneg = _known_nonneg(net)
-        self._state = [{} for _ in net.layers]
-
-    def __call__(self, x, target, backend, return_layers=False):
-        from ..explain import output_signal, resolve_target
-
-        trace = self.net.trace(x, backend, check=False)
-        r = output_signal(trace.output, resolve_target(trace.output, target), self.start)
-        return self.backward(trace, r, return_layers)
-
-    def backward(self, trace, r, return_layers=False):
-        """Run the rules from the last layer down, starting from ``r`` at the net output."""
-        per_layer = [r] if return_layers else None
-        for i in range(len(self.net.layers) - 1, -1, -1):
-            layer = self.net.layers[i]
-            rec = Record(trace.inputs[i], trace.layer_output(i), trace.switches.get(i), trace.backend,
-                         self._known_nonneg[i], r_scratch=not return_layers)
-            r = self.rules[i].backward(layer, rec, r, self._state[i])
-            if return_layers:
-                per_layer.append(r)
-        if return_layers:
-            return r, per_layer[::-1]
-        return r
-
-    def __repr__(self):
-        body = "".join(f"\n  ({i}) {layer.kind}: {rule!r}" for i, (layer, rule) in
-                       enumerate(zip(self.net.layers, self.rules)))
-        return f"RelevanceSweep(start={self.start!r}{body}\n)"
-
-

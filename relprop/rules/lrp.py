@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import _config
-from .core import GammaMod, Group, LinearRule, Term, check_real, keep, negative, ones, positive, square
+from .core import (PARAMETRIC_KINDS, PROPORTIONAL_KINDS, GammaMod, Group, LinearRule, Term, check_real, keep, negative,
+                   ones, positive, square)
 
 __all__ = ["Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat"]
 
@@ -62,7 +63,7 @@ class Epsilon(LinearRule):
     """
 
     epsilon: float = _config.DEFAULT_EPSILON
-    kinds = ("linear", "conv2d", "avgpool2d", "sumpool")
+    kinds = PARAMETRIC_KINDS + PROPORTIONAL_KINDS
 
     def __post_init__(self):
         object.__setattr__(self, "epsilon", check_real(type(self).__name__, "epsilon", self.epsilon, minimum=0))

@@ -22,14 +22,18 @@ References
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from .._backend import array_namespace, to_numpy
 from ..kernels import _ops
-from .core import Rule
+from ..nets.layers import LAYER_TYPES
+from .core import LINEAR_KINDS, Rule
 
-__all__ = ["Gradient", "DeconvNet", "GuidedBackprop"]
+__all__ = ["Gradient", "DeconvNet", "GuidedBackprop", "Pattern"]
 
-_ALL_KINDS = ("linear", "conv2d", "relu", "maxpool2d", "avgpool2d", "flatten", "sumpool")
+_ALL_KINDS = tuple(LAYER_TYPES)
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class Gradient(Rule):
     kinds = _ALL_KINDS
 
     def backward(self, layer, rec, r, state):
-        return layer.vjp(r, rec.a, rec.z, rec.switches, rec.backend)
+        return layer.vjp(r, rec.a, rec.z, rec.aux, rec.backend)
 
 
 @dataclass(frozen=True)
@@ -66,3 +70,33 @@ class GuidedBackprop(Gradient):
         if layer.kind == "relu":
             return _ops.relu_backward_guided(r, rec.a, rec.backend)
         return super().backward(layer, rec, r, state)
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern(Rule):
+    r"""PatternNet / PatternAttribution at a dense/conv layer [Kindermans2018]_: the transposed
+    pass with the pattern matrix in place of W, :math:`g^{\mathrm{in}} = A^\top g`
+    (``times_weight=False``, PatternNet: the signal) or :math:`(W \odot A)^\top g`
+    (``times_weight=True``, PatternAttribution).  ``matrix`` is shaped like the layer's
+    weight (float64 on the host); W ⊙ A is formed from the layer's current weight, so a
+    changed weight is never combined with a stale product.
+
+    .. [Kindermans2018] P.-J. Kindermans et al. Learning how to explain neural networks:
+       PatternNet and PatternAttribution. ICLR 2018.
+    """
+
+    matrix: object = field(repr=False)
+    times_weight: bool = False
+    kinds = LINEAR_KINDS
+
+    def backward(self, layer, rec, r, state):
+        xp = array_namespace(r)
+        key = ("pattern", xp.__name__, np.dtype(r.dtype).str)
+        m = state.get(key)
+        if m is None:
+            host = np.asarray(to_numpy(self.matrix), dtype=np.float64)
+            if self.times_weight:
+                host = np.asarray(to_numpy(layer.weight), dtype=np.float64) * host
+            m = state[key] = xp.ascontiguousarray(xp.asarray(host, dtype=r.dtype))
+        shape = rec.a.shape
+        return layer.vjp_with(r, m, shape, rec.backend)

@@ -1,0 +1,333 @@
+"""The layer graph: residual and branching nets, BatchNorm folding, the new layers, Unit targets,
+and the one backward engine's promises on them (gradient = finite differences, conservation at
+every add, concat and average pool)."""
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+import relprop
+from relprop import Unit
+from relprop.nets import canonical
+
+from nets_factory import concat_spec, graph_weights, residual_spec
+
+F64 = np.float64
+
+
+# -- an independent NumPy forward of a spec ----------------------------------------------------------------
+def _conv(x, w, b, stride, padding):
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    win = sliding_window_view(x, w.shape[2:], axis=(2, 3))[:, :, ::stride, ::stride]  # (N, C, Ho, Wo, kh, kw)
+    return np.einsum("nchwij,kcij->nkhw", win, w) + b[None, :, None, None]
+
+
+def _maxpool(x, k, stride, padding):
+    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)), constant_values=-np.inf)
+    return sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::stride, ::stride].max(axis=(4, 5))
+
+
+def _adaptive(x, out):
+    h, w = x.shape[2:]
+    y = np.empty(x.shape[:2] + (out, out))
+    for i in range(out):
+        for j in range(out):
+            r0, r1 = (i * h) // out, -(-((i + 1) * h) // out)
+            c0, c1 = (j * w) // out, -(-((j + 1) * w) // out)
+            y[:, :, i, j] = x[:, :, r0:r1, c0:c1].mean(axis=(2, 3))
+    return y
+
+
+def numpy_forward(spec, weights, x):
+    outs = []
+    for i, e in enumerate(spec):
+        ins = [x if p == "input" else outs[p] for p in e.get("inputs", ["input"] if i == 0 else [i - 1])]
+        a, t = ins[0], e["type"]
+        if t == "conv2d":
+            y = _conv(a, weights[f"{i}.weight"], weights[f"{i}.bias"], e.get("stride", 1), e.get("padding", 0))
+        elif t == "batchnorm2d":
+            g, b, m, v = (weights[f"{i}.{k}"][None, :, None, None] for k in
+                          ("weight", "bias", "running_mean", "running_var"))
+            y = g * (a - m) / np.sqrt(v + 1e-5) + b
+        elif t == "relu":
+            y = np.maximum(a, 0)
+        elif t == "add":
+            y = sum(ins)
+        elif t == "concat":
+            y = np.concatenate(ins, axis=1)
+        elif t == "maxpool2d":
+            y = _maxpool(a, e["kernel"], e["stride"], e["padding"])
+        elif t == "adaptive_avgpool2d":
+            y = _adaptive(a, e["output_size"])
+        elif t == "flatten":
+            y = a.reshape(a.shape[0], -1)
+        elif t == "linear":
+            y = a @ weights[f"{i}.weight"].T + weights[f"{i}.bias"]
+        outs.append(y)
+    return outs
+
+
+NETS = {"residual": (residual_spec, (2, 3, 7, 6)), "concat": (concat_spec, (2, 2, 5, 7))}
+
+
+@pytest.fixture(params=list(NETS))
+def graph(request):
+    make, shape = NETS[request.param]
+    spec = make()
+    rng = np.random.default_rng(3)
+    weights = graph_weights(spec, rng)
+    return request.param, spec, weights, relprop.from_spec(spec, weights), rng.normal(size=shape)
+
+
+def test_forward_equals_numpy(graph):
+    _, spec, weights, net, x = graph
+    want = numpy_forward(spec, weights, x)
+    trace = net.trace(x)
+    for i, w in enumerate(want):
+        np.testing.assert_allclose(trace.layer_output(i), w, rtol=1e-12, atol=1e-12, err_msg=f"layer {i}")
+    assert isinstance(net, relprop.nets.Graph) and not isinstance(net, relprop.Sequential)
+
+
+def test_batchnorm_folding_keeps_the_forward(graph):
+    name, _, _, net, x = graph
+    folded = canonical(net)
+    if name == "residual":
+        kinds = [layer.kind for layer in folded.layers]
+        assert kinds.count("batchnorm2d") == 0 and kinds.count("identity") == 6
+        assert canonical(net) is folded  # cached
+    np.testing.assert_allclose(folded.forward(x), net.forward(x), rtol=1e-12, atol=1e-13)
+
+
+def test_gradient_equals_finite_differences(graph):
+    _, _, _, net, x = graph
+    x = x[:1]
+    g = relprop.explain(net, x, "gradient", target=1)
+    h = 1e-6
+    fd = np.empty_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        fd[idx] = (net.forward(x + e)[0, 1] - net.forward(x - e)[0, 1]) / (2 * h)
+    np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["lrp.zero", "lrp.epsilon", "lrp.epsilon_plus_flat", "lrp.alpha_beta",
+                                    "lrp.zplus", "dtd.box"])
+def test_joins_and_pools_conserve(graph, method):
+    _, _, _, net, x = graph
+    opts = {"low": -4.0, "high": 4.0} if method == "dtd.box" else {}
+    R, per_layer = relprop.explain(net, x, method, return_layers=True, **opts)
+    folded = canonical(net)
+    seed = per_layer[-1]
+    for i, layer in enumerate(folded.layers):
+        if layer.kind not in ("add", "concat", "adaptive_avgpool2d", "maxpool2d", "flatten", "identity", "relu"):
+            continue
+        # the relevance at layer i's output: what its readers sent back (or the seed at the output layer)
+        arrived = seed if i == len(folded.layers) - 1 else sum(
+            (per_layer[r][folded.parents(r).index(i)] if folded.layers[r].n_inputs is None else per_layer[r])
+            for r in folded.readers(i))
+        sent = per_layer[i]
+        total_in = sum(s.sum() for s in sent) if isinstance(sent, list) else sent.sum()
+        np.testing.assert_allclose(total_in, arrived.sum(), rtol=1e-5, err_msg=f"layer {i} ({layer.kind})")
+
+
+def test_conservation_end_to_end_without_bias():
+    """LRP-0 on a bias-free residual net whose BNs are pure scalings conserves f_c(x) exactly."""
+    spec = residual_spec()
+    rng = np.random.default_rng(4)
+    w = graph_weights(spec, rng)
+    for i, e in enumerate(spec):
+        if e["type"] in ("conv2d", "linear"):
+            w[f"{i}.bias"] = np.zeros_like(w[f"{i}.bias"])
+        if e["type"] == "batchnorm2d":
+            w[f"{i}.bias"][:] = 0
+            w[f"{i}.running_mean"][:] = 0
+    net = relprop.from_spec(spec, w)
+    x = rng.normal(size=(3, 3, 8, 8))
+    R = relprop.explain(net, x, "lrp.zero", stabilizer=1e-15)  # the adds' and the pool's stabiliser: ~0
+    f = net.forward(x)
+    np.testing.assert_allclose(R.reshape(3, -1).sum(1), f.max(1), rtol=1e-9)
+
+
+def test_every_method_runs_on_a_graph(graph):
+    name, _, _, net, x = graph
+    patterns = relprop.fit_patterns(net, np.random.default_rng(0).normal(size=(64,) + x.shape[1:]), progress=False)
+    for method in relprop.known_methods():
+        if method == "erasure":
+            continue
+        opts = {}
+        if method.startswith("pattern."):
+            opts["patterns"] = patterns
+        if method.endswith("box"):
+            opts.update(low=-4.0, high=4.0)
+        if method == "expected_gradients":
+            opts["data"] = x
+        R = relprop.explain(net, x, method, **opts)
+        assert np.isfinite(R).all(), method
+    with pytest.raises(ValueError, match="graph with branches"):
+        relprop.explain(net, x, "erasure", layer=3)
+
+
+def test_graph_save_load_round_trip(graph, tmp_path):
+    _, spec, _, net, x = graph
+    net.save(tmp_path / "g")
+    back = relprop.load(tmp_path / "g")  # finds g.npz
+    assert back.spec() == net.spec()
+    np.testing.assert_array_equal(back.forward(x), net.forward(x))
+
+
+# -- Unit targets ------------------------------------------------------------------------------------------
+def test_unit_gradient_is_the_derivative_of_its_activation(graph):
+    _, _, _, net, x = graph
+    x = x[:1]
+    k = 5 if graph[0] == "residual" else 7
+    for unit in (Unit(layer=k, channel=1), Unit(layer=k, channel=2, position=(1, 2))):
+        g = relprop.explain(net, x, "gradient", target=unit)
+        fd = np.empty_like(x)
+        h = 1e-6
+        for idx in np.ndindex(x.shape):
+            e = np.zeros_like(x)
+            e[idx] = h
+            fd[idx] = (unit.value(net.trace(x + e).layer_output(k))[0]
+                       - unit.value(net.trace(x - e).layer_output(k))[0]) / (2 * h)
+        np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_lrp0_from_a_unit_conserves_its_activation():
+    spec = [{"type": "conv2d", "in": 2, "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "conv2d", "in": 4, "out": 3, "kernel": 3}, {"type": "relu"}, {"type": "flatten"},
+            {"type": "linear", "in": 3 * 4 * 4, "out": 2}]
+    rng = np.random.default_rng(0)
+    w = graph_weights(spec, rng)
+    for i in (0, 2, 5):
+        w[f"{i}.bias"] = np.zeros_like(w[f"{i}.bias"])
+    net = relprop.from_spec(spec, w)
+    x = np.abs(rng.normal(size=(2, 2, 6, 6)))
+    unit = Unit(layer=3, channel=1)
+    R = relprop.explain(net, x, "lrp.zero", target=unit)
+    np.testing.assert_allclose(R.reshape(2, -1).sum(1), unit.value(net.trace(x).layer_output(3)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus_flat", "deconvnet"])
+def test_unit_of_the_output_layer_is_the_class_target(graph, method):
+    _, _, _, net, x = graph
+    a = relprop.explain(net, x, method, target=1)
+    b = relprop.explain(net, x, method, target=Unit(layer=-1, channel=1))
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_bad_units(graph):
+    _, _, _, net, x = graph
+    n = len(net.layers)
+    with pytest.raises(ValueError, match=f"layer {n} does not exist"):
+        relprop.explain(net, x, "gradient", target=Unit(n, 0))
+    with pytest.raises(ValueError, match="channel 99 does not exist"):
+        relprop.explain(net, x, "gradient", target=Unit(0, 99))
+    with pytest.raises(ValueError, match="position .* is outside"):
+        relprop.explain(net, x, "gradient", target=Unit(0, 0, (50, 0)))
+    with pytest.raises(ValueError, match="dense output has no positions"):
+        relprop.explain(net, x, "gradient", target=Unit(-1, 0, (0, 0)))
+    with pytest.raises(ValueError, match="channel=.* expected an int"):
+        Unit(0, 1.5)
+
+
+# -- bad graphs --------------------------------------------------------------------------------------------
+def test_bad_graphs_name_the_layer():
+    spec = residual_spec()
+    w = graph_weights(spec, np.random.default_rng(0))
+    cyc = [dict(e) for e in spec]
+    cyc[8]["inputs"] = [7, 9]
+    with pytest.raises(ValueError, match=r"layer 8: input 9 is invalid; expected an earlier layer index"):
+        relprop.from_spec(cyc, w)
+    bad = [dict(e) for e in spec]
+    bad[8]["inputs"] = [7, "nowhere"]
+    with pytest.raises(ValueError, match="layer 8: input 'nowhere' is invalid"):
+        relprop.from_spec(bad, w)
+    one = [dict(e) for e in spec]
+    one[8]["inputs"] = [7]
+    with pytest.raises(ValueError, match="layer 8: a join needs two or more inputs"):
+        relprop.from_spec(one, w)
+    mismatch = [dict(e) for e in spec]
+    mismatch[17]["inputs"] = [14, 9]  # (8, 4, 3) + (4, 7, 6)
+    net = relprop.from_spec(mismatch, w)
+    with pytest.raises(ValueError, match=r"layer 17 \(add\): input 1 has shape"):
+        net.forward(np.zeros((1, 3, 7, 6)))
+    cat = concat_spec()
+    cat[5]["inputs"] = [1, 1]
+    cw = graph_weights(concat_spec(), np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"layer 6 \(conv2d\): expects input \(N, 5, H, W\), got \(1, 6, 5, 7\)"):
+        relprop.from_spec(cat, cw).forward(np.zeros((1, 2, 5, 7)))
+    spatial = [dict(e) for e in spec]
+    spatial[17] = {"type": "concat", "axis": 1, "inputs": [14, 9]}
+    with pytest.raises(ValueError, match=r"layer 17 \(concat\): input 1 has shape \(1, 4, 7, 6\), which does not"):
+        relprop.from_spec(spatial, w).forward(np.zeros((1, 3, 7, 6)))
+    neg = dict(w)
+    neg["1.running_var"] = -np.ones(4)
+    with pytest.raises(ValueError, match=r"layer 1 \(batchnorm2d\): running_var has 4 negative entries"):
+        relprop.from_spec(spec, neg)
+
+
+# -- the new layers against PyTorch's definitions ---------------------------------------------------------
+@pytest.mark.parametrize("k, s, p, ceil", [(3, 2, 1, True), (2, 2, 0, True), (3, 3, 1, False), (3, 2, 0, True)])
+def test_maxpool_padding_and_ceil_mode(k, s, p, ceil):
+    rng = np.random.default_rng(k * 10 + s)
+    x = rng.normal(size=(2, 3, 7, 8))
+    x[0, 0, :3, :3] = 5.0  # ties: the first maximum wins
+    net = relprop.from_spec([{"type": "maxpool2d", "kernel": k, "stride": s, "padding": p, "ceil_mode": ceil},
+                             {"type": "flatten"}])
+    y = net.trace(x).layer_output(0)
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.max_pool2d(t, k, s, p, ceil_mode=ceil)
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    g = rng.normal(size=y.shape)
+    ty.backward(torch.tensor(g))
+    got = relprop.nets.Sequential(net.layers[:1])
+    tr = got.trace(x)
+    vjp = got.layers[0].vjp(g, x, tr.layer_output(0), tr.aux[0], "cpu")
+    np.testing.assert_allclose(vjp, t.grad.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("out", [1, 2, 3, 4])
+def test_adaptive_avgpool_bins(out):
+    rng = np.random.default_rng(out)
+    x = rng.normal(size=(2, 3, 7, 6))
+    net = relprop.from_spec([{"type": "adaptive_avgpool2d", "output_size": out}, {"type": "flatten"}])
+    y = net.trace(x).layer_output(0)
+    np.testing.assert_allclose(y, _adaptive(x, out), rtol=1e-12)
+    g = rng.normal(size=y.shape)
+    layer = net.layers[0]
+    vjp = layer.vjp(g, x, y, None, "cpu")
+    # adjoint identity <vjp, x> = <g, y> (the layer is linear)
+    np.testing.assert_allclose((vjp * x).sum(), (g * y).sum(), rtol=1e-12)
+
+
+def test_dropout_identity_and_batchnorm1d():
+    spec = [{"type": "linear", "in": 4, "out": 3}, {"type": "batchnorm1d", "features": 3, "eps": 1e-3},
+            {"type": "dropout", "p": 0.3}, {"type": "identity"}, {"type": "relu"}, {"type": "linear", "in": 3,
+                                                                                   "out": 2}]
+    rng = np.random.default_rng(0)
+    w = graph_weights(spec, rng)
+    net = relprop.from_spec(spec, w)
+    x = rng.normal(size=(5, 4))
+    z = x @ w["0.weight"].T + w["0.bias"]
+    bn = w["1.weight"] * (z - w["1.running_mean"]) / np.sqrt(w["1.running_var"] + 1e-3) + w["1.bias"]
+    want = np.maximum(bn, 0) @ w["5.weight"].T + w["5.bias"]
+    np.testing.assert_allclose(net.forward(x), want, rtol=1e-12)
+    assert net.input_ndim == 2
+    # a standalone BN (input normalisation) gets the composite's rule for dense layers
+    spec2 = [{"type": "batchnorm1d", "features": 4}] + spec
+    for e in spec2[1:]:
+        pass
+    w2 = {f"{int(k.split('.')[0]) + 1}.{k.split('.', 1)[1]}": v for k, v in w.items()}
+    w2.update({"0.weight": rng.uniform(0.5, 1.5, 4), "0.bias": rng.normal(size=4), "0.running_mean":
+               rng.normal(size=4), "0.running_var": rng.uniform(0.5, 2, 4)})
+    net2 = relprop.from_spec(spec2, w2)
+    sweep = relprop.Explainer(net2, "lrp.epsilon_plus_flat")._method
+    assert type(sweep.rules[0]).__name__ == "Epsilon"
+    assert np.isfinite(relprop.explain(net2, x, "lrp.epsilon_plus_flat")).all()
+
+
+def test_relu_first_net_accepts_dense_input():
+    net = relprop.from_spec([{"type": "relu"}, {"type": "linear", "in": 3, "out": 2}],
+                            {"1.weight": np.ones((2, 3)), "1.bias": np.zeros(2)})
+    assert net.forward(np.ones((1, 3))).shape == (1, 2)
