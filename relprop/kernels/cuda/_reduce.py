@@ -13,7 +13,7 @@ from ._launch import empty, launch, scalar
 SEGMENT = 256
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _segment_sums_kernel(a, seg, zero, partial):
     # a (A, R, M); partial (R, S): partial[r, s] = sum of a[., r, .] over flat items [s*seg, (s+1)*seg)
     n_inner = a.shape[2]
@@ -29,7 +29,7 @@ def _segment_sums_kernel(a, seg, zero, partial):
         partial[r, s] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _row_sums_kernel(partial, accumulate, out):
     # out[r] (+)= sum_s partial[r, s], in order; one thread per r
     for r in range(cuda.grid(1), out.size, cuda.gridsize(1)):

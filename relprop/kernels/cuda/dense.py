@@ -11,7 +11,7 @@ from ._launch import launch, matmul
 __all__ = ["dense_forward", "dense_vjp"]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _add_bias_kernel(out, b):
     # out (R, J) += b (J,) broadcast over rows; one thread per element
     n_out = b.shape[0]

@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _relu_forward_kernel(x, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         v = x[k]
@@ -28,7 +28,7 @@ def _relu_forward_kernel(x, out):
             out[k] = v
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _relu_backward_gradient_kernel(g, z, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         if z[k] > 0:
@@ -37,7 +37,7 @@ def _relu_backward_gradient_kernel(g, z, out):
             out[k] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _relu_backward_guided_kernel(g, z, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         v = g[k]
@@ -47,7 +47,7 @@ def _relu_backward_guided_kernel(g, z, out):
             out[k] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _stabilized_divide_kernel(r, z, epsilon, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         zk = z[k]

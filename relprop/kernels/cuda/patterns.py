@@ -31,7 +31,7 @@ __all__ = ["pattern_stats_dense", "pattern_stats_conv2d"]
 _FLUSH_ROWS = 8192
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _units_kernel(z, b, s0, u):
     # z (N, J, Q): Q = Ho·Wo positions (1 for dense); sample s = n·Q + q.  u (3J+1, S) for samples s0 .. s0+S.
     n_units, n_pos = z.shape[1], z.shape[2]
@@ -57,7 +57,7 @@ def _units_kernel(z, b, s0, u):
             u[row, t] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _dense_cols_kernel(x, s0, cols):
     # cols (I+1, S): cols[i, t] = x[s0 + t, i]; cols[I, t] = 1
     n_in, n_samples = x.shape[1], cols.shape[1]
@@ -70,7 +70,7 @@ def _dense_cols_kernel(x, s0, cols):
             cols[i, t] = x[s0 + t, i]
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _conv_cols_kernel(x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
     # cols (C·kh·kw + 1, S): the zero-padded patch of sample s = (n, i, j) = s0 + t, in the weight's
     # (c, a, e) order, as column t; the last row is ones
@@ -96,7 +96,7 @@ def _conv_cols_kernel(x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
             cols[q, t] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=True)
 def _flush_kernel(p, count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy):
     # p (3J+1, I+1) -> the float64 accumulators; one thread per entry of p, one writer per accumulator entry
     n_units, n_in = sum_x_pos.shape[0], sum_x_pos.shape[1]
