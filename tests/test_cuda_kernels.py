@@ -422,3 +422,75 @@ def test_conv_family_random_geometry(problem, flush_rows):
     case, seed = problem
     _check_weight_vjp(case, np.float32, np.random.default_rng(seed))
     _check_pattern_conv(case, np.float32, np.random.default_rng(seed), flush_rows)
+
+
+# ---------------------------------------------------------------- launch plumbing: sums, grids, TF32
+
+@pytest.mark.parametrize("shape", [(5, 3, 131), (300, 2, 1), (3, 2, 600), (1, 4, 256), (2, 1, 3)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_sum_outer_matches_numpy(shape, accumulate, rng):
+    """The lane sums walk (i, m) by additions: M below, at and above LANES, more and fewer items than LANES."""
+    from relprop.kernels.cuda import _reduce
+
+    a = normal(rng, shape, np.float64)
+    start = normal(rng, (shape[1],), np.float64)
+    out = dev(start.copy())
+    _reduce.sum_outer(dev(a), out, accumulate=accumulate)
+    want = a.sum(axis=(0, 2)) + (start if accumulate else 0)
+    assert_close(host(out), want, reduction_len=shape[0] * shape[2])
+
+
+def test_grid3_caps_each_axis(monkeypatch):
+    from relprop.kernels.cuda import _launch
+
+    monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", 100000)
+    (bx, by, bz), tpb = _launch.grid3((70000, 3, 1000))
+    assert (by, bz) == (3, 65535) and bx == -(-1000 // tpb)  # grid.z holds at most 65535 blocks
+
+
+def test_index_range_is_checked():
+    from relprop.kernels.cuda import _launch
+
+    _launch.check_index_range(2 ** 31 - 1, "x")
+    with pytest.raises(ValueError, match="32 bits"):
+        _launch.check_index_range(2 ** 31, "the output plane")
+
+
+def test_tf32_switch_is_off_by_default_and_checked():
+    from relprop.kernels.cuda import _launch
+
+    assert _launch.tf32_enabled() is False  # agreement with the cpu backend holds by default
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        _launch.set_tf32(1)
+    with _launch.tf32():
+        assert _launch.tf32_enabled() is True
+    assert _launch.tf32_enabled() is False
+
+
+def test_per_matrix_products_equal_the_batched_product(rng):
+    """With TF32 on, CuPy GEMMs run as 2-D products (_per_matrix): the same product as the batched matmul."""
+    from relprop.kernels.cuda import _launch
+
+    w, cols = normal(rng, (4, 6), np.float64), normal(rng, (3, 6, 5), np.float64)
+    out = np.empty((3, 4, 5))
+    _launch._per_matrix(np, w, cols, out)
+    np.testing.assert_allclose(out, w @ cols, rtol=1e-14)
+    g = normal(rng, (3, 4, 5), np.float64)
+    out = np.empty((3, 6, 5))
+    _launch._per_matrix(np, w.T, g, out)
+    np.testing.assert_allclose(out, w.T @ g, rtol=1e-14)
+
+
+def test_conv2d_with_tf32_agrees_to_tf32_precision(rng):
+    """On a GPU the opt-in TF32 GEMMs agree with the reference to TF32's ~1e-3; under the simulator it is a no-op."""
+    from relprop.kernels.cuda import _launch
+
+    x, w, b, geo, out_shape = _conv_problem(CONV_CASES[0], np.float32, rng)
+    g = normal(rng, out_shape, np.float32)
+    with _launch.tf32():
+        out = cuda_call("conv2d_forward", x, w, b, **geo)
+        vjp = cuda_call("conv2d_vjp", g, w, x.shape, **geo)
+    scale = 1.0 if _backend.simulator_enabled() else 2e4  # TF32: 10-bit mantissa, eps 2^-10 vs float32's 2^-23
+    assert_close(out, ref_call("conv2d_forward", x, w, b, **geo), reduction_len=w[0].size, scale=8.0 * scale)
+    assert_close(vjp, ref_call("conv2d_vjp", g, w, x.shape, **geo), reduction_len=w[0].size * w.shape[0],
+                 scale=8.0 * scale)

@@ -11,8 +11,10 @@ the per-unit and shared sums need no reductions of their own.  Kernels of ours b
 a dense input, or the im2col patches of a convolution with the padding written as zeros,
 laid out (I+1, S) so that reads and writes are coalesced along the samples), and the flush
 (one thread per entry of P, adding it into its float64 accumulator: every accumulator
-entry has exactly one writer).  The GEMM is :func:`relprop.kernels.cuda._launch.matmul`
-(cuBLAS on a GPU, NumPy under the simulator).
+entry has exactly one writer).  Each kernel runs on a 2-D grid, blocks over the rows and
+threads over the columns (samples), so the row's unit, regime and tap are per block.  The
+GEMM is :func:`relprop.kernels.cuda._launch.matmul` (cuBLAS on a GPU, NumPy under the
+simulator).
 
 Precision (as the cpu twin).  The GEMM runs in the input dtype on chunks of at most
 ``_FLUSH_ROWS`` samples; every chunk is flushed into the float64 accumulators, so float32
@@ -23,7 +25,7 @@ element: bitwise reproducible.
 from numba import cuda
 
 from ... import _config
-from ._launch import empty, launch, matmul
+from ._launch import empty, launch_grid, matmul
 
 __all__ = ["pattern_stats_dense", "pattern_stats_conv2d"]
 
@@ -34,93 +36,106 @@ _FLUSH_ROWS = 8192
 @cuda.jit(cache=True)
 def _units_kernel(z, b, s0, u):
     # z (N, J, Q): Q = Ho·Wo positions (1 for dense); sample s = n·Q + q.  u (3J+1, S) for samples s0 .. s0+S.
+    # blocks over rows (y), threads over samples (x)
     n_units, n_pos = z.shape[1], z.shape[2]
-    n_samples = u.shape[1]
-    for k in range(cuda.grid(1), u.size, cuda.gridsize(1)):
-        t = k % n_samples
-        row = k // n_samples
+    n_rows, n_samples = u.shape[0], u.shape[1]
+    x0, y0, _ = cuda.grid(3)
+    sx, sy, _ = cuda.gridsize(3)
+    for row in range(y0, n_rows, sy):
         if row == 3 * n_units:
-            u[row, t] = 1
+            for t in range(x0, n_samples, sx):
+                u[row, t] = 1
             continue
         j = row % n_units
-        s = s0 + t
-        zj = z[s // n_pos, j, s % n_pos]
         kind = row // n_units
-        if kind == 0:
-            u[row, t] = zj - b[j]
-        elif zj > 0:
-            if kind == 1:
-                u[row, t] = zj - b[j]
+        bj = b[j]
+        for t in range(x0, n_samples, sx):
+            s = s0 + t
+            n = s // n_pos
+            zj = z[n, j, s - n * n_pos]
+            if kind == 0:
+                u[row, t] = zj - bj
+            elif zj > 0:
+                if kind == 1:
+                    u[row, t] = zj - bj
+                else:
+                    u[row, t] = 1
             else:
-                u[row, t] = 1
-        else:
-            u[row, t] = 0
+                u[row, t] = 0
 
 
 @cuda.jit(cache=True)
 def _dense_cols_kernel(x, s0, cols):
-    # cols (I+1, S): cols[i, t] = x[s0 + t, i]; cols[I, t] = 1
+    # cols (I+1, S): cols[i, t] = x[s0 + t, i]; cols[I, t] = 1; blocks over rows i (y), threads over t (x)
     n_in, n_samples = x.shape[1], cols.shape[1]
-    for k in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
-        t = k % n_samples
-        i = k // n_samples
-        if i == n_in:
-            cols[i, t] = 1
-        else:
-            cols[i, t] = x[s0 + t, i]
+    x0, y0, _ = cuda.grid(3)
+    sx, sy, _ = cuda.gridsize(3)
+    for i in range(y0, n_in + 1, sy):
+        for t in range(x0, n_samples, sx):
+            if i == n_in:
+                cols[i, t] = 1
+            else:
+                cols[i, t] = x[s0 + t, i]
 
 
 @cuda.jit(cache=True)
 def _conv_cols_kernel(x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
     # cols (C·kh·kw + 1, S): the zero-padded patch of sample s = (n, i, j) = s0 + t, in the weight's
-    # (c, a, e) order, as column t; the last row is ones
+    # (c, a, e) order, as column t; the last row is ones.  Blocks over rows q (y), threads over t (x).
     h, wd = x.shape[2], x.shape[3]
     n_in, n_samples = cols.shape[0] - 1, cols.shape[1]
     taps = kh * kw
-    for k in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
-        t = k % n_samples
-        q = k // n_samples
+    x0, y0, _ = cuda.grid(3)
+    sx, sy, _ = cuda.gridsize(3)
+    for q in range(y0, n_in + 1, sy):
         if q == n_in:
-            cols[q, t] = 1
+            for t in range(x0, n_samples, sx):
+                cols[q, t] = 1
             continue
-        s = s0 + t
-        j = s % wo
-        i = (s // wo) % ho
-        n = s // (wo * ho)
         c = q // taps
-        r = i * sh - ph + ((q % taps) // kw) * dh
-        col = j * sw - pw + (q % kw) * dw
-        if 0 <= r < h and 0 <= col < wd:
-            cols[q, t] = x[n, c, r, col]
-        else:
-            cols[q, t] = 0
+        r_off = ((q % taps) // kw) * dh - ph
+        c_off = (q % kw) * dw - pw
+        for t in range(x0, n_samples, sx):
+            s = s0 + t
+            m = s // wo  # = n·Ho + i
+            j = s - m * wo
+            n = m // ho
+            r = (m - n * ho) * sh + r_off
+            col = j * sw + c_off
+            if 0 <= r < h and 0 <= col < wd:
+                cols[q, t] = x[n, c, r, col]
+            else:
+                cols[q, t] = 0
 
 
 @cuda.jit(cache=True)
 def _flush_kernel(p, count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy):
-    # p (3J+1, I+1) -> the float64 accumulators; one thread per entry of p, one writer per accumulator entry
+    # p (3J+1, I+1) -> the float64 accumulators; one thread per entry of p, one writer per accumulator entry.
+    # Blocks over rows (y), threads over columns q (x).
     n_units, n_in = sum_x_pos.shape[0], sum_x_pos.shape[1]
-    for k in range(cuda.grid(1), p.size, cuda.gridsize(1)):
-        q = k % (n_in + 1)
-        row = k // (n_in + 1)
-        v = p[row, q]
+    x0, y0, _ = cuda.grid(3)
+    sx, sy, _ = cuda.gridsize(3)
+    for row in range(y0, p.shape[0], sy):
         if row == 3 * n_units:
-            if q == n_in:
-                count[0] += v
-            else:
-                sum_x[q] += v
+            for q in range(x0, n_in + 1, sx):
+                if q == n_in:
+                    count[0] += p[row, q]
+                else:
+                    sum_x[q] += p[row, q]
             continue
         j = row % n_units
         kind = row // n_units
-        if q == n_in:
-            if kind == 2:
-                count_pos[j] += v
+        for q in range(x0, n_in + 1, sx):
+            v = p[row, q]
+            if q == n_in:
+                if kind == 2:
+                    count_pos[j] += v
+                else:
+                    sum_y[kind, j] += v
+            elif kind == 2:
+                sum_x_pos[j, q] += v
             else:
-                sum_y[kind, j] += v
-        elif kind == 2:
-            sum_x_pos[j, q] += v
-        else:
-            sum_xy[kind, j, q] += v
+                sum_xy[kind, j, q] += v
 
 
 def _accumulate(x, z3, b, n_in, build_cols, accumulators):
@@ -141,10 +156,10 @@ def _accumulate(x, z3, b, n_in, build_cols, accumulators):
         s = min(chunk, n_samples - s0)
         u = u_buf[:(3 * n_units + 1) * s].reshape(3 * n_units + 1, s)
         cols = cols_buf[:(n_in + 1) * s].reshape(n_in + 1, s)
-        launch(_units_kernel, u.size, z3, b, s0, u)
+        launch_grid(_units_kernel, (1,) + u.shape, z3, b, s0, u)
         build_cols(s0, cols)
         matmul(u, cols.T, p)
-        launch(_flush_kernel, p.size, p, *flat)
+        launch_grid(_flush_kernel, (1,) + p.shape, p, *flat)
 
 
 def pattern_stats_dense(x, z, b, count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy):
@@ -152,7 +167,7 @@ def pattern_stats_dense(x, z, b, count, sum_x, count_pos, sum_y, sum_x_pos, sum_
     n, n_in = x.shape
 
     def build_cols(s0, cols):
-        launch(_dense_cols_kernel, cols.size, x, s0, cols)
+        launch_grid(_dense_cols_kernel, (1,) + cols.shape, x, s0, cols)
 
     _accumulate(x, z.reshape(n, z.shape[1], 1), b, n_in, build_cols,
                 (count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy))
@@ -169,7 +184,7 @@ def pattern_stats_conv2d(x, z, b, stride, padding, dilation, count, sum_x, count
     kh, kw = sum_x.shape[1], sum_x.shape[2]
 
     def build_cols(s0, cols):
-        launch(_conv_cols_kernel, cols.size, x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
+        launch_grid(_conv_cols_kernel, (1,) + cols.shape, x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
 
     _accumulate(x, z.reshape(n, n_units, ho * wo), b, sum_x.size, build_cols,
                 (count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy))
