@@ -9,3 +9,6 @@ products go through the arrays' own ``matmul`` (cuBLAS for CuPy): see
 :mod:`relprop.kernels.cuda._launch`.  Loaded by :func:`relprop._backend.kernels` on the
 first ``backend="cuda"`` request.
 """
+from ._launch import set_tf32, tf32, tf32_enabled  # noqa: E402  (opt-in TF32 GEMMs; plain FP32 by default)
+
+__all__ = ["set_tf32", "tf32", "tf32_enabled"]
