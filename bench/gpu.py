@@ -20,7 +20,8 @@ compilation, cuBLAS handles, caches), every call ended by a device-wide synchron
    achieved bandwidth as a fraction of the copy's (im2col, col2im, pooling, elementwise).
 3. VGG-16 (3x224x224, random He-scaled float32 weights) at batch 32: relprop's forward,
    gradient, lrp.epsilon_plus_flat and pattern-statistics pass against PyTorch's CUDA
-   forward and autograd gradient (TF32 off on both sides unless ``--tf32``) and Zennit's
+   forward and autograd gradient (TF32 off on both sides unless ``--tf32``; cuDNN's
+   autotuner on) and Zennit's
    EpsilonPlusFlat on CUDA (when zennit imports; without torchvision a stand-in module is
    registered for ``zennit.torchvision``, as in tests/test_peers.py).  Relevance starts from
    R_c = f_c(x) for the argmax class on both sides; agreement is reported per sample
@@ -387,6 +388,7 @@ class Peers:
         self.torch = torch
         torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         torch.backends.cudnn.allow_tf32 = bool(tf32)
+        torch.backends.cudnn.benchmark = True  # PyTorch at its best: cuDNN picks its fastest algorithm (untimed call)
         self.model = model
         self.xt = torch.from_numpy(np.ascontiguousarray(x_host)).to(device)
         n_classes = None
@@ -434,6 +436,7 @@ def bench_net(dev, name, net, shape, batch, methods, repeats, report, model=None
     f = forward_flops(net, shape) if spec_flops else None
     out = net.forward(x, backend="cuda")
     target = np.asarray(_host(out)).argmax(axis=1)
+    target_dev = xp.asarray(target)  # on the device once, not per timed call
     peers = None
     if model is not None:
         try:
@@ -452,7 +455,7 @@ def bench_net(dev, name, net, shape, batch, methods, repeats, report, model=None
                 flops = None if f is None else f + pattern_gemm_flops(net, shape)
             else:
                 explainer = relprop.Explainer(net, method, backend="cuda")
-                fn = (lambda e=explainer: e(x, target))
+                fn = (lambda e=explainer: e(x, target_dev))
                 flops = None if f is None else {"gradient": 2 * f, "lrp.epsilon_plus_flat": 3 * f}.get(method, 2 * f)
             t = dev.best(fn, repeats)
             row.update(relprop_ms=t * 1e3, images_per_s=batch / t)
@@ -462,8 +465,9 @@ def bench_net(dev, name, net, shape, batch, methods, repeats, report, model=None
                     row.update(gemm_fraction=flops * batch / t / report.ceil["sgemm_flops"])
             peer_fn = None
             if peers is not None:
-                peer_name, peer_fn = {"forward": ("torch", peers.forward), "gradient": ("torch autograd", peers.gradient),
-                                      "lrp.epsilon_plus_flat": ("zennit", peers.zennit_epsilon_plus_flat)
+                peer_name, peer_fn = {"forward": ("torch", peers.forward),
+                                      "gradient": ("torch autograd", peers.gradient),
+                                      "lrp.epsilon_plus_flat": ("zennit", peers.zennit_epsilon_plus_flat),
                                       }.get(method, (None, None))
             if peer_fn is not None:
                 try:
@@ -476,7 +480,8 @@ def bench_net(dev, name, net, shape, batch, methods, repeats, report, model=None
                     report.error(f"{name}: {peer_name} {method}", exc)
             result["methods"][method] = row
             agree = row.get("agreement", {})
-            report.line(f"  {method:24s} {t * 1e3:11.2f} {batch / t:9.1f} {row.get('gemm_fraction', float('nan')):9.2f}   "
+            frac = row.get("gemm_fraction", float("nan"))
+            report.line(f"  {method:24s} {t * 1e3:11.2f} {batch / t:9.1f} {frac:9.2f}   "
                         f"{row.get('peer', '-'):14s} {row.get('peer_ms', float('nan')):9.2f} "
                         f"{row.get('peer_over_relprop', float('nan')):12.2f}  "
                         + (f"max {agree['max_rel_err']:.1e} ({agree['samples_within_tol']:.0%})" if agree else ""))

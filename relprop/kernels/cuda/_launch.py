@@ -14,7 +14,7 @@ and the kernels run on CuPy's current stream, so Numba and CuPy work stays order
 Under ``NUMBA_ENABLE_CUDASIM=1`` the arrays are NumPy arrays and the simulator runs the
 same kernel bodies on the host.
 
-Kernels are compiled with ``@cuda.jit(cache=True)``: numba-cuda keeps the
+Kernels are compiled with ``@cuda.jit(cache=_config.NUMBA_CACHE)`` (True): numba-cuda keeps the
 compiled code in ``__pycache__`` (one file per signature and compute capability), so a
 second process -- the next test run, compute-sanitizer, the benchmark -- loads it instead
 of compiling again.  The simulator accepts and ignores the flag.

@@ -14,13 +14,14 @@ launch configuration, so results are bitwise reproducible.
 """
 from numba import cuda
 
+from ... import _config
 from ._launch import empty, launch, launch_grid, scalar
 
 #: partial sums per output (a fixed constant: it fixes the summation order)
 LANES = 256
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _lane_sums_kernel(a, zero, partial):
     # a (A, R, M); partial (R, LANES): partial[r, l] = Σ a[t // M, r, t % M] over t ≡ l (mod LANES), t ascending.
     # Blocks over r (y), threads over lanes (x).
@@ -45,7 +46,7 @@ def _lane_sums_kernel(a, zero, partial):
             partial[r, lane] = acc
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _row_sums_kernel(partial, accumulate, out):
     # out[r] (+)= sum_l partial[r, l], in order; one thread per r
     for r in range(cuda.grid(1), out.size, cuda.gridsize(1)):

@@ -25,7 +25,7 @@ from ._launch import check_index_range, empty, launch_grid, matmul, scalar
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, rows_outer, cols):
     # x (N, C, H, W); cols (Nc, rows, Ho·Wo) for samples n0 .. n0+Nc, rows >= C·kh·kw, or
     # (rows, Nc, Ho·Wo) when rows_outer (the weight gradient's layout):
@@ -62,7 +62,7 @@ def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, rows_outer, cols):
                     line[q] = 0
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _col2im_kernel(cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out):
     # cols (Nc, C·kh·kw, Ho·Wo); out (N, C, H, W): one thread per input element (n0 + n, c, r, s),
     # gathering every tap (a, e) whose window position lands on it

@@ -33,7 +33,7 @@ __all__ = ["pattern_stats_dense", "pattern_stats_conv2d"]
 _FLUSH_ROWS = 8192
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _units_kernel(z, b, s0, u):
     # z (N, J, Q): Q = Ho·Wo positions (1 for dense); sample s = n·Q + q.  u (3J+1, S) for samples s0 .. s0+S.
     # blocks over rows (y), threads over samples (x)
@@ -64,7 +64,7 @@ def _units_kernel(z, b, s0, u):
                 u[row, t] = 0
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _dense_cols_kernel(x, s0, cols):
     # cols (I+1, S): cols[i, t] = x[s0 + t, i]; cols[I, t] = 1; blocks over rows i (y), threads over t (x)
     n_in, n_samples = x.shape[1], cols.shape[1]
@@ -78,7 +78,7 @@ def _dense_cols_kernel(x, s0, cols):
                 cols[i, t] = x[s0 + t, i]
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _conv_cols_kernel(x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
     # cols (C·kh·kw + 1, S): the zero-padded patch of sample s = (n, i, j) = s0 + t, in the weight's
     # (c, a, e) order, as column t; the last row is ones.  Blocks over rows q (y), threads over t (x).
@@ -108,7 +108,7 @@ def _conv_cols_kernel(x, s0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
                 cols[q, t] = 0
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _flush_kernel(p, count, sum_x, count_pos, sum_y, sum_x_pos, sum_xy):
     # p (3J+1, I+1) -> the float64 accumulators; one thread per entry of p, one writer per accumulator entry.
     # Blocks over rows (y), threads over columns q (x).

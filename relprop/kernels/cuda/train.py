@@ -3,13 +3,15 @@
 Weight gradients are GEMMs (cuBLAS on a GPU, NumPy under the simulator; see
 :mod:`relprop.kernels.cuda._launch`).  The convolution's is one GEMM per chunk of
 samples, dW (K, C·kh·kw) (+)= gᵀ (K, Nc·Ho·Wo) @ colsᵀ: the im2col kernel of
-:mod:`relprop.kernels.cuda.conv2d` writes the columns as (C·kh·kw, Nc, Ho·Wo) here, and a transpose kernel lays g out as
-(K, Nc, Ho·Wo); chunks are visited in order.  Bias
-gradients are the deterministic two-pass sums of :mod:`relprop.kernels.cuda._reduce`.
+:mod:`relprop.kernels.cuda.conv2d` writes the columns as (C·kh·kw, Nc, Ho·Wo) here (its
+``rows_outer`` layout), and a transpose kernel lays g out as (K, Nc, Ho·Wo), so the sum
+over samples and positions is one GEMM; chunks are visited in order.  Bias gradients are
+the deterministic two-pass sums of :mod:`relprop.kernels.cuda._reduce`.
 No atomics: results are bitwise reproducible.
 """
 from numba import cuda
 
+from ... import _config
 from ._launch import empty, launch, launch_grid, matmul
 from ._reduce import sum_outer
 from .conv2d import _chunk, _im2col_kernel
@@ -17,7 +19,7 @@ from .conv2d import _chunk, _im2col_kernel
 __all__ = ["dense_weight_vjp", "conv2d_weight_vjp"]
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _nkq_to_knq_kernel(g, n0, t):
     # t[k, n, q] = g[n0 + n, k, q]; g (N, K, Q), t (K, Nc, Q); blocks over (k, n), threads over q
     n_out, n_chunk, n_pos = t.shape[0], t.shape[1], t.shape[2]
@@ -29,7 +31,7 @@ def _nkq_to_knq_kernel(g, n0, t):
                 t[kk, n, q] = g[n0 + n, kk, q]
 
 
-@cuda.jit(cache=True)
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _add_kernel(out, a):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         out[k] += a[k]
