@@ -116,7 +116,8 @@ def v(d):
         return "-"
 print("python", platform.python_version(), "| numpy", v("numpy"), "| numba", v("numba"),
       "| numba-cuda", v("numba-cuda"), "| cupy", v("cupy-cuda13x"), v("cupy-cuda12x"), "| torch", v("torch"),
-      "| torchvision", v("torchvision"), "| zennit", v("zennit"), "| pytest", v("pytest"), "| hypothesis", v("hypothesis"))
+      "| torchvision", v("torchvision"), "| zennit", v("zennit"), "| pytest", v("pytest"),
+      "| hypothesis", v("hypothesis"))
 try:
     import cupy
     rt = cupy.cuda.runtime
