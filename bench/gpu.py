@@ -51,11 +51,18 @@ import sys
 import time
 import traceback
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's relprop, also without an install
+try:  # small test grids make Numba warn about GPU under-utilisation on every launch: noise here
+    from numba.core.errors import NumbaPerformanceWarning
+
+    warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+except ImportError:
+    pass
 
 
 def vgg_spec(in_ch, size, blocks, fc, classes):

@@ -20,11 +20,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's relprop, also without an install
+try:  # small test grids make Numba warn about GPU under-utilisation on every launch: noise here
+    from numba.core.errors import NumbaPerformanceWarning
+
+    warnings.filterwarnings("ignore", category=NumbaPerformanceWarning)
+except ImportError:
+    pass
 
 import relprop  # noqa: E402
 import relprop.kernels as K  # noqa: E402

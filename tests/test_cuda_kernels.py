@@ -490,7 +490,11 @@ def test_conv2d_with_tf32_agrees_to_tf32_precision(rng):
     with _launch.tf32():
         out = cuda_call("conv2d_forward", x, w, b, **geo)
         vjp = cuda_call("conv2d_vjp", g, w, x.shape, **geo)
-    scale = 1.0 if _backend.simulator_enabled() else 2e4  # TF32: 10-bit mantissa, eps 2^-10 vs float32's 2^-23
-    assert_close(out, ref_call("conv2d_forward", x, w, b, **geo), reduction_len=w[0].size, scale=8.0 * scale)
-    assert_close(vjp, ref_call("conv2d_vjp", g, w, x.shape, **geo), reduction_len=w[0].size * w.shape[0],
-                 scale=8.0 * scale)
+    want_out, want_vjp = ref_call("conv2d_forward", x, w, b, **geo), ref_call("conv2d_vjp", g, w, x.shape, **geo)
+    if _backend.simulator_enabled():  # NumPy GEMMs: plain float32
+        assert_close(out, want_out, reduction_len=w[0].size)
+        assert_close(vjp, want_vjp, reduction_len=w[0].size * w.shape[0])
+        return
+    # TF32 rounds the GEMM inputs to 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4), accumulates in FP32
+    for got, want in ((out, want_out), (vjp, want_vjp)):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
