@@ -184,7 +184,8 @@ def main(argv=None):
             cupy.cuda.set_allocator(None)
             cupy.cuda.set_pinned_memory_allocator(None)
         dev = cupy.cuda.Device()
-        print(f"gpu_sanitize: {cupy.cuda.runtime.getDeviceProperties(dev.id)['name']!r}, "
+        name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]
+        print(f"gpu_sanitize: {name.decode() if isinstance(name, bytes) else name}, "
               f"cc {dev.compute_capability}, CuPy memory pool {'off' if args.no_pool else 'on'}")
     rng = np.random.default_rng(args.seed)
     bad = run_all(rng, "default")
