@@ -416,6 +416,25 @@ def _check_pattern_conv(case, dtype, rng, flush_rows):
     _check_pattern_sums(got, want, out_shape[0] * out_shape[2] * out_shape[3], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pattern_stats_grouping_does_not_change_the_sums(dtype, monkeypatch, rng):
+    """Chunks share kernel launches in groups; the flush adds them in order: bitwise the result of one at a time."""
+    patterns = _module("cuda", "patterns")
+    if patterns is None:
+        pytest.skip("no patterns kernels yet")
+    x, w, b, geo, _ = _conv_problem((3,) + CONV_CASES[1][1:], dtype, rng)
+    z = ref_call("conv2d_forward", x, w, b, **geo)
+    geo = (geo["stride"], geo["padding"], geo["dilation"])
+    monkeypatch.setattr(patterns, "_FLUSH_ROWS", 7)  # 96 samples: 13 full chunks and a remainder of 5
+    results = []
+    for max_group in (1, 4, 64):
+        monkeypatch.setattr(patterns, "_MAX_GROUP", max_group)
+        got = [dev(a) for a in _pattern_accumulators(w.shape[0], w.shape[1:])]
+        patterns.pattern_stats_conv2d(dev(x), dev(z), dev(b), *geo, *got)
+        results.append([host(a).tobytes() for a in got])
+    assert results[0] == results[1] == results[2]
+
+
 @given(problem=conv_problem(), flush_rows=st.sampled_from([5, 8192]))
 def test_conv_family_random_geometry(problem, flush_rows):
     """Weight VJP and pattern sums on random geometries (forward and input-VJP: test_conv2d_random_geometry)."""
