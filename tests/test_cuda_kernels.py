@@ -416,9 +416,104 @@ def _check_pattern_conv(case, dtype, rng, flush_rows):
     _check_pattern_sums(got, want, out_shape[0] * out_shape[2] * out_shape[3], dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pattern_stats_grouping_does_not_change_the_sums(dtype, monkeypatch, rng):
+    """Chunks share kernel launches in groups; the flush adds them in order: bitwise the result of one at a time."""
+    patterns = _module("cuda", "patterns")
+    if patterns is None:
+        pytest.skip("no patterns kernels yet")
+    x, w, b, geo, _ = _conv_problem((3,) + CONV_CASES[1][1:], dtype, rng)
+    z = ref_call("conv2d_forward", x, w, b, **geo)
+    geo = (geo["stride"], geo["padding"], geo["dilation"])
+    monkeypatch.setattr(patterns, "_FLUSH_ROWS", 7)  # 96 samples: 13 full chunks and a remainder of 5
+    results = []
+    for max_group in (1, 4, 64):
+        monkeypatch.setattr(patterns, "_MAX_GROUP", max_group)
+        got = [dev(a) for a in _pattern_accumulators(w.shape[0], w.shape[1:])]
+        patterns.pattern_stats_conv2d(dev(x), dev(z), dev(b), *geo, *got)
+        results.append([host(a).tobytes() for a in got])
+    assert results[0] == results[1] == results[2]
+
+
 @given(problem=conv_problem(), flush_rows=st.sampled_from([5, 8192]))
 def test_conv_family_random_geometry(problem, flush_rows):
     """Weight VJP and pattern sums on random geometries (forward and input-VJP: test_conv2d_random_geometry)."""
     case, seed = problem
     _check_weight_vjp(case, np.float32, np.random.default_rng(seed))
     _check_pattern_conv(case, np.float32, np.random.default_rng(seed), flush_rows)
+
+
+# ---------------------------------------------------------------- launch plumbing: sums, grids, TF32
+
+@pytest.mark.parametrize("shape", [(5, 3, 131), (300, 2, 1), (3, 2, 600), (1, 4, 256), (2, 1, 3)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_sum_outer_matches_numpy(shape, accumulate, rng):
+    """The lane sums walk (i, m) by additions: M below, at and above LANES, more and fewer items than LANES."""
+    from relprop.kernels.cuda import _reduce
+
+    a = normal(rng, shape, np.float64)
+    start = normal(rng, (shape[1],), np.float64)
+    out = dev(start.copy())
+    _reduce.sum_outer(dev(a), out, accumulate=accumulate)
+    want = a.sum(axis=(0, 2)) + (start if accumulate else 0)
+    assert_close(host(out), want, reduction_len=shape[0] * shape[2])
+
+
+def test_grid3_caps_each_axis(monkeypatch):
+    from relprop.kernels.cuda import _launch
+
+    monkeypatch.setattr(_config, "CUDA_MAX_BLOCKS", 100000)
+    (bx, by, bz), tpb = _launch.grid3((70000, 3, 1000))
+    assert (by, bz) == (3, 65535) and bx == -(-1000 // tpb)  # grid.z holds at most 65535 blocks
+
+
+def test_index_range_is_checked():
+    from relprop.kernels.cuda import _launch
+
+    _launch.check_index_range(2 ** 31 - 1, "x")
+    with pytest.raises(ValueError, match="32 bits"):
+        _launch.check_index_range(2 ** 31, "the output plane")
+
+
+def test_tf32_switch_is_off_by_default_and_checked():
+    from relprop.kernels.cuda import _launch
+
+    assert _launch.tf32_enabled() is False  # agreement with the cpu backend holds by default
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        _launch.set_tf32(1)
+    with _launch.tf32():
+        assert _launch.tf32_enabled() is True
+    assert _launch.tf32_enabled() is False
+
+
+def test_per_matrix_products_equal_the_batched_product(rng):
+    """With TF32 on, CuPy GEMMs run as 2-D products (_per_matrix): the same product as the batched matmul."""
+    from relprop.kernels.cuda import _launch
+
+    w, cols = normal(rng, (4, 6), np.float64), normal(rng, (3, 6, 5), np.float64)
+    out = np.empty((3, 4, 5))
+    _launch._per_matrix(np, w, cols, out)
+    np.testing.assert_allclose(out, w @ cols, rtol=1e-14)
+    g = normal(rng, (3, 4, 5), np.float64)
+    out = np.empty((3, 6, 5))
+    _launch._per_matrix(np, w.T, g, out)
+    np.testing.assert_allclose(out, w.T @ g, rtol=1e-14)
+
+
+def test_conv2d_with_tf32_agrees_to_tf32_precision(rng):
+    """On a GPU the opt-in TF32 GEMMs agree with the reference to TF32's ~1e-3; under the simulator it is a no-op."""
+    from relprop.kernels.cuda import _launch
+
+    x, w, b, geo, out_shape = _conv_problem(CONV_CASES[0], np.float32, rng)
+    g = normal(rng, out_shape, np.float32)
+    with _launch.tf32():
+        out = cuda_call("conv2d_forward", x, w, b, **geo)
+        vjp = cuda_call("conv2d_vjp", g, w, x.shape, **geo)
+    want_out, want_vjp = ref_call("conv2d_forward", x, w, b, **geo), ref_call("conv2d_vjp", g, w, x.shape, **geo)
+    if _backend.simulator_enabled():  # NumPy GEMMs: plain float32
+        assert_close(out, want_out, reduction_len=w[0].size)
+        assert_close(vjp, want_vjp, reduction_len=w[0].size * w.shape[0])
+        return
+    # TF32 rounds the GEMM inputs to 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4), accumulates in FP32
+    for got, want in ((out, want_out), (vjp, want_vjp)):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())

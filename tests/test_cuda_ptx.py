@@ -3,9 +3,15 @@
 The simulator runs kernel bodies as Python and so never type-checks them; this test does.
 It calls every launcher of :mod:`relprop.kernels.cuda` on small NumPy arrays with
 ``launch`` replaced by a recorder, then compiles each recorded (kernel, argument types)
-with ``numba.cuda.compile_ptx`` (NVVM only, no driver).  float32 kernels must not compute
-in float64 (a silent 32x slowdown on most GPUs), except where they write float64
-accumulators.  Skipped under the simulator and where NVVM is missing.
+with ``numba.cuda.compile_ptx`` (NVVM only, no driver) for compute capability 8.0
+(A100) and 9.0 (H100/H200), and for the GPU's own where one is present.  float32 kernels
+must not compute in float64 (a silent 32x slowdown on most GPUs), except where they write
+float64 accumulators.  Skipped under the simulator and where NVVM is missing.
+
+Selected both by the default run (``pytest``, no GPU needed) and by ``pytest -m cuda`` on a
+GPU machine: the test is parametrized over a plain and a ``cuda``-marked variant (the
+conftest skips the marked one where no GPU or simulator is present, and both skip
+themselves under the simulator).
 """
 import importlib
 
@@ -17,6 +23,9 @@ from relprop import _backend
 
 #: kernels that legitimately do float64 work on float32 input (they add into float64 accumulators)
 F64_ACCUMULATORS = {"_flush_kernel"}
+
+#: compute capabilities every kernel must compile for: Ampere (A100) and Hopper (H100/H200)
+COMPUTE_CAPABILITIES = [(8, 0), (9, 0)]
 
 
 def _nvvm_or_skip():
@@ -37,7 +46,7 @@ def _nvvm_or_skip():
 def _record_launches(monkeypatch):
     calls = []
 
-    def recorder(kernel, n, *args):
+    def recorder(kernel, n, *args):  # launch(kernel, n, *args) and launch_grid(kernel, shape, *args)
         calls.append((kernel, tuple(numba.typeof(a) for a in args)))
 
     for family in _backend.FAMILIES + ("_reduce",):
@@ -45,9 +54,21 @@ def _record_launches(monkeypatch):
             mod = importlib.import_module(f"relprop.kernels.cuda.{family}")
         except ModuleNotFoundError:
             continue
-        if hasattr(mod, "launch"):
-            monkeypatch.setattr(mod, "launch", recorder)
+        for name in ("launch", "launch_grid"):
+            if hasattr(mod, name):
+                monkeypatch.setattr(mod, name, recorder)
     return calls
+
+
+def _target_ccs(cuda):
+    """COMPUTE_CAPABILITIES plus the present GPU's own (where Numba sees one)."""
+    ccs = list(COMPUTE_CAPABILITIES)
+    try:
+        if cuda.is_available():
+            ccs.append(tuple(cuda.get_current_device().compute_capability))
+    except Exception:  # no driver: NVVM alone is enough for this test
+        pass
+    return sorted(set(ccs))
 
 
 def _drive_every_launcher(dtype):
@@ -87,8 +108,9 @@ def _drive_every_launcher(dtype):
             pytest.fail(f"add {name} to _drive_every_launcher")
 
 
+@pytest.mark.parametrize("variant", ["default", pytest.param("gpu", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_every_cuda_kernel_compiles_to_ptx(dtype, monkeypatch):
+def test_every_cuda_kernel_compiles_to_ptx(dtype, variant, monkeypatch):
     cuda = _nvvm_or_skip()
     calls = _record_launches(monkeypatch)
     with np.errstate(all="ignore"):  # the GEMMs multiply uninitialised scratch: no kernel ran
@@ -99,8 +121,10 @@ def test_every_cuda_kernel_compiles_to_ptx(dtype, monkeypatch):
         if key in seen:
             continue
         seen.add(key)
-        ptx, _ = cuda.compile_ptx(kernel.py_func, types, cc=(8, 0))
-        if dtype == np.float32 and key[0] not in F64_ACCUMULATORS:
-            f64 = [line for line in ptx.splitlines() if ".f64" in line]
-            assert not f64, f"{key[0]} computes in float64 on float32 input: {f64[:3]}"
+        for cc in _target_ccs(cuda):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, types, cc=cc)
+            assert f".target sm_{cc[0]}{cc[1]}" in ptx, f"{key[0]}: no sm_{cc[0]}{cc[1]} target in the PTX"
+            if dtype == np.float32 and key[0] not in F64_ACCUMULATORS:
+                f64 = [line for line in ptx.splitlines() if ".f64" in line]
+                assert not f64, f"{key[0]} computes in float64 on float32 input (sm_{cc[0]}{cc[1]}): {f64[:3]}"
     assert len({name for name, _ in seen}) >= 15

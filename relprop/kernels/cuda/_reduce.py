@@ -1,37 +1,54 @@
 """Deterministic sums on the GPU without atomics (shared by the train and patterns twins).
 
-``sum_outer(a, out)`` sums a (A, R, M) array over A and M into out (R,): pass 1 gives
-each (r, segment) one thread that sums a fixed-length run of the flattened (A·M) axis
-in order; pass 2 gives each r one thread that adds its segment partials in order.  The
-summation order depends only on the shapes, so results are bitwise reproducible.
+``sum_outer(a, out)`` sums a (A, R, M) array over A and M into out (R,).  With the flat
+item index t = i·M + m of a[i, r, m]:
+
+- pass 1 gives each (r, lane l) one thread that sums the items t ≡ l (mod LANES) in
+  increasing t: neighbouring lanes read neighbouring items, so a warp's loads are
+  coalesced (a[i, r, m], a[i, r, m+1], ...), and each thread walks (i, m) by additions
+  (no division per item);
+- pass 2 gives each r one thread that adds its LANES partials in lane order.
+
+The summation order depends only on the shapes and the constant LANES, never on the
+launch configuration, so results are bitwise reproducible.
 """
 from numba import cuda
 
-from ._launch import empty, launch, scalar
+from ... import _config
+from ._launch import empty, launch, launch_grid, scalar
 
-#: items one thread of pass 1 sums (a fixed constant: it fixes the summation order)
-SEGMENT = 256
-
-
-@cuda.jit
-def _segment_sums_kernel(a, seg, zero, partial):
-    # a (A, R, M); partial (R, S): partial[r, s] = sum of a[., r, .] over flat items [s*seg, (s+1)*seg)
-    n_inner = a.shape[2]
-    n_items = a.shape[0] * n_inner
-    n_seg = partial.shape[1]
-    for k in range(cuda.grid(1), partial.size, cuda.gridsize(1)):
-        r = k // n_seg
-        s = k % n_seg
-        t1 = (s + 1) * seg if (s + 1) * seg < n_items else n_items
-        acc = zero
-        for t in range(s * seg, t1):
-            acc += a[t // n_inner, r, t % n_inner]
-        partial[r, s] = acc
+#: partial sums per output (a fixed constant: it fixes the summation order)
+LANES = 256
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
+def _lane_sums_kernel(a, zero, partial):
+    # a (A, R, M); partial (R, LANES): partial[r, l] = Σ a[t // M, r, t % M] over t ≡ l (mod LANES), t ascending.
+    # Blocks over r (y), threads over lanes (x).
+    n_outer, n_inner = a.shape[0], a.shape[2]
+    n_lanes = partial.shape[1]
+    x0, y0, _ = cuda.grid(3)
+    sx, sy, _ = cuda.gridsize(3)
+    step_i = n_lanes // n_inner  # a step of LANES items = step_i rows of M plus step_m items
+    step_m = n_lanes - step_i * n_inner
+    for r in range(y0, partial.shape[0], sy):
+        for lane in range(x0, n_lanes, sx):
+            i = lane // n_inner
+            m = lane - i * n_inner
+            acc = zero
+            while i < n_outer:
+                acc += a[i, r, m]
+                i += step_i
+                m += step_m
+                if m >= n_inner:
+                    m -= n_inner
+                    i += 1
+            partial[r, lane] = acc
+
+
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _row_sums_kernel(partial, accumulate, out):
-    # out[r] (+)= sum_s partial[r, s], in order; one thread per r
+    # out[r] (+)= sum_l partial[r, l], in order; one thread per r
     for r in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         acc = partial[r, 0]
         for s in range(1, partial.shape[1]):
@@ -49,8 +66,7 @@ def sum_outer(a, out, accumulate=False):
         if not accumulate:
             out[...] = 0
         return out
-    n_seg = -(-n_items // SEGMENT)
-    partial = empty(out, (a.shape[1], n_seg))
-    launch(_segment_sums_kernel, partial.size, a, SEGMENT, scalar(out.dtype, 0), partial)
+    partial = empty(out, (a.shape[1], LANES))
+    launch_grid(_lane_sums_kernel, (1,) + partial.shape, a, scalar(out.dtype, 0), partial)
     launch(_row_sums_kernel, out.size, partial, bool(accumulate), out)
     return out

@@ -1,100 +1,102 @@
 """Numba CUDA twins of :mod:`relprop.kernels.reference.conv2d` (same names, signatures, math).
 
-im2col + one GEMM per chunk of samples, with the column matrix laid out
-``cols[(c, a, e), n, (i, j)]`` (C·kh·kw rows, Nc·Ho·Wo columns) so that each chunk is a
-single large GEMM (cuBLAS on a GPU) rather than Nc small ones:
+im2col + one batched GEMM per chunk of samples, with the column matrix laid out
+``cols[n, (c, a, e), (i, j)]`` (Nc, C·kh·kw, Ho·Wo): sample n's columns are one
+(C·kh·kw, Ho·Wo) matrix, so the GEMM writes NCHW directly and no transpose is needed:
 
-- forward: ``t = W (K, C·kh·kw) @ cols`` is (K, Nc, Ho·Wo); one kernel writes
-  ``out[n, k] = t[k, n] + b[k]`` (transpose to NCHW fused with the bias);
-- input-VJP: one kernel transposes g to (K, Nc, Ho·Wo), ``cols = Wᵀ @ gᵀ``, and col2im
-  is a gather: one thread per input element sums the taps that read it, in (a, e)
-  order, so there are no atomics and the result is bitwise reproducible.
+- forward: ``out[n] = [W | b] (K, C·kh·kw + 1) @ [cols[n]; 1] (C·kh·kw + 1, Ho·Wo)``:
+  im2col writes a last row of ones, so the bias rides in the GEMM (one GEMM, nothing after);
+- input-VJP: ``cols[n] = Wᵀ (C·kh·kw, K) @ g[n] (K, Ho·Wo)`` straight from g, then col2im
+  as a gather: one thread per input element sums the taps that read it, in (a, e) order,
+  so there are no atomics and the result is bitwise reproducible.
 
-Chunks of samples keep the column matrix under ``_config.CUDA_SCRATCH_BYTES``.
-Scratch lives in the arrays' namespace (CuPy on a GPU), so cuBLAS can take it.
+Both kernels run on a 3-D grid (:func:`relprop.kernels.cuda._launch.launch_grid`): blocks
+over samples (z) and rows or channels (y), threads over the positions of a plane (x), so
+a thread splits its position into (row, column) with one 32-bit division and everything
+else is per block.  Chunks of samples keep the column matrix under
+``_config.CUDA_SCRATCH_BYTES``.  Scratch lives in the arrays' namespace (CuPy on a GPU),
+so cuBLAS can take it.
 """
-from numba import cuda
+from numba import cuda, int32, uint32
 
 from ... import _config
-from ._launch import empty, launch, matmul, scalar
+from ._launch import check_index_range, empty, launch_grid, matmul, scalar
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
 
-@cuda.jit
-def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, cols):
-    # x (N, C, H, W); cols (C·kh·kw, Nc, Ho·Wo) for samples n0 .. n0+Nc; one thread per entry
+@cuda.jit(cache=_config.NUMBA_CACHE)
+def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, rows_outer, cols):
+    # x (N, C, H, W); cols (Nc, rows, Ho·Wo) for samples n0 .. n0+Nc, rows >= C·kh·kw, or
+    # (rows, Nc, Ho·Wo) when rows_outer (the weight gradient's layout):
+    # cols[n, (c·kh + a)·kw + e, i·Wo + j] = x̃[n0 + n, c, i·sh + a·dh, j·sw + e·dw] (x̃ zero-padded);
+    # rows past C·kh·kw are ones (the bias row of the forward GEMM)
     h, wd = x.shape[2], x.shape[3]
-    n_chunk, n_pos = cols.shape[1], cols.shape[2]
+    if rows_outer:
+        n_rows, n_chunk = cols.shape[0], cols.shape[1]
+    else:
+        n_chunk, n_rows = cols.shape[0], cols.shape[1]
+    n_pos = cols.shape[2]
     taps = kh * kw
-    for k in range(cuda.grid(1), cols.size, cuda.gridsize(1)):
-        q = k % n_pos
-        n = (k // n_pos) % n_chunk
-        row = k // (n_pos * n_chunk)
-        c = row // taps
-        a = (row % taps) // kw
-        e = row % kw
-        r = (q // wo) * sh - ph + a * dh
-        s = (q % wo) * sw - pw + e * dw
-        if 0 <= r < h and 0 <= s < wd:
-            cols[row, n, q] = x[n0 + n, c, r, s]
-        else:
-            cols[row, n, q] = 0
-
-
-@cuda.jit
-def _knq_to_nkq_bias_kernel(t, b, n0, out):
-    # t (K, Nc, Q) -> out[n0 + n, k, q] = t[k, n, q] + b[k]; out (N, K, Q); one thread per output
-    n_out, n_pos = t.shape[0], t.shape[2]
-    for k in range(cuda.grid(1), t.size, cuda.gridsize(1)):
-        q = k % n_pos
-        kk = (k // n_pos) % n_out
-        n = k // (n_pos * n_out)
-        out[n0 + n, kk, q] = t[kk, n, q] + b[kk]
-
-
-@cuda.jit
-def _nkq_to_knq_kernel(g, n0, t):
-    # t[k, n, q] = g[n0 + n, k, q]; g (N, K, Q), t (K, Nc, Q); one thread per output
-    n_chunk, n_pos = t.shape[1], t.shape[2]
-    for k in range(cuda.grid(1), t.size, cuda.gridsize(1)):
-        q = k % n_pos
-        n = (k // n_pos) % n_chunk
-        kk = k // (n_pos * n_chunk)
-        t[kk, n, q] = g[n0 + n, kk, q]
-
-
-@cuda.jit
-def _col2im_kernel(cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out):
-    # cols (C·kh·kw, Nc, Ho·Wo); out (N, C, H, W): one thread per input element of the chunk,
-    # gathering every tap (a, e) whose window position lands on it
-    n_chunk = cols.shape[1]
-    n_channels, h, wd = out.shape[1], out.shape[2], out.shape[3]
-    for k in range(cuda.grid(1), n_chunk * n_channels * h * wd, cuda.gridsize(1)):
-        s = k % wd
-        r = (k // wd) % h
-        c = (k // (wd * h)) % n_channels
-        n = k // (wd * h * n_channels)
-        acc = zero
-        for a in range(kh):
-            rp = r + ph - a * dh  # = i·sh for the output row i that tap a maps here
-            if rp < 0:
-                break  # rp only shrinks with a
-            if rp % sh != 0 or rp // sh >= ho:
+    n_taps = x.shape[1] * taps
+    wo_u = uint32(wo)
+    x0, y0, z0 = cuda.grid(3)
+    sx, sy, sz = cuda.gridsize(3)
+    for n in range(z0, n_chunk, sz):
+        for row in range(y0, n_rows, sy):
+            line = cols[row, n] if rows_outer else cols[n, row]  # the row's Ho·Wo entries
+            if row >= n_taps:
+                for q in range(x0, n_pos, sx):
+                    line[q] = 1
                 continue
-            i = rp // sh
-            for e in range(kw):
-                sp = s + pw - e * dw
-                if sp < 0:
-                    break
-                if sp % sw != 0 or sp // sw >= wo:
-                    continue
-                acc += cols[(c * kh + a) * kw + e, n, i * wo + sp // sw]
-        out[n0 + n, c, r, s] = acc
+            c = row // taps
+            r_off = ((row % taps) // kw) * dh - ph
+            s_off = (row % kw) * dw - pw
+            for q in range(x0, n_pos, sx):
+                i = int32(uint32(q) // wo_u)
+                r = i * sh + r_off
+                s = (q - i * wo) * sw + s_off
+                if 0 <= r < h and 0 <= s < wd:
+                    line[q] = x[n0 + n, c, r, s]
+                else:
+                    line[q] = 0
+
+
+@cuda.jit(cache=_config.NUMBA_CACHE)
+def _col2im_kernel(cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out):
+    # cols (Nc, C·kh·kw, Ho·Wo); out (N, C, H, W): one thread per input element (n0 + n, c, r, s),
+    # gathering every tap (a, e) whose window position lands on it
+    n_chunk = cols.shape[0]
+    n_channels, h, wd = out.shape[1], out.shape[2], out.shape[3]
+    wd_u = uint32(wd)
+    x0, y0, z0 = cuda.grid(3)
+    sx, sy, sz = cuda.gridsize(3)
+    for n in range(z0, n_chunk, sz):
+        for c in range(y0, n_channels, sy):
+            for p in range(x0, h * wd, sx):
+                r = int32(uint32(p) // wd_u)
+                s = p - r * wd
+                acc = zero
+                for a in range(kh):
+                    rp = r + ph - a * dh  # = i·sh for the output row i that tap a maps here
+                    if rp < 0:
+                        break  # rp only shrinks with a
+                    i = rp if sh == 1 else rp // sh
+                    if i * sh != rp or i >= ho:
+                        continue
+                    for e in range(kw):
+                        sp = s + pw - e * dw
+                        if sp < 0:
+                            break
+                        j = sp if sw == 1 else sp // sw
+                        if j * sw != sp or j >= wo:
+                            continue
+                        acc += cols[n, (c * kh + a) * kw + e, i * wo + j]
+                out[n0 + n, c, r, s] = acc
 
 
 def _chunk(n, rows, n_pos, itemsize):
-    """Samples per chunk so that a (rows, chunk, n_pos) scratch stays under the byte budget."""
+    """Samples per chunk so that a (chunk, rows, n_pos) scratch stays under the byte budget."""
     per_sample = max(rows * n_pos * itemsize, 1)
     return max(1, min(n, int(_config.CUDA_SCRATCH_BYTES) // per_sample))
 
@@ -102,9 +104,9 @@ def _chunk(n, rows, n_pos, itemsize):
 def conv2d_forward(x, w, b, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.
 
-    Per chunk of samples: im2col kernel (one thread per column entry, zero padding written
-    explicitly), one GEMM ``W @ cols``, and one kernel that transposes to NCHW and adds the
-    bias (one thread per output element).
+    Per chunk of samples: im2col (one thread per column entry, zero padding written
+    explicitly, a last row of ones) and one batched GEMM ``[W | b] @ cols[n]`` that writes
+    ``out[n]`` (K, Ho·Wo) for every sample n of the chunk.
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n = x.shape[0]
@@ -113,27 +115,27 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
     rows, n_pos = n_channels * kh * kw, ho * wo
     if n == 0 or n_pos == 0:
         return out
-    wm = w.reshape(n_out, rows)
+    check_index_range(n_pos, "the output plane Ho·Wo")
+    wb = empty(w, (n_out, rows + 1))  # [W | b]: the bias is the weight of the row of ones
+    wb[:, :rows] = w.reshape(n_out, rows)
+    wb[:, rows] = b
     out3 = out.reshape(n, n_out, n_pos)
-    chunk = _chunk(n, max(rows, n_out), n_pos, x.dtype.itemsize)
-    cols_buf = empty(x, rows * chunk * n_pos)
-    t_buf = empty(x, n_out * chunk * n_pos)
+    chunk = _chunk(n, rows + 1, n_pos, x.dtype.itemsize)
+    cols_buf = empty(x, chunk * (rows + 1) * n_pos)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
-        cols = cols_buf[:rows * nc * n_pos].reshape(rows, nc, n_pos)
-        t = t_buf[:n_out * nc * n_pos].reshape(n_out, nc, n_pos)
-        launch(_im2col_kernel, cols.size, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, cols)
-        matmul(wm, cols.reshape(rows, nc * n_pos), t.reshape(n_out, nc * n_pos))
-        launch(_knq_to_nkq_bias_kernel, t.size, t, b, n0, out3)
+        cols = cols_buf[:nc * (rows + 1) * n_pos].reshape(nc, rows + 1, n_pos)
+        launch_grid(_im2col_kernel, cols.shape, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, False, cols)
+        matmul(wb, cols, out3[n0:n0 + nc])
     return out
 
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.
 
-    Per chunk of samples: a transpose kernel (g to (K, Nc, Ho·Wo)), one GEMM ``Wᵀ @ gᵀ``
-    into the column matrix, and col2im as a gather (one thread per input element, taps
-    summed in (a, e) order; no atomics).
+    Per chunk of samples: one batched GEMM ``cols[n] = Wᵀ @ g[n]`` straight from g, and
+    col2im as a gather (one thread per input element, taps summed in (a, e) order; no
+    atomics).
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n = out.shape[0]
@@ -145,17 +147,17 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
     if n_pos == 0:
         out[...] = 0
         return out
-    wm = w.reshape(n_out, rows)
+    check_index_range(out.shape[2] * out.shape[3], "the input plane H·W")
+    wt = empty(w, (rows, n_out))  # Wᵀ, contiguous once rather than per chunk
+    wt[...] = w.reshape(n_out, rows).T
     g3 = g.reshape(n, n_out, n_pos)
-    chunk = _chunk(n, max(rows, n_out), n_pos, g.dtype.itemsize)
-    cols_buf = empty(g, rows * chunk * n_pos)
-    t_buf = empty(g, n_out * chunk * n_pos)
+    chunk = _chunk(n, rows, n_pos, g.dtype.itemsize)
+    cols_buf = empty(g, chunk * rows * n_pos)
     zero = scalar(out.dtype, 0)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
-        cols = cols_buf[:rows * nc * n_pos].reshape(rows, nc, n_pos)
-        t = t_buf[:n_out * nc * n_pos].reshape(n_out, nc, n_pos)
-        launch(_nkq_to_knq_kernel, t.size, g3, n0, t)
-        matmul(wm.T, t.reshape(n_out, nc * n_pos), cols.reshape(rows, nc * n_pos))
-        launch(_col2im_kernel, nc * out[0].size, cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out)
+        cols = cols_buf[:nc * rows * n_pos].reshape(nc, rows, n_pos)
+        matmul(wt, g3[n0:n0 + nc], cols)
+        launch_grid(_col2im_kernel, (nc, n_channels, out.shape[2] * out.shape[3]),
+                    cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out)
     return out

@@ -6,12 +6,13 @@ simulator); the bias is added by a kernel of ours, one thread per output element
 """
 from numba import cuda
 
+from ... import _config
 from ._launch import launch, matmul
 
 __all__ = ["dense_forward", "dense_vjp"]
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _add_bias_kernel(out, b):
     # out (R, J) += b (J,) broadcast over rows; one thread per element
     n_out = b.shape[0]

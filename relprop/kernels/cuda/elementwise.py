@@ -7,6 +7,7 @@ NumPy reference (``np.maximum``, ``np.where``).
 """
 from numba import cuda
 
+from ... import _config
 from ._launch import launch, scalar
 
 __all__ = [
@@ -18,7 +19,7 @@ __all__ = [
 ]
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _relu_forward_kernel(x, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         v = x[k]
@@ -28,7 +29,7 @@ def _relu_forward_kernel(x, out):
             out[k] = v
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _relu_backward_gradient_kernel(g, z, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         if z[k] > 0:
@@ -37,7 +38,7 @@ def _relu_backward_gradient_kernel(g, z, out):
             out[k] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _relu_backward_guided_kernel(g, z, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         v = g[k]
@@ -47,7 +48,7 @@ def _relu_backward_guided_kernel(g, z, out):
             out[k] = 0
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _stabilized_divide_kernel(r, z, epsilon, out):
     for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
         zk = z[k]

@@ -9,6 +9,7 @@ to the input plane instead of padding a copy.
 import numpy as np
 from numba import cuda
 
+from ... import _config
 from ._launch import empty, launch, scalar
 
 __all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
@@ -16,7 +17,7 @@ __all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_v
 _NO_WINDOW = np.iinfo(np.int32).max
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _maxpool2d_forward_kernel(x, kh, kw, sh, sw, ph, pw, out, switches):
     # x (P, H, W); out, switches (P, Ho, Wo); one thread per output window
     h, wd = x.shape[1], x.shape[2]
@@ -45,7 +46,7 @@ def _maxpool2d_forward_kernel(x, kh, kw, sh, sw, ph, pw, out, switches):
         switches[p, i, j] = best_k
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _unpool_claim_kernel(switches, first, last):
     # switches (P, Ho·Wo); first, last (P, H·W) int32: the first and last window (row-major)
     # that chose each input.  Integer min/max do not depend on the order of the atomics.
@@ -58,13 +59,13 @@ def _unpool_claim_kernel(switches, first, last):
         cuda.atomic.max(last, (p, s), t)
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _fill_int_kernel(a, value):
     for k in range(cuda.grid(1), a.size, cuda.gridsize(1)):
         a[k] = value
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _unpool_gather_kernel(g, switches, first, last, zero, out):
     # g, switches (P, Ho·Wo); first, last, out (P, H·W); one thread per input position s
     plane = out.shape[1]
@@ -78,7 +79,7 @@ def _unpool_gather_kernel(g, switches, first, last, zero, out):
         out[p, s] = acc
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _avgpool2d_forward_kernel(x, kh, kw, sh, sw, ph, pw, zero, count, out):
     h, wd = x.shape[1], x.shape[2]
     ho, wo = out.shape[1], out.shape[2]
@@ -100,7 +101,7 @@ def _avgpool2d_forward_kernel(x, kh, kw, sh, sw, ph, pw, zero, count, out):
         out[p, i, j] = acc / count
 
 
-@cuda.jit
+@cuda.jit(cache=_config.NUMBA_CACHE)
 def _avgpool2d_vjp_kernel(g, kh, kw, sh, sw, ph, pw, zero, count, out):
     # g (P, Ho, Wo); out (P, H, W); one thread per input position, gathering its windows
     ho, wo = g.shape[1], g.shape[2]
