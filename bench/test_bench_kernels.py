@@ -106,8 +106,6 @@ def test_conv2d_vjp(benchmark, record_rate, name, x_shape, w_shape, padding, bac
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,x_shape", POOLS, ids=_ids(POOLS))
 def test_maxpool2d_with_switches(benchmark, record_rate, name, x_shape, backend):
-    if not hasattr(kernels(backend), "maxpool2d_forward"):
-        pytest.skip(f"no {backend} maxpool2d_forward kernel yet")
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
     out, switches = _run(benchmark, lambda: _ops.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), backend), backend, 0)
     record_rate(benchmark, nbytes=x.nbytes + out.nbytes + switches.nbytes, backend=backend,
@@ -204,8 +202,6 @@ def vgg_flops(batch):
 
 @pytest.mark.benchmark(group="forward_net")
 def test_vgg_forward_cpu(benchmark, record_rate):
-    if not hasattr(kernels("cpu"), "maxpool2d_forward"):
-        pytest.skip("no cpu maxpool2d_forward kernel yet")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((64, 3, 32, 32)).astype(np.float32)
     params = _vgg_params(rng)

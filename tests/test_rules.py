@@ -12,7 +12,6 @@ import pytest
 
 import relprop
 from relprop import rules
-from relprop._backend import kernels as backend_kernels
 from relprop.kernels.reference import lrp as ref_lrp
 from helpers import assert_close
 from nets_factory import make_net, small_conv_spec, small_dense_spec
@@ -388,11 +387,6 @@ def test_maxpool_routes_through_switches(method):
 
 
 # -- backends ------------------------------------------------------------------------------------------------
-def _cpu_ready():
-    k = backend_kernels("cpu")
-    return all(hasattr(k, name) for name in ("dense_forward", "dense_vjp", "conv2d_forward", "conv2d_vjp"))
-
-
 CPU_METHODS = [
     ("lrp.epsilon", {"epsilon": 0.05}), ("lrp.zero", {}), ("lrp.gamma", {}), ("lrp.alpha_beta", {}),
     ("lrp.zplus", {}), ("lrp.flat", {}), ("lrp.wsquare", {}), ("lrp.epsilon_plus_flat", {}),
@@ -401,7 +395,6 @@ CPU_METHODS = [
 ]
 
 
-@pytest.mark.skipif(not _cpu_ready(), reason="cpu dense/conv kernels not built yet")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("kind", list(NETS))

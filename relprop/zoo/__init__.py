@@ -91,10 +91,6 @@ def weights_path(name):
     return WEIGHTS_DIR / f"{name}.npz"
 
 
-def patterns_path(name):
-    return WEIGHTS_DIR / f"{name}_patterns.npz"
-
-
 def read(path):
     """(net, samples dict, meta dict) from a zoo ``.npz`` file (or a plain :func:`relprop.nets.save` file)."""
     from ..nets.io import from_spec
