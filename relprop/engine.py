@@ -232,6 +232,9 @@ class Sweep:
         Multiply the signal at the input by x (gradient × input).
     name : str
         For messages.
+    source : relprop.nets.Graph or None
+        The user's net when ``net`` is its canonical form: if a parameter of ``source``
+        changes, the canonical net is rebuilt before the next call (no stale folded weights).
 
     Calling it as ``sweep(x, target, backend, return_layers)`` runs the traced forward (up
     to the start layer), places the start signal and runs the rules down to the input.  With
@@ -240,7 +243,7 @@ class Sweep:
     ``per_layer[-1]`` the start signal; in a chain ``per_layer[0] is R``.
     """
 
-    def __init__(self, net, rules, start="logit", times_input=False, name="sweep"):
+    def __init__(self, net, rules, start="logit", times_input=False, name="sweep", source=None):
         if start not in ("logit", "onehot"):
             raise ValueError(f"output={start!r} is invalid; expected 'logit' or 'onehot'")
         if len(rules) != len(net.layers):
@@ -252,10 +255,22 @@ class Sweep:
         self.start = start
         self.times_input = times_input
         self.name = name
+        self.source = None if source is net else source
+        self._source_versions = None if self.source is None else self.source.versions()
         self._nonneg = nonneg_inputs(net)
         self._state = [{} for _ in net.layers]
 
+    def _refresh(self):
+        """Re-fold the user's net if its parameters changed since the canonical net was made."""
+        if self.source is not None and self.source.versions() != self._source_versions:
+            from .nets import canonical
+
+            self.net = canonical(self.source)
+            self._source_versions = self.source.versions()
+            self._state = [{} for _ in self.net.layers]
+
     def __call__(self, x, target, backend, return_layers=False):
+        self._refresh()
         k = start_layer(self.net, target, x.shape)
         trace = self.net.trace(x, backend, check=False, upto=k)
         r = self.backward(trace, start_signal(trace, k, target, self.start), k, return_layers=return_layers)

@@ -600,13 +600,16 @@ def _host64(a):
     return np.asarray(to_numpy(a), dtype=np.float64)
 
 
-def _pattern_sweep(net, mats, name, times_weight=False):
+def _pattern_sweep(net, mats, name, times_weight=False, source=None):
     """The signal sweep from the target logit with each dense/conv layer's Wᵀ replaced by ``mats[i]``ᵀ
     (or (W ⊙ mats[i])ᵀ): ReLUs gate by the forward mask, max-pool routes through the switches."""
     from .rules.signal import Gradient, Pattern
 
-    rules = [Pattern(_host64(mats[i]), times_weight) if i in mats else Gradient() for i in range(len(net.layers))]
-    return Sweep(net, rules, start="logit", name=name)
+    def matrix(m):
+        return m if isinstance(m, str) else _host64(m)
+
+    rules = [Pattern(matrix(mats[i]), times_weight) if i in mats else Gradient() for i in range(len(net.layers))]
+    return Sweep(net, rules, start="logit", name=name, source=source)
 
 
 def _pattern_mats(net, patterns, estimator, name):
@@ -630,35 +633,32 @@ def pattern_net(net, patterns=None, estimator="two_component"):
     ``estimator="two_component"``: a₊ for layers whose output goes through a ReLU, the linear a
     elsewhere (MATH.md); ``"linear"``: a everywhere.
     """
-    net = canonical(net)
-    return _pattern_sweep(net, _pattern_mats(net, patterns, estimator, "pattern.net"), "pattern.net")
+    folded = canonical(net)
+    return _pattern_sweep(folded, _pattern_mats(folded, patterns, estimator, "pattern.net"), "pattern.net",
+                          source=net)
 
 
 @register_method("pattern.attribution")
 def pattern_attribution(net, patterns=None, estimator="two_component"):
     """PatternAttribution: the sweep with W ⊙ A in place of W (DTD with root point x − a₊wᵀx), from the target logit."""
-    net = canonical(net)
-    return _pattern_sweep(net, _pattern_mats(net, patterns, estimator, "pattern.attribution"), "pattern.attribution",
-                          times_weight=True)
+    folded = canonical(net)
+    return _pattern_sweep(folded, _pattern_mats(folded, patterns, estimator, "pattern.attribution"),
+                          "pattern.attribution", times_weight=True, source=net)
 
 
 @register_method("signal.filter")
 def signal_filter(net):
     """The filter-based estimator S_w as a signal method: the pattern sweep with A = W / ‖w_j‖² per unit."""
-    net = canonical(net)
-    return _pattern_sweep(net, {i: filter_pattern(_host64(net.layers[i].weight)) for i in net.linear_layers()},
-                          "signal.filter")
+    folded = canonical(net)
+    return _pattern_sweep(folded, {i: "filter" for i in folded.linear_layers()}, "signal.filter", source=net)
 
 
 @register_method("attribution.filter")
 def attribution_filter(net):
     """w ⊙ S_w(x): the sweep with W ⊙ W / ‖w_j‖² (DTD's w² rule through the forward ReLU masks)."""
-    net = canonical(net)
-    mats = {}
-    for i in net.linear_layers():
-        w = _host64(net.layers[i].weight)
-        mats[i] = w * filter_pattern(w)
-    return _pattern_sweep(net, mats, "attribution.filter")
+    folded = canonical(net)
+    return _pattern_sweep(folded, {i: "filter" for i in folded.linear_layers()}, "attribution.filter",
+                          times_weight=True, source=net)
 
 
 class _SignalIdentity:

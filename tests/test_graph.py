@@ -331,3 +331,30 @@ def test_relu_first_net_accepts_dense_input():
     net = relprop.from_spec([{"type": "relu"}, {"type": "linear", "in": 3, "out": 2}],
                             {"1.weight": np.ones((2, 3)), "1.bias": np.zeros(2)})
     assert net.forward(np.ones((1, 3))).shape == (1, 2)
+
+
+# -- caches follow parameter changes (issue 11's fuzz finding: stale modified weights) -------------------
+STALE_METHODS = ["lrp.zplus", "lrp.epsilon_plus_flat", "lrp.alpha_beta", "lrp.gamma", "lrp.wsquare", "dtd.box",
+                 "signal.filter", "attribution.filter", "pattern.attribution", "pattern.net", "lrp.epsilon"]
+
+
+@pytest.mark.parametrize("method", STALE_METHODS)
+def test_explainer_follows_set_params(graph, method):
+    """An Explainer built before ``set_params`` explains the new weights, exactly as a fresh one does."""
+    _, _, _, net, x = graph
+    opts = {"low": -4.0, "high": 4.0} if method == "dtd.box" else {}
+    if method.startswith("pattern."):
+        opts["patterns"] = relprop.fit_patterns(net, np.random.default_rng(1).normal(size=(32,) + x.shape[1:]),
+                                                progress=False)
+    explainer = relprop.Explainer(net, method, **opts)
+    before = explainer(x)
+    rng = np.random.default_rng(2)
+    for layer in net.layers:
+        if layer.is_linear:
+            layer.set_params(layer.weight * rng.uniform(0.5, 1.5, layer.weight.shape), layer.bias)
+        elif layer.kind == "batchnorm2d":
+            layer.set_params(running_var=layer.running_var * 2.0)
+    after = explainer(x)
+    fresh = relprop.Explainer(net, method, **opts)(x)
+    np.testing.assert_allclose(after, fresh, rtol=1e-12, atol=1e-14)
+    assert not np.allclose(after, before)

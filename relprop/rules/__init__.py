@@ -40,8 +40,8 @@ _EPS = _config.DEFAULT_EPSILON
 
 def _sweep(net, assignment, output, stabilizer, name="relevance"):
     """A relevance sweep on the canonical net (batch norms folded into the dense/conv layer before them)."""
-    net = canonical(net)
-    return Sweep(net, resolve_rules(net, assignment, stabilizer), start=output, name=name)
+    folded = canonical(net)
+    return Sweep(folded, resolve_rules(folded, assignment, stabilizer), start=output, name=name, source=net)
 
 
 def _everywhere(net, rule):

@@ -78,8 +78,9 @@ class Pattern(Rule):
     pass with the pattern matrix in place of W, :math:`g^{\mathrm{in}} = A^\top g`
     (``times_weight=False``, PatternNet: the signal) or :math:`(W \odot A)^\top g`
     (``times_weight=True``, PatternAttribution).  ``matrix`` is shaped like the layer's
-    weight (float64 on the host); W ⊙ A is formed from the layer's current weight, so a
-    changed weight is never combined with a stale product.
+    weight (float64 on the host), or ``"filter"`` for the filter estimator S_w's
+    A = W / ‖w_j‖²; W ⊙ A and S_w are formed from the layer's current weight, so a changed
+    weight is never combined with a stale product.
 
     .. [Kindermans2018] P.-J. Kindermans et al. Learning how to explain neural networks:
        PatternNet and PatternAttribution. ICLR 2018.
@@ -94,9 +95,15 @@ class Pattern(Rule):
         key = ("pattern", xp.__name__, np.dtype(r.dtype).str)
         m = state.get(key)
         if m is None:
-            host = np.asarray(to_numpy(self.matrix), dtype=np.float64)
+            w = np.asarray(to_numpy(layer.weight), dtype=np.float64)
+            if isinstance(self.matrix, str):  # "filter", S_w: a = w / (wᵀw) per unit, from the layer's current weight
+                flat = w.reshape(w.shape[0], -1)
+                norm2 = (flat * flat).sum(axis=1)
+                host = (flat / np.where(norm2 > 0, norm2, 1.0)[:, None]).reshape(w.shape)
+            else:
+                host = np.asarray(to_numpy(self.matrix), dtype=np.float64)
             if self.times_weight:
-                host = np.asarray(to_numpy(layer.weight), dtype=np.float64) * host
+                host = w * host
             m = state[key] = xp.ascontiguousarray(xp.asarray(host, dtype=r.dtype))
         shape = rec.a.shape
         return layer.vjp_with(r, m, shape, rec.backend)
