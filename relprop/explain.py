@@ -48,7 +48,7 @@ def _load_method_modules():
     # Importing these registers their methods (they import this module, so import lazily).
     import importlib
 
-    for mod in ("relprop.rules", "relprop.patterns", "relprop.attribution"):
+    for mod in ("relprop.rules", "relprop.patterns", "relprop.attribution", "relprop.lime"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
