@@ -287,6 +287,261 @@ def _print_table(rows, with_mask, with_aopc, random_aopc, stream, x):
               f"noise, most relevant first (random order: {random_aopc:.2f}); higher is better", file=stream)
 
 
+# -- demo views of the feature-level methods (--show features | maximize | tcav | lime) ---------------------
+#: the zoo net each view uses when --model is not given
+VIEW_MODELS = {"heatmaps": "detector", "features": "digits_cnn", "maximize": "digits_cnn", "tcav": "digits_cnn",
+               "lime": "detector"}
+
+
+def _view_png(out, name, view):
+    path = _png_path(out, name)
+    return path if Path(str(out or "")).suffix.lower() == ".png" else path.with_name(f"relprop_{view}_{name}.png")
+
+
+def _view_data(name, samples):
+    """A data set for the views: the digits (all 1797, 28x28) or fresh detection images; the zoo samples without
+    scikit-learn."""
+    try:
+        from .nets import data
+
+        if name == "detector":
+            x, y, _ = data.detection("test", 1000, seed=5)
+            return x, y
+        if name == "digits_cnn":
+            return data.digits("all", 28)
+        if name == "digits_mlp":
+            return data.digits("all", 8, flat=True)
+    except ImportError:
+        pass
+    return samples["x"], samples["y"]
+
+
+def _last_feature_map(net, shape):
+    """The last ReLU (else any layer) whose output is a feature map of at least 4x4 positions."""
+    shapes = net.shapes((1,) + tuple(shape))
+    maps = [i for i, s in enumerate(shapes) if len(s) == 4 and min(s[2:]) >= 4]
+    if not maps:
+        raise SystemExit("relprop demo --show features: this net has no convolutional feature map")
+    relus = [i for i in maps if net.layers[i].kind == "relu"]
+    return (relus or maps)[-1]
+
+
+def demo_features(model="digits_cnn", out=None, backend=None, channels=8, k=9, stream=None):
+    """Zeiler & Fergus's figure for the last conv feature map: top-k activations, projections and patches."""
+    from . import visualize
+
+    stream = sys.stdout if stream is None else stream
+    t0 = time.perf_counter()
+    net, _, meta, samples = _load_model(model)
+    name = meta.get("name", str(model))
+    x, _ = _view_data(name, samples)
+    layer = _last_feature_map(net, x.shape[1:])
+    top = visualize.top_activations(net, x, layer, k=k, backend=backend)
+    t_top = time.perf_counter() - t0
+    rows = np.argsort(-top.values[:, 0], kind="stable")[:channels]  # the most strongly responding channels
+    rows = np.sort(rows)
+    size = visualize.receptive_field_size(net, layer, x.shape[1:])
+    print(f"relprop demo --show features: {name}, layer {layer} ({net.layers[layer].kind}), "
+          f"{len(top.channels)} channels, receptive field {size[0]}x{size[1]} px, top-{k} over {len(x)} inputs "
+          f"in {t_top:.2f} s", file=stream)
+    print(f"  {'channel':>8}{'top activation':>16}{'9th':>8}  samples", file=stream)
+    for r in rows:
+        print(f"  {int(top.channels[r]):>8}{top.values[r, 0]:>16.3f}{top.values[r, -1]:>8.3f}  "
+              f"{' '.join(str(int(i)) for i in top.index[r])}", file=stream)
+    png = _view_png(out, name, "features")
+    visualize.feature_grid(net, x, top, rows=rows, path=png, backend=backend,
+                           title=f"What the channels of layer {layer} of '{name}' respond to: their top {k} "
+                                 f"activations over {len(x)} images",
+                           footnote=f"left: each activation projected to pixel space by the DeconvNet (red +, blue −); "
+                                    f"right: the input patch under the unit's {size[0]}×{size[1]} receptive field "
+                                    "(grey: beyond the image border)")
+    print(f"\nwrote {png}", file=stream)
+    return png, top
+
+
+def demo_maximize(model="digits_cnn", out=None, backend=None, steps=200, stream=None):
+    """Activation maximisation of every class logit and of a few units of the last feature map."""
+    from . import visualize
+
+    stream = sys.stdout if stream is None else stream
+    net, _, meta, samples = _load_model(model)
+    name = meta.get("name", str(model))
+    x, _ = _view_data(name, samples)
+    shape = tuple(x.shape[1:])
+    low, high = meta.get("input_range") or (float(x.min()), float(x.max()))
+    classes = meta.get("classes") or list(range(net.shapes((1,) + shape)[-1][1]))
+    t0 = time.perf_counter()
+    opts = dict(steps=steps, lr=0.05, l2=0.01, clip=(low, high), seed=0, backend=backend)
+    if len(shape) == 3:
+        opts.update(jitter=1, blur_every=4, blur_sigma=0.6)
+    res = visualize.maximize(net, list(range(len(classes))), shape, **opts)
+    images, curves = [res.image], [res.activations]
+    titles = [f"class {c}" for c in classes]
+    logits = np.asarray(net.forward(x, backend=backend))
+    print(f"relprop demo --show maximize: {name}, {steps} steps of gradient ascent, L2 decay "
+          f"{opts['l2']}, clip to [{low:g}, {high:g}]" + (", jitter 1 px, blur every 4 steps" if len(shape) == 3 else ""),
+          file=stream)
+    print(f"  {'target':<18}{'synthesised':>12}{'best input':>12}", file=stream)
+    for c in range(len(classes)):
+        print(f"  {'logit ' + str(classes[c]):<18}{res.activations[c, -1]:>12.2f}{logits[:, c].max():>12.2f}",
+              file=stream)
+    if len(shape) == 3:
+        layer = _last_feature_map(net, shape)
+        conv = max(i for i in net.linear_layers() if i < layer)  # its pre-activation: a ReLU unit can start off
+        h, w = net.shapes((1,) + shape)[conv][2:]
+        pos = (h // 2, w // 2)
+        pre = np.asarray(net.trace(x, backend=backend).layer_output(conv))
+        unit_t = [_make_unit(conv, c, pos) for c in range(min(len(classes), pre.shape[1]))]
+        ures = visualize.maximize(net, unit_t, shape, **opts)
+        images.append(ures.image)
+        curves.append(ures.activations)
+        titles += [f"layer {conv} ch {u.channel}" for u in unit_t]
+        for u in unit_t:
+            print(f"  {f'layer {conv} ch {u.channel} @{pos}':<18}{ures.activations[u.channel, -1]:>12.2f}"
+                  f"{pre[:, u.channel, pos[0], pos[1]].max():>12.2f}", file=stream)
+    print(f"  (best input: the largest value over the {len(x)} inputs of the data set; "
+          f"{time.perf_counter() - t0:.1f} s)", file=stream)
+    png = _view_png(out, name, "maximize")
+    from . import viz
+
+    viz.maximize_figure(np.concatenate(images), np.concatenate(curves), titles=titles, path=png, cols=len(classes),
+                        image_shape=tuple(meta["image_shape"]) if meta.get("image_shape") else None,
+                        title=f"Inputs that maximise the class logits and units of '{name}' (Simonyan et al. 2013)",
+                        footnote=f"gradient ascent from uniform noise, {steps} steps, L2 decay {opts['l2']}, "
+                                 f"clipped to the input range [{low:g}, {high:g}]"
+                                 + ("; jitter and Gaussian blur; units at the centre of their map"
+                                    if len(shape) == 3 else "") + "; below: the activation at every step")
+    print(f"\nwrote {png}", file=stream)
+    return png, res
+
+
+def _make_unit(layer, channel, position=None):
+    from .visualize import _unit_type
+
+    return _unit_type()(layer=layer, channel=channel, position=position)
+
+
+def _strokes(kind, n, rng, size=28):
+    """Synthetic concept images in the digits' look: soft strokes ~3 px wide inside the 24x24 centre."""
+    from scipy.ndimage import gaussian_filter
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    out = np.zeros((n, 1, size, size), dtype=np.float32)
+
+    def segment(p, q):
+        d = q - p
+        t = np.clip(((yy - p[0]) * d[0] + (xx - p[1]) * d[1]) / max(d @ d, 1e-9), 0, 1)
+        return np.hypot(yy - p[0] - t * d[0], xx - p[1] - t * d[1])
+
+    for i in range(n):
+        c = size / 2 + rng.uniform(-2.5, 2.5, 2)
+        if kind == "ring":
+            r = rng.uniform(5.5, 8.5), rng.uniform(4.5, 7.0)
+            dist = np.abs(np.hypot((yy - c[0]) / r[0], (xx - c[1]) / r[1]) - 1) * min(r)
+        elif kind == "vertical stroke":
+            half = rng.uniform(7, 10)
+            dx = rng.uniform(-1.5, 1.5)
+            dist = segment(np.array([c[0] - half, c[1] + dx]), np.array([c[0] + half, c[1] - dx]))
+        elif kind == "horizontal stroke":
+            half = rng.uniform(5, 8)
+            y = rng.uniform(6, 21)
+            dist = segment(np.array([y, c[1] - half]), np.array([y + rng.uniform(-1, 1), c[1] + half]))
+        else:
+            raise ValueError(kind)
+        out[i, 0] = gaussian_filter(np.clip(1.8 - dist / 1.2, 0, 1), 0.7)
+    return np.clip(out, 0, 1)
+
+
+TCAV_CONCEPTS = ("ring", "vertical stroke", "horizontal stroke")
+
+
+def demo_tcav(model="digits_cnn", out=None, backend=None, classes=(0, 1, 7), n_random=12, stream=None):
+    """TCAV of synthetic stroke concepts (ring, vertical, horizontal) for a few digit classes."""
+    from . import concepts, viz
+
+    stream = sys.stdout if stream is None else stream
+    net, _, meta, samples = _load_model(model)
+    name = meta.get("name", str(model))
+    x, y = _view_data(name, samples)
+    if x.ndim != 4 or x.shape[1:] != (1, 28, 28):
+        raise SystemExit("relprop demo --show tcav: the stroke concepts are drawn for 1x28x28 digits (digits_cnn)")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    concept_x = {k: _strokes(k, 40, rng) for k in TCAV_CONCEPTS}
+    order = rng.permutation(len(x))
+    random_sets = [x[order[i * 40:(i + 1) * 40]] for i in range(n_random)]  # random digits of any class
+    layer = _last_feature_map(net, x.shape[1:])
+    results = {}
+    print(f"relprop demo --show tcav: {name}, layer {layer}, concepts drawn as strokes (40 images each) against "
+          f"{n_random} random sets of 40 digits", file=stream)
+    print(f"  {'class':<8}{'concept':<20}{'TCAV':>8}{'± std':>8}{'random':>9}{'p':>10}  CAV acc.", file=stream)
+    for c in classes:
+        cx = x[np.asarray(y) == c][:100]
+        results[f"digit {c}"] = {}
+        for k in TCAV_CONCEPTS:
+            r = concepts.tcav(net, layer, cx, c, concept_x[k], random_sets, seed=0, backend=backend)
+            results[f"digit {c}"][k] = r
+            print(f"  {c:<8}{k:<20}{r.mean:>8.2f}{r.std:>8.2f}{r.random_mean:>9.2f}{r.p_value:>10.1e}  "
+                  f"{np.nanmean(r.accuracies):.2f}", file=stream)
+    print(f"  ({time.perf_counter() - t0:.1f} s)", file=stream)
+    png = _view_png(out, name, "tcav")
+    viz.tcav_figure(results, path=png, examples=concept_x,
+                    title=f"TCAV: which drawn strokes matter to the digit classes of '{name}' (layer {layer})",
+                    footnote="bars: mean TCAV score ± std over CAVs against 12 random digit sets; grey: random "
+                             "concepts; * differs from random (two-sided t-test, p < 0.05), n.s. does not")
+    print(f"\nwrote {png}", file=stream)
+    return png, results
+
+
+def demo_lime(model="detector", out=None, backend=None, rows=4, samples=1000, stream=None):
+    """LIME on SLIC superpixels beside a relevance heatmap, on a zoo net's samples."""
+    import relprop
+    from . import viz
+
+    stream = sys.stdout if stream is None else stream
+    net, patterns, meta, smp = _load_model(model)
+    name = meta.get("name", str(model))
+    x, y, mask = smp["x"], smp["y"], smp["mask"]
+    if x.ndim != 4:
+        raise SystemExit("relprop demo --show lime: the superpixel view needs image inputs (N, C, H, W)")
+    picked = _pick_rows(y, mask, min(rows, len(x)))
+    xs = x[picked]
+    target = np.argmax(net.forward(xs, backend=backend), axis=1)
+    explainer = relprop.Explainer(net, "lime", backend=backend, samples=samples, n_segments=40, seed=0)
+    t0 = time.perf_counter()
+    fit = explainer._method.fit(xs, target, backend or "cpu")
+    per_image = (time.perf_counter() - t0) / len(xs)
+    net.forward(xs[:1], backend=backend)
+    t1 = time.perf_counter()
+    for _ in range(3):
+        net.forward(np.repeat(xs[:1], 64, axis=0), backend=backend)
+    fwd = (time.perf_counter() - t1) / 3
+    lrp = relprop.explain(net, xs, "lrp.epsilon_plus_flat", target=target, backend=backend)
+    others = {"LRP ε + z⁺ + flat": np.asarray(lrp)}
+    classes = meta.get("classes")
+    labels = [f"class {classes[t] if classes else t}" for t in target]
+    print(f"relprop demo --show lime: {name}, {samples} perturbations per image, SLIC superpixels", file=stream)
+    print(f"  {'sample':>6}{'class':>7}{'segments':>10}{'R² (weighted)':>15}", file=stream)
+    for i, n in enumerate(picked):
+        print(f"  {n:>6}{int(target[i]):>7}{len(fit.coef[i]):>10}{fit.score[i]:>15.3f}", file=stream)
+    if mask is not None:
+        inside = [float(np.sum(np.maximum(fit.heatmap()[i], 0) * mask[n]) / max(np.sum(np.maximum(fit.heatmap()[i], 0)), 1e-12))
+                  for i, n in enumerate(picked)]
+        print(f"  share of the positive LIME weight on the half with the 0-3 digit: {np.mean(inside):.0%}", file=stream)
+    print(f"  {per_image:.2f} s per image = {per_image / fwd:.1f} forward passes of a batch of 64", file=stream)
+    png = _view_png(out, name, "lime")
+    viz.lime_figure(xs, fit, path=png, row_titles=labels, others=others,
+                    title=f"LIME on '{name}': a linear surrogate on superpixels (Ribeiro et al. 2016)",
+                    footnote=f"{samples} perturbations per image switch superpixels off to 0; red: the segment raises "
+                             "the class logit, blue: lowers it; right: LRP for comparison")
+    print(f"\nwrote {png}", file=stream)
+    return png, fit
+
+
+VIEWS = {"features": demo_features, "maximize": demo_maximize, "tcav": demo_tcav, "lime": demo_lime}
+
+
+
 # -- explain --------------------------------------------------------------------------------------------
 def explain_command(args):
     import relprop
@@ -324,7 +579,11 @@ def _parser():
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="explain a zoo net's samples with ten methods: a PNG grid and a table")
-    d.add_argument("--model", default="detector", help="zoo net name or path (default: detector)")
+    d.add_argument("--model", default=None, help="zoo net name or path (default: detector; digits_cnn for the "
+                   "features, maximize and tcav views)")
+    d.add_argument("--show", default="heatmaps", choices=["heatmaps", "features", "maximize", "tcav", "lime"],
+                   help="heatmaps (default): ten methods side by side; features: top-9 activations projected by "
+                        "the DeconvNet; maximize: activation maximisation; tcav: concept tests; lime: superpixels")
     d.add_argument("--methods", default=",".join(DEMO_METHODS), help="comma-separated method names")
     d.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda"])
     d.add_argument("--out", default=None, help="output folder or .png file (default: the current folder)")
@@ -350,9 +609,12 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    if args.command == "demo" and args.show != "heatmaps":
+        VIEWS[args.show](args.model or VIEW_MODELS[args.show], out=args.out, backend=args.backend)
+        return 0
     if args.command == "demo":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        demo(args.model, methods, out=args.out, backend=args.backend, rows=args.rows, aopc=not args.no_aopc,
+        demo(args.model or "detector", methods, out=args.out, backend=args.backend, rows=args.rows, aopc=not args.no_aopc,
              quality=not args.no_quality)
         return 0
     if args.command == "explain":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -295,7 +296,9 @@ def tcav(net, layer, class_x, target, concept_x, random_sets, classifier="logist
     if np.ptp(scores) == 0 and np.ptp(rand) == 0:  # no spread: the t statistic is undefined
         p = 1.0 if scores[0] == rand[0] else 0.0
     else:
-        p = float(stats.ttest_ind(scores, rand, equal_var=False).pvalue)
+        with warnings.catch_warnings():  # scores all equal (e.g. 1.0): scipy warns of precision loss
+            warnings.simplefilter("ignore", RuntimeWarning)
+            p = float(stats.ttest_ind(scores, rand, equal_var=False).pvalue)
     return TCAVResult(scores=scores, random_scores=rand, mean=float(scores.mean()), std=float(scores.std(ddof=1)),
                       random_mean=float(rand.mean()), random_std=float(rand.std(ddof=1)), p_value=p, layer=layer,
                       target=int(target), accuracies=acc, sensitivities=sens)

@@ -68,6 +68,16 @@ def _is_chain(net):
     return all(_parents(net, i) == (i - 1,) for i in range(len(net.layers)))
 
 
+def _unit_type():
+    import relprop
+
+    if hasattr(relprop, "Unit"):
+        return relprop.Unit
+    from collections import namedtuple  # TEMPORARY until relprop.Unit lands
+
+    return namedtuple("Unit", "layer channel position")
+
+
 # -- engine bridge: the only places that read hidden layers or seed sweeps at them ------------------------
 def _layer_output(net, x, layer, backend=None):
     """The output of layer ``layer`` for the (validated) input ``x``: on a chain, only layers 0..layer run."""
@@ -163,8 +173,7 @@ class TopActivations:
 
     def units(self, row):
         """The ``relprop.Unit`` of every top activation of channel row ``row`` (for :func:`project`)."""
-        from . import Unit
-
+        Unit = _unit_type()
         c = int(self.channels[row])
         return [Unit(layer=self.layer, channel=c, position=(int(i), int(j))) for i, j in self.position[row]]
 
@@ -310,10 +319,16 @@ _PASS_THROUGH = ("relu", "identity", "dropout", "batchnorm2d", "add", "concat")
 
 
 def _window_span(lo, hi, kernel, stride, padding, dilation, size):
-    """Input rows [lo', hi'] (inclusive, clipped to [0, size)) that output rows [lo, hi] of a window read."""
-    a = lo * stride - padding
-    b = hi * stride - padding + dilation * (kernel - 1)
-    return max(a, 0), min(b, size - 1)
+    """The first and last input row (inside [0, size)) that output rows lo..hi of a window layer read.
+
+    Output row r reads the taps r·s − p + t·d, t = 0..k−1; taps in the padding read nothing,
+    so with dilation the span starts at the first tap inside the image, not at the border.
+    """
+    taps = np.arange(lo, hi + 1)[:, None] * stride - padding + np.arange(kernel)[None, :] * dilation
+    inside = taps[(taps >= 0) & (taps < size)]
+    if inside.size == 0:  # only padding: nothing of the input (cannot happen for valid geometry)
+        return 0, -1
+    return int(inside.min()), int(inside.max())
 
 
 def receptive_field(net, layer, position, input_shape):
@@ -437,6 +452,7 @@ def project(net, x, unit, method="deconvnet", backend=None, **options):
     xb = x[None] if single else x
     if xb.ndim != net.input_ndim or xb.shape[0] != 1:
         raise ValueError(f"{where}: x has shape {tuple(x.shape)}; expected one input (a batch of one or none)")
+    net.check_input(xb, where=where)
     _unit(net, where, unit, xb.shape[1:])
     r = _unit_map(net, xb, unit, method, backend, **options)
     return r[0] if single else r
@@ -455,7 +471,7 @@ def _crop(img, rows, cols, size):
     return out
 
 
-def feature_grid(net, data, top, rows=None, method="deconvnet", path=None, title=None, image_shape=None,
+def feature_grid(net, data, top, rows=None, method="deconvnet", path=None, title=None, footnote=None, ink=True,
                  backend=None, **options):
     """Zeiler & Fergus's figure: per channel, its top activations projected to pixel space beside
     the input patches that caused them, both cropped to the unit's receptive field.
@@ -473,6 +489,11 @@ def feature_grid(net, data, top, rows=None, method="deconvnet", path=None, title
         The projection method (default the DeconvNet).
     path : str or Path, optional
         Save the figure there (PNG).
+    title, footnote : str, optional
+    ink : bool
+        Draw high input values dark (digits); False for photographs.
+    options
+        Passed to the projection method.
 
     Returns
     -------
@@ -495,7 +516,7 @@ def feature_grid(net, data, top, rows=None, method="deconvnet", path=None, title
         projections.append(np.stack(proj))
         patches.append(np.stack(patch))
         titles.append(f"channel {int(top.channels[r])}")
-    return viz.feature_grid(projections, patches, titles=titles, path=path, title=title)
+    return viz.feature_grid(projections, patches, titles=titles, path=path, title=title, footnote=footnote, ink=ink)
 
 
 # -- activation maximisation ---------------------------------------------------------------------------
