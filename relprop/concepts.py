@@ -118,7 +118,9 @@ def _fit_cav(where, a_concept, a_random, layer, classifier, C, seed):
     """Fit the classifier (concept = 1, random = 0) on activations; the unit normal towards the concept."""
     X = np.concatenate([a_concept, a_random])
     y = np.r_[np.ones(len(a_concept)), np.zeros(len(a_random))]
-    # standardise with one scale (not per feature: that would tilt the normal) for the solver's sake
+    # centre and scale with one number (per-feature scales would tilt the normal): a translation leaves the
+    # normal alone, and liblinear penalises the intercept, which would tilt it for data far from the origin
+    X = X - X.mean(axis=0)
     scale = float(np.abs(X).max()) or 1.0
     X = X / scale
     accuracy = None
