@@ -206,8 +206,7 @@ def _grey(ax, img, ink):
     """Draw a grey picture (NaN as light grey); ``ink``: high values dark (digits on white)."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["gray_r" if ink else "gray"].copy()
-    cmap.set_bad((_NAN_GREY,) * 3)
+    cmap = matplotlib.colormaps["gray_r" if ink else "gray"].with_extremes(bad=(_NAN_GREY,) * 3)
     if img.ndim == 3:
         rgb = np.where(np.isnan(img), _NAN_GREY, img)
         ax.imshow(rgb, interpolation="nearest")
