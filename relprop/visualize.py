@@ -589,7 +589,7 @@ def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_ever
     Maximized
     """
     where = "maximize"
-    targets = list(target) if isinstance(target, (list, tuple)) else [target]
+    targets = list(target) if isinstance(target, (list, tuple)) and not _is_unit(target) else [target]
     if not targets:
         raise ValueError(f"{where}: target is an empty list")
     shape = tuple(int(s) for s in shape)
