@@ -243,4 +243,4 @@ def test_maximize_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         vz.maximize(m.net, 3, (1, 28, 28), init=np.full((1, 28, 28), np.nan))
     with pytest.warns(RuntimeWarning, match="gradient of the target is zero"):
-        vz.maximize(m.net, Unit(layer=4, channel=0, position=(0, 0)), (1, 28, 28), steps=1, init="zeros")
+        vz.maximize(m.net, Unit(layer=4, channel=1, position=(0, 0)), (1, 28, 28), steps=1, init="zeros")  # off at 0
