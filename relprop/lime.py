@@ -109,7 +109,7 @@ class _Lime:
     where = "lime"
 
     def __init__(self, net, segments, n_segments, compactness, samples, kernel_width, baseline, alpha, seed,
-                 batch_size):
+                 batch_size, progress=False):
         where = self.where
         self.net = net
         self.segments = segments
@@ -133,6 +133,7 @@ class _Lime:
         elif not hasattr(baseline, "shape"):
             raise TypeError(f"{where}: baseline must be a number, an array or 'mean', got {type(baseline).__name__}")
         self.baseline = baseline
+        self.progress = bool(progress)
 
     # -- inputs ---------------------------------------------------------------------------------------
     def _segment_maps(self, x):
@@ -198,7 +199,12 @@ class _Lime:
         rng = np.random.default_rng(self.seed)
         m = self.samples
         coefs, intercepts, scores = [], np.empty(n), np.empty(n)
-        for i in range(n):
+        rows = range(n)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc="lime", unit="input")
+        for i in rows:
             s_count = int(seg[i].max()) + 1
             z = rng.integers(0, 2, size=(m, s_count), dtype=np.int8)
             z[0] = 1  # the first perturbation is x itself
@@ -252,7 +258,7 @@ def _weighted_ridge(Z, f, w, alpha):
 
 @register_method("lime")
 def lime_method(net, segments=None, n_segments=50, compactness=None, samples=1000, kernel_width=0.25,
-                baseline=0.0, alpha=1.0, seed=None, batch_size=None):
+                baseline=0.0, alpha=1.0, seed=None, batch_size=None, progress=False):
     r"""LIME (Ribeiro et al. 2016): a weighted ridge surrogate of f_c on superpixels; each segment painted with β_s.
 
     Parameters
@@ -277,8 +283,11 @@ def lime_method(net, segments=None, n_segments=50, compactness=None, samples=100
     seed : None | int | numpy.random.Generator
     batch_size : int
         Perturbed inputs per forward pass.
+    progress : bool
+        A tqdm bar over the inputs.
     """
-    return _Lime(net, segments, n_segments, compactness, samples, kernel_width, baseline, alpha, seed, batch_size)
+    return _Lime(net, segments, n_segments, compactness, samples, kernel_width, baseline, alpha, seed, batch_size,
+                 progress)
 
 
 def lime(net, x, target=None, backend=None, **options):

@@ -661,15 +661,29 @@ def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_ever
     return Maximized(image=images, activations=acts, targets=targets)
 
 
+def _device(x, backend):
+    """The host image ``x`` on the device when the backend is CUDA on a real GPU (maximize keeps x on the host)."""
+    from ._backend import simulator_enabled
+
+    if backend == "cuda" and not simulator_enabled():
+        import cupy
+
+        return cupy.asarray(x)
+    return x
+
+
 def _objective(net, x, tgt, backend):
     """(S(x) per sample, ∇S(x)) for class targets (an int array) or one Unit."""
     from .explain import explain
+
+    x = _device(x, backend)
 
     if _is_unit(tgt):
         s = _unit_value(_layer_output(net, x, _resolve_layer(net, "maximize", tgt.layer), backend), tgt)
         return s, _unit_map(net, x, tgt, "gradient", backend)
     logits = net.forward(x, backend)
-    return logits[np.arange(x.shape[0]), tgt], explain(net, x, "gradient", target=tgt, backend=backend)
+    rows = array_namespace(logits).arange(x.shape[0])
+    return logits[rows, array_namespace(logits).asarray(tgt)], explain(net, x, "gradient", target=tgt, backend=backend)
 
 
 def _ascend(net, x, tgt, steps, lr, l2, jitter, blur_every, blur_sigma, clip, rng, backend, bar):
@@ -713,6 +727,9 @@ def _ascend(net, x, tgt, steps, lr, l2, jitter, blur_every, blur_sigma, clip, rn
 
 
 def _objective_value(net, x, tgt, backend):
+    x = _device(x, backend)
     if _is_unit(tgt):
         return _unit_value(_layer_output(net, x, _resolve_layer(net, "maximize", tgt.layer), backend), tgt)
-    return net.forward(x, backend)[np.arange(x.shape[0]), tgt]
+    logits = net.forward(x, backend)
+    xp = array_namespace(logits)
+    return logits[xp.arange(x.shape[0]), xp.asarray(tgt)]
