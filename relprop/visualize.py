@@ -544,7 +544,7 @@ def _is_unit(t):
 
 
 def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_every=0, blur_sigma=0.5, clip=None,
-             init="uniform", seed=None, backend=None, dtype=np.float32, progress=False):
+             init="uniform", seed=None, batch_size=None, backend=None, dtype=np.float32, progress=False):
     r"""Activation maximisation: the input that maximises a class logit or a unit.
 
     Gradient ascent on Simonyan et al.'s (2013) regularised objective
@@ -582,7 +582,11 @@ def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_ever
         of ``shape`` (or (T, *shape)).
     seed : None | int | numpy.random.Generator
         Draws of the start point and the jitter.
+    batch_size : int, optional
+        Class targets ascended together (default ``relprop._config.DEFAULT_BATCH_SIZE``).
     dtype : float32 or float64
+    progress : bool
+        A tqdm bar over the steps.
 
     Returns
     -------
@@ -642,7 +646,9 @@ def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_ever
 
     classes = [i for i, t in enumerate(targets) if not _is_unit(t)]
     units = [i for i, t in enumerate(targets) if _is_unit(t)]
-    groups = ([(classes, np.asarray([targets[i] for i in classes], dtype=np.int64))] if classes else [])
+    batch_size = _config.DEFAULT_BATCH_SIZE if batch_size is None else _check_int(where, "batch_size", batch_size, 1)
+    groups = [(classes[s:s + batch_size], np.asarray([targets[i] for i in classes[s:s + batch_size]], dtype=np.int64))
+              for s in range(0, len(classes), batch_size)]
     groups += [([i], targets[i]) for i in units]
     images = np.empty_like(x0)
     acts = np.empty((T, steps + 1))

@@ -206,8 +206,8 @@ def test_maximize_linear_unit_converges_to_w(rng):
     assert r.activations.shape == (1, 301) and r.activations[0, -1] > r.activations[0, 0]
     # a class logit of a linear net: the same fixed point
     lin = relprop.from_spec([{"type": "linear", "in": d, "out": 3}], {"0.weight": w})
-    r = vz.maximize(lin, [2, 0], (d,), steps=300, lr=1.0, l2=lam, seed=1, dtype=np.float64)
-    np.testing.assert_allclose(r.image, w[[2, 0]] / (2 * lam), rtol=1e-6)
+    r = vz.maximize(lin, [2, 0, 1], (d,), steps=300, lr=1.0, l2=lam, seed=1, dtype=np.float64, batch_size=2)
+    np.testing.assert_allclose(r.image, w[[2, 0, 1]] / (2 * lam), rtol=1e-6)
 
 
 def test_maximize_conv_unit_beats_every_zoo_sample():
