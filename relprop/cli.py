@@ -352,7 +352,7 @@ def demo_features(model="digits_cnn", out=None, backend=None, channels=8, k=9, s
     visualize.feature_grid(net, x, top, rows=rows, path=png, backend=backend,
                            title=f"What the channels of layer {layer} of '{name}' respond to: their top {k} "
                                  f"activations over {len(x)} images",
-                           footnote=f"left: each activation projected to pixel space by the DeconvNet (red +, blue −); "
+                           footnote="left: each activation projected to pixel space by the DeconvNet (red +, blue −); "
                                     f"right: the input patch under the unit's {size[0]}×{size[1]} receptive field "
                                     "(grey: beyond the image border)")
     print(f"\nwrote {png}", file=stream)
@@ -379,7 +379,8 @@ def demo_maximize(model="digits_cnn", out=None, backend=None, steps=200, stream=
     titles = [f"class {c}" for c in classes]
     logits = np.asarray(net.forward(x, backend=backend))
     print(f"relprop demo --show maximize: {name}, {steps} steps of gradient ascent, L2 decay "
-          f"{opts['l2']}, clip to [{low:g}, {high:g}]" + (", jitter 1 px, blur every 4 steps" if len(shape) == 3 else ""),
+          f"{opts['l2']}, clip to [{low:g}, {high:g}]"
+          + (", jitter 1 px, blur every 4 steps" if len(shape) == 3 else ""),
           file=stream)
     print(f"  {'target':<18}{'synthesised':>12}{'best input':>12}", file=stream)
     for c in range(len(classes)):
@@ -525,8 +526,8 @@ def demo_lime(model="detector", out=None, backend=None, rows=4, samples=1000, st
     for i, n in enumerate(picked):
         print(f"  {n:>6}{int(target[i]):>7}{len(fit.coef[i]):>10}{fit.score[i]:>15.3f}", file=stream)
     if mask is not None:
-        inside = [float(np.sum(np.maximum(fit.heatmap()[i], 0) * mask[n]) / max(np.sum(np.maximum(fit.heatmap()[i], 0)), 1e-12))
-                  for i, n in enumerate(picked)]
+        pos = np.maximum(fit.heatmap(), 0)
+        inside = [float(np.sum(pos[i] * mask[n]) / max(np.sum(pos[i]), 1e-12)) for i, n in enumerate(picked)]
         print(f"  share of the positive LIME weight on the half with the 0-3 digit: {np.mean(inside):.0%}", file=stream)
     print(f"  {per_image:.2f} s per image = {per_image / fwd:.1f} forward passes of a batch of 64", file=stream)
     png = _view_png(out, name, "lime")
@@ -614,7 +615,8 @@ def main(argv=None):
         return 0
     if args.command == "demo":
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        demo(args.model or "detector", methods, out=args.out, backend=args.backend, rows=args.rows, aopc=not args.no_aopc,
+        demo(args.model or "detector", methods, out=args.out, backend=args.backend, rows=args.rows,
+             aopc=not args.no_aopc,
              quality=not args.no_quality)
         return 0
     if args.command == "explain":

@@ -51,8 +51,10 @@ def _check_set(where, name, net, x, minimum=2):
 def layer_activations(net, x, layer, batch_size=None, backend=None):
     """:math:`f_l(x)` flattened per sample: (N, D) float64, computed in batches."""
     batch_size = batch_size or _config.DEFAULT_BATCH_SIZE
-    out = [to_numpy(_layer_output(net, x[s:s + batch_size], layer, backend)).reshape(min(batch_size, x.shape[0] - s), -1)
-           for s in range(0, x.shape[0], batch_size)]
+    out = []
+    for s in range(0, x.shape[0], batch_size):
+        xb = x[s:s + batch_size]
+        out.append(to_numpy(_layer_output(net, xb, layer, backend)).reshape(xb.shape[0], -1))
     return np.concatenate(out).astype(np.float64)
 
 
@@ -236,8 +238,9 @@ def tcav(net, layer, class_x, target, concept_x, random_sets, classifier="logist
     ``test="welch"`` is that test.  Its R concept scores share one example set, so they are
     not independent draws, and it rejects a *random* concept set far more often than its
     level (measured on the planted-bar task of tests/test_concepts.py: 23% and 35% of 30 and
-    40 random concept sets significant at 0.05; the set-level test: 3% of 30).  ``test="sets"`` is calibrated instead: every random set in turn
-    plays the concept against the other R − 1 (R(R − 1) CAVs), giving R *set-level* mean
+    40 random concept sets significant at 0.05; the set-level test: 3% of 30).
+    ``test="sets"`` is calibrated instead: every random set in turn plays the concept
+    against the other R − 1 (R(R − 1) CAVs), giving R *set-level* mean
     scores :math:`m_1..m_R` of random concepts, and the concept's mean score is tested as
     one more draw from them (a prediction t-test,
     :math:`t = (\bar s_C - \bar m) / (s_m \sqrt{1 + 1/R})`, R − 1 degrees of freedom).

@@ -52,7 +52,8 @@ def _check_int(where, name, value, minimum):
 def _check_positive(where, name, value, allow_zero=False):
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{where}: {name}={value!r} is invalid; expected a finite number {'>=' if allow_zero else '>'} 0")
+        bound = ">=" if allow_zero else ">"
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected a finite number {bound} 0")
     return float(value)
 
 
@@ -120,7 +121,8 @@ class _Lime:
         self.alpha = _check_positive(where, "alpha", alpha, allow_zero=True)
         if seed is not None and not isinstance(seed, np.random.Generator) and (
                 isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"{where}: seed must be None, an int or a numpy.random.Generator, got {type(seed).__name__}")
+            raise TypeError(f"{where}: seed must be None, an int or a numpy.random.Generator, "
+                            f"got {type(seed).__name__}")
         self.seed = seed
         self.batch_size = _config.DEFAULT_BATCH_SIZE if batch_size is None else _check_int(where, "batch_size",
                                                                                          batch_size, 1)
@@ -167,24 +169,25 @@ class _Lime:
     def _baselines(self, x, seg):
         """(N, *item) baseline values: a number, an array of one item or (N, *item), or each segment's mean."""
         where = self.where
-        if isinstance(self.baseline, str):  # "mean": each segment's mean value per channel
-            base = np.empty(x.shape, dtype=np.float64)
+        if isinstance(self.baseline, str):  # "mean": each segment's mean value, channel by channel
             xs = np.asarray(to_numpy(x), dtype=np.float64)
+            base = np.empty(x.shape, dtype=np.float64)
             for i in range(x.shape[0]):
-                s = seg[i]
-                k = int(s.max()) + 1
-                if x.ndim == 4:
-                    for c in range(x.shape[1]):
-                        m = np.bincount(s[c].ravel(), xs[i, c].ravel(), k) / np.maximum(np.bincount(s[c].ravel(), None, k), 1)
-                        base[i, c] = m[s[c]]
-                else:
-                    base[i] = (np.bincount(s.ravel(), xs[i].ravel(), k) / np.maximum(np.bincount(s.ravel(), None, k), 1))[s]
+                for c in (range(x.shape[1]) if x.ndim == 4 else [None]):
+                    s, v = (seg[i], xs[i]) if c is None else (seg[i, c], xs[i, c])
+                    k = int(seg[i].max()) + 1
+                    means = np.bincount(s.ravel(), v.ravel(), k) / np.maximum(np.bincount(s.ravel(), None, k), 1)
+                    if c is None:
+                        base[i] = means[s]
+                    else:
+                        base[i, c] = means[s]
             return base.astype(x.dtype)
         if isinstance(self.baseline, numbers.Real):
             return np.full(x.shape, self.baseline, dtype=x.dtype)
         b = np.asarray(to_numpy(self.baseline))
         if b.shape not in (tuple(x.shape[1:]), tuple(x.shape)):
-            raise ValueError(f"{where}: baseline has shape {b.shape}; expected {tuple(x.shape[1:])} or {tuple(x.shape)}")
+            raise ValueError(f"{where}: baseline has shape {b.shape}; expected {tuple(x.shape[1:])} or "
+                             f"{tuple(x.shape)}")
         V.check_finite("baseline", b, where)
         return np.broadcast_to(b, x.shape).astype(x.dtype)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["heatmap", "grid", "save_heatmap", "to_image", "feature_grid", "maximize_figure", "tcav_figure", "lime_figure"]
+__all__ = ["heatmap", "grid", "save_heatmap", "to_image", "feature_grid", "maximize_figure", "tcav_figure",
+           "lime_figure"]
 
 
 def _matplotlib():

@@ -61,7 +61,8 @@ def test_planted_concept_is_significant_and_a_random_one_is_not():
 
 def test_set_level_test_is_calibrated_where_welch_is_not():
     """test="sets": each random set's mean score against the others is the null; the concept is one more draw.
-    Measured on this task over 30 random concept sets: Welch rejects 23% at 0.05 (35% of another 40), the set test 3%."""
+    Measured on this task over 30 random concept sets: Welch rejects 23% at 0.05 (35% of another 40), the set
+    test 3%."""
     net = _bar_net()
     rng = np.random.default_rng(2)
     with_bar = _images(60, True, rng)

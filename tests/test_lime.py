@@ -10,7 +10,8 @@ from relprop import lime
 
 def _linear(rng, d, out=2):
     w = rng.normal(size=(out, d))
-    return relprop.from_spec([{"type": "linear", "in": d, "out": out}], {"0.weight": w, "0.bias": rng.normal(size=out)}), w
+    net = relprop.from_spec([{"type": "linear", "in": d, "out": out}], {"0.weight": w, "0.bias": rng.normal(size=out)})
+    return net, w
 
 
 def test_registered():
@@ -59,6 +60,17 @@ def test_segments_on_images_are_painted_with_their_coefficient(rng):
         for s in np.unique(seg):
             vals = R[i][:, seg == s]
             assert np.ptp(vals) == 0  # one value per segment, on every channel
+
+
+def test_mean_baseline_is_each_segments_mean_per_channel(rng):
+    x = rng.normal(size=(1, 2, 4, 4))
+    seg = np.repeat(np.arange(4), 4).reshape(4, 4)  # one segment per row
+    explainer = relprop.Explainer(relprop.from_spec([{"type": "flatten"}, {"type": "linear", "in": 32, "out": 1}],
+                                                    {"1.weight": np.ones((1, 32))}), "lime", segments=seg,
+                                  baseline="mean")
+    maps = explainer._method._segment_maps(x)
+    base = explainer._method._baselines(x, maps)
+    np.testing.assert_allclose(base[0], np.broadcast_to(x[0].mean(axis=2, keepdims=True), (2, 4, 4)))
 
 
 def test_seeded_and_independent_of_batch_size(rng):
