@@ -417,9 +417,9 @@ def demo_maximize(model="digits_cnn", out=None, backend=None, steps=200, stream=
 
 
 def _make_unit(layer, channel, position=None):
-    from .visualize import _unit_type
+    from .engine import Unit
 
-    return _unit_type()(layer=layer, channel=channel, position=position)
+    return Unit(layer=layer, channel=channel, position=position)
 
 
 def _strokes(kind, n, rng, size=28):

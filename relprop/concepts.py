@@ -59,14 +59,15 @@ def layer_activations(net, x, layer, batch_size=None, backend=None):
 
 
 def _layer_gradient(net, x, layer, target, backend=None):
-    """∂f_c/∂(output of layer ``layer``) for one batch: the gradient sweep stopped at that layer."""
+    """∂f_c/∂(output of layer ``layer``) for one batch: the engine's gradient sweep stopped at that layer
+    (where the layer's output feeds several layers, the signals from all of them are summed)."""
     from ._backend import array_namespace, resolve_backend
-    from .explain import output_signal, resolve_target
+    from .explain import gradient_sweep, output_signal, resolve_target
 
     backend = resolve_backend(backend, array_namespace(x))
     trace = net.trace(x, backend, check=False)
     g = output_signal(trace.output, resolve_target(trace.output, target), "onehot")
-    return net.backward(trace, g, stop=layer + 1)
+    return gradient_sweep(net).backward(trace, g, stop=layer)
 
 
 def layer_gradients(net, x, layer, target, batch_size=None, backend=None):

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import _config
 from . import _validate as V
-from ._backend import array_namespace, resolve_backend, to_numpy
+from ._backend import array_namespace, to_numpy
 
 __all__ = ["top_activations", "TopActivations", "project", "receptive_field", "feature_grid", "maximize",
            "Maximized"]
@@ -59,85 +59,38 @@ def _resolve_layer(net, where, layer):
 
 
 def _parents(net, i):
-    """Parent layer indices of layer i (-1: the net input); a chain when the net has no graph."""
-    parents = getattr(net, "parents", None)
-    return tuple(parents(i)) if parents is not None else (i - 1,)
-
-
-def _is_chain(net):
-    return all(_parents(net, i) == (i - 1,) for i in range(len(net.layers)))
-
-
-def _unit_type():
-    import relprop
-
-    if hasattr(relprop, "Unit"):
-        return relprop.Unit
-    from collections import namedtuple  # TEMPORARY until relprop.Unit lands
-
-    return namedtuple("Unit", "layer channel position")
+    """Parent layer indices of layer i (-1: the net input)."""
+    return tuple(net.parents(i))
 
 
 # -- engine bridge: the only places that read hidden layers or seed sweeps at them ------------------------
 def _layer_output(net, x, layer, backend=None):
-    """The output of layer ``layer`` for the (validated) input ``x``: on a chain, only layers 0..layer run."""
-    backend = resolve_backend(backend, array_namespace(x))
-    if _is_chain(net) and not hasattr(net, "parents"):
-        a = x
-        for lyr in net.layers[:layer + 1]:
-            a, _ = lyr.forward(a, backend)
-        return a
-    return net.trace(x, backend, check=False).layer_output(layer)
+    """The output of layer ``layer`` for the (validated) input ``x``; only the layers up to it run."""
+    return net.trace(x, backend, keep=False, check=False, upto=layer).output
 
 
 def _unit_map(net, x, unit, method="gradient", backend=None, **options):
     """``explain(net, x, method, target=unit)``: a backward sweep seeded at one unit of a hidden layer."""
-    from . import explain as _explain
+    from .explain import explain
 
-    if hasattr(__import__("relprop"), "Unit"):
-        return _explain.explain(net, x, method, target=unit, backend=backend, **options)
-    # TEMPORARY until relprop.Unit lands: seed the chain's backward sweep at the unit
-    relu = {"gradient": "gradient", "deconvnet": "deconvnet", "guided_backprop": "guided"}[method]
-    trace = net.trace(x, resolve_backend(backend, array_namespace(x)), check=False)
-    a = trace.layer_output(unit.layer)
-    g = array_namespace(a).zeros_like(a)
-    if unit.position is None:
-        g[:, unit.channel] = 1
-    else:
-        g[:, unit.channel, unit.position[0], unit.position[1]] = 1
-    return net.backward(trace, g, start=unit.layer, relu=relu)
+    return explain(net, x, method, target=unit, backend=backend, **options)
 
 
 def _unit_value(a, unit):
-    """The unit's activation per sample from its layer's output ``a``: a channel summed over positions,
-    or one position (the contract of ``relprop.Unit``)."""
-    if a.ndim == 2:
-        return a[:, unit.channel]
-    if unit.position is None:
-        return a[:, unit.channel].reshape(a.shape[0], -1).sum(axis=1)
-    i, j = unit.position
-    return a[:, unit.channel, i, j]
+    """The unit's activation per sample from its layer's output ``a`` (``relprop.Unit.value``)."""
+    return unit.value(a)
 
 
 def _unit(net, where, unit, in_shape):
-    """Validate a ``relprop.Unit`` against the net: layer, channel and position in range."""
-    for attr in ("layer", "channel", "position"):
-        if not hasattr(unit, attr):
-            raise TypeError(f"{where}: unit must be a relprop.Unit(layer=, channel=, position=), got {unit!r}")
-    layer = _resolve_layer(net, where, unit.layer)
-    shape = net.shapes((1,) + tuple(in_shape))[layer]
-    c = _check_int(where, "unit.channel", unit.channel, 0)
-    if c >= shape[1]:
-        raise ValueError(f"{where}: unit.channel={c} is out of range; layer {layer} has {shape[1]} channels")
-    if unit.position is not None:
-        if len(shape) != 4:
-            raise ValueError(f"{where}: unit.position={unit.position!r} given, but layer {layer} outputs "
-                             f"{tuple(shape)} (no spatial positions); use position=None")
-        pos = tuple(unit.position)
-        if len(pos) != 2 or not all(0 <= int(p) < s for p, s in zip(pos, shape[2:])):
-            raise ValueError(f"{where}: unit.position={unit.position!r} is out of range; layer {layer} "
-                             f"has {shape[2]}x{shape[3]} positions")
-    return layer
+    """Validate a ``relprop.Unit`` against the net (layer, channel and position exist); its layer index."""
+    from .engine import Unit
+
+    if not isinstance(unit, Unit):
+        raise TypeError(f"{where}: unit must be a relprop.Unit(layer=, channel=, position=), got {unit!r}")
+    try:
+        return unit.resolve(net, (1,) + tuple(in_shape))[0]
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 # -- top activations -------------------------------------------------------------------------------------
@@ -173,7 +126,8 @@ class TopActivations:
 
     def units(self, row):
         """The ``relprop.Unit`` of every top activation of channel row ``row`` (for :func:`project`)."""
-        Unit = _unit_type()
+        from .engine import Unit
+
         c = int(self.channels[row])
         return [Unit(layer=self.layer, channel=c, position=(int(i), int(j))) for i, j in self.position[row]]
 
@@ -339,7 +293,8 @@ def receptive_field(net, layer, position, input_shape):
     input rows :math:`[a s - p,\; b s - p + d (k - 1)]`; elementwise layers (ReLU, batch
     norm, dropout, identity) keep the window; an adaptive average pool reads its bins; where
     a layer has several inputs (add, concat) the window is the union (bounding box) over
-    the paths.  The result is clipped to the image.
+    the paths.  The result is clipped to the image.  The window is the same for every
+    channel of the layer (behind a concat, one channel may depend on a smaller part of it).
 
     Parameters
     ----------
@@ -540,7 +495,9 @@ class Maximized:
 
 
 def _is_unit(t):
-    return all(hasattr(t, a) for a in ("layer", "channel", "position"))
+    from .engine import Unit
+
+    return isinstance(t, Unit)
 
 
 def maximize(net, target, shape, steps=200, lr=0.1, l2=1e-3, jitter=0, blur_every=0, blur_sigma=0.5, clip=None,
@@ -685,7 +642,7 @@ def _objective(net, x, tgt, backend):
     x = _device(x, backend)
 
     if _is_unit(tgt):
-        s = _unit_value(_layer_output(net, x, _resolve_layer(net, "maximize", tgt.layer), backend), tgt)
+        s = _unit_value(_layer_output(net, x, tgt.layer % len(net.layers), backend), tgt)
         return s, _unit_map(net, x, tgt, "gradient", backend)
     logits = net.forward(x, backend)
     rows = array_namespace(logits).arange(x.shape[0])
@@ -735,7 +692,7 @@ def _ascend(net, x, tgt, steps, lr, l2, jitter, blur_every, blur_sigma, clip, rn
 def _objective_value(net, x, tgt, backend):
     x = _device(x, backend)
     if _is_unit(tgt):
-        return _unit_value(_layer_output(net, x, _resolve_layer(net, "maximize", tgt.layer), backend), tgt)
+        return _unit_value(_layer_output(net, x, tgt.layer % len(net.layers), backend), tgt)
     logits = net.forward(x, backend)
     xp = array_namespace(logits)
     return logits[xp.arange(x.shape[0]), xp.asarray(tgt)]

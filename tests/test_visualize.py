@@ -7,8 +7,7 @@ import pytest
 import relprop
 from relprop import visualize as vz
 
-Unit = relprop.Unit if hasattr(relprop, "Unit") else vz._unit_type()  # TEMPORARY
-needs_unit = pytest.mark.skipif(not hasattr(relprop, "Unit"), reason="TEMPORARY: relprop.Unit not landed")
+Unit = relprop.Unit
 
 
 # -- a small conv net with exact (integer) arithmetic in float64: ties are real ties ---------------------
@@ -136,6 +135,36 @@ def test_receptive_field_equals_dependency_set(layer):
         assert (rr.start, rr.stop, cc.start, cc.stop) == (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
 
 
+def test_receptive_field_on_a_graph_is_the_union_over_paths():
+    """Two branches (3x3 and 5x5 dilated by 2) joined by concat, then a residual add: the field of a unit is
+    the bounding box of everything it depends on."""
+    spec = [{"type": "conv2d", "in": 1, "out": 2, "kernel": 3, "padding": 1},                      # 0
+            {"type": "conv2d", "in": 1, "out": 2, "kernel": 5, "padding": 4, "dilation": 2,
+             "inputs": ["input"]},                                                                    # 1
+            {"type": "concat", "axis": 1, "inputs": [0, 1]},                                          # 2
+            {"type": "relu"},                                                                         # 3
+            {"type": "maxpool2d", "kernel": 2},                                                       # 4
+            {"type": "conv2d", "in": 4, "out": 4, "kernel": 3, "padding": 1},                         # 5
+            {"type": "add", "inputs": [4, 5]}]                                                        # 6
+    rng = np.random.default_rng(0)
+    weights = {"0.weight": rng.uniform(0.5, 1, (2, 1, 3, 3)), "0.bias": np.ones(2),
+               "1.weight": rng.uniform(0.5, 1, (2, 1, 5, 5)), "1.bias": np.ones(2),
+               "5.weight": rng.uniform(0.5, 1, (4, 4, 3, 3)), "5.bias": np.ones(4)}
+    net = relprop.from_spec(spec, weights)
+    x = np.full((1, 1, 20, 20), 0.5)
+    bumped = np.repeat(x, 400, axis=0)
+    bumped.reshape(-1, 400)[np.arange(400), np.arange(400)] += 100.0
+    for layer in (2, 6):
+        base = net.trace(x).layer_output(layer)
+        out = net.trace(bumped).layer_output(layer)
+        h, w = base.shape[2:]
+        for i, j in {(0, 0), (h // 2, w // 2 + 1), (h - 1, 1)}:
+            dep = np.flatnonzero(np.abs(out[:, :, i, j] - base[0, :, i, j]).max(axis=1) > 1e-6)
+            rows, cols = np.divmod(dep, 20)
+            rr, cc = vz.receptive_field(net, layer, (i, j), x.shape)
+            assert (rr.start, rr.stop, cc.start, cc.stop) == (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1)
+
+
 def test_receptive_field_bad_input():
     net = _positive_net()
     with pytest.raises(ValueError, match="out of range"):
@@ -146,7 +175,6 @@ def test_receptive_field_bad_input():
 
 
 # -- projection -----------------------------------------------------------------------------------------
-@needs_unit
 @pytest.mark.parametrize("method", ["deconvnet", "gradient", "guided_backprop"])
 def test_project_equals_explain_with_unit_target(rng, method):
     m = relprop.zoo.load("digits_cnn")
