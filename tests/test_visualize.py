@@ -175,7 +175,7 @@ def test_receptive_field_bad_input():
 
 
 # -- projection -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["deconvnet", "gradient", "guided_backprop"])
+@pytest.mark.parametrize("method", ["deconvnet", "gradient", "guided_backprop", "lrp.epsilon_plus_flat"])
 def test_project_equals_explain_with_unit_target(rng, method):
     m = relprop.zoo.load("digits_cnn")
     x = m.x[:6].astype(np.float64)
