@@ -31,4 +31,5 @@ __all__ += ["rules", "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "
             "epsilon_alpha2_beta1", "dtd_box", "dtd_wsquare"]
 __all__ += ["fit_patterns", "load_patterns", "Patterns", "PatternStats"]
 from . import viz, zoo  # noqa: E402  (numpy-only at import; matplotlib loads on first figure)
-__all__ += ["zoo", "viz", "metrics"]
+from . import concepts, visualize  # noqa: E402  (numpy-only at import; scikit-learn loads when a CAV is fitted)
+__all__ += ["zoo", "viz", "metrics", "visualize", "concepts"]
