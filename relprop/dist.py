@@ -28,6 +28,7 @@ Dask and zarr are imported when a function needs them (``pip install relprop[dis
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -35,6 +36,7 @@ import logging
 import numbers
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +188,9 @@ def as_dask_array(data, chunk=None, net=None, where="relprop.dist"):
     if arr.shape[0] == 0:
         raise ValueError(f"{where}: data holds no inputs (shape {tuple(arr.shape)})")
     if net is not None:
+        if not (hasattr(net, "check_input") and hasattr(net, "linear_layers")):
+            raise TypeError(f"{where}: net must be a relprop net (relprop.from_spec / relprop.load), "
+                            f"got {type(net).__name__}")
         # the net's own validation (rank, geometry) on one zero sample: clear messages on the client
         net.check_input(np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype), where=f"{where}: data")
     if chunk is not None:
@@ -402,10 +407,10 @@ def explain(net, data, method, target=None, client=None, chunk=None, backend=Non
         with _ClientFor(client, timeout) as c:
             return _explain_to_zarr(explainer, arr, targets, shape, out, c, overwrite, progress,
                                     _fingerprint(net, explainer.name, options, target, arr, shape))
+    if isinstance(client, (str, os.PathLike)):
+        raise ValueError(f"{where}: a lazy result (out=None) needs a running distributed.Client or None, not an "
+                         "address (the connection would close before the array is computed)")
     with _ClientFor(client, timeout) as c:
-        if c is not None and isinstance(client, (str, os.PathLike)):
-            raise ValueError(f"{where}: a lazy result (out=None) needs a running client or None, not an address "
-                             "(the connection would close before the array is computed)")
         ex_ref = _shared(explainer, c, "explainer")
     parts = [da.from_delayed(dask.delayed(_explain_block, pure=False)(ex_ref, block, t), (n,) + shape, dtype=arr.dtype)
              for block, t, n in zip(arr.to_delayed().ravel(), targets, arr.chunks[0])]
@@ -435,16 +440,28 @@ def _fingerprint(net, name, options, target, arr, shape):
         h.update(np.ascontiguousarray(value).tobytes())
 
     def describe(v):
+        """A deterministic description: values as they are, arrays (also inside patterns) by hash."""
         if v is None or isinstance(v, (bool, numbers.Number, str)):
             return repr(v)
-        if isinstance(v, np.ndarray):
-            return "array:" + hashlib.sha1(np.ascontiguousarray(v).tobytes()).hexdigest()
-        if hasattr(v, "shape"):
-            return f"{type(v).__name__}:{tuple(v.shape)}:{getattr(v, 'name', '')}"
-        return repr(v)
+        if hasattr(v, "shape") and hasattr(v, "dtype") and not hasattr(v, "dask"):
+            a = np.ascontiguousarray(np.asarray(v.get() if hasattr(v, "get") else v))
+            return f"array{a.shape}{a.dtype}:" + hashlib.sha1(a.tobytes()).hexdigest()
+        if hasattr(v, "dask"):
+            return f"dask{tuple(v.shape)}:{v.name}"
+        if isinstance(v, Mapping):
+            return {str(k): describe(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [describe(x) for x in v]
+        if dataclasses.is_dataclass(v):
+            return {f.name: describe(getattr(v, f.name)) for f in dataclasses.fields(v) if f.name != "stats"}
+        return f"{type(v).__name__}:{v!r}"
 
-    return {"method": str(name), "options": {k: describe(v) for k, v in sorted(options.items())},
-            "target": describe(target), "net": h.hexdigest(), "data_shape": list(arr.shape),
+    def digest(v):
+        text = json.dumps(describe(v), sort_keys=True)
+        return text if len(text) <= 80 else "sha1:" + hashlib.sha1(text.encode()).hexdigest()
+
+    return {"method": str(name), "options": {k: digest(v) for k, v in sorted(options.items())},
+            "target": digest(target), "net": h.hexdigest(), "data_shape": list(arr.shape),
             "dtype": np.dtype(arr.dtype).name, "out_shape": [int(arr.shape[0])] + list(shape),
             "chunk": int(arr.chunks[0][0])}
 
