@@ -264,6 +264,9 @@ def pattern_stats(net, data, client=None, chunk=None, batch_size=256, backend=No
     where = "relprop.dist.pattern_stats"
     batch_size = _int_arg(where, "batch_size", batch_size)
     split_every = _int_arg(where, "split_every", split_every, 2)
+    if isinstance(client, (str, os.PathLike)):
+        raise ValueError(f"{where}: the lazy statistics need a running distributed.Client or None, not an address "
+                         "(fit_patterns accepts an address)")
     arr = as_dask_array(data, chunk, net, where)
     net_ref = _shared(net, client, "net")
     level = [dask.delayed(_chunk_stats, pure=False)(net_ref, block, batch_size, backend)
@@ -346,19 +349,20 @@ def _explain_block(explainer, block, target):
 
 
 def _prepare(net, method, backend, options, arr, probe_target, where):
-    """The Explainer (checked on the client) and the per-sample output shape, from one zero sample."""
+    """The Explainer (checked on the client) and the per-sample output shape and dtype, from one zero sample."""
     from .explain import Explainer
 
     explainer = Explainer(net, method, backend=backend, **options)
     probe = np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype)
     try:
         with np.errstate(all="ignore"):
-            shape = tuple(np.asarray(explainer(probe, probe_target)).shape[1:])
+            r = np.asarray(explainer(probe, probe_target))
+        shape, dtype = tuple(r.shape[1:]), r.dtype
     except (ValueError, TypeError):
         if probe_target is not None and not isinstance(probe_target, np.ndarray):
             raise          # an invalid target or option: the same error on every chunk
-        shape = tuple(arr.shape[1:])
-    return explainer, shape
+        shape, dtype = tuple(arr.shape[1:]), arr.dtype
+    return explainer, shape, dtype
 
 
 def explain(net, data, method, target=None, client=None, chunk=None, backend=None, out=None, overwrite=False,
@@ -371,7 +375,7 @@ def explain(net, data, method, target=None, client=None, chunk=None, backend=Non
         As in :func:`relprop.explain`; ``target`` may be None, an int, a unit, or an (N,)
         int array (NumPy or dask).
     data : dask array, zarr array, zarr or .npy path, or NumPy array (N, ...)
-    client : distributed.Client, scheduler address or None
+    client : distributed.Client, None, or (with ``out``) a scheduler address
         Where the Explainer is scattered to (and, with ``out``, where the work runs).
     chunk : int
         Samples per task (rechunks); default: the data's chunking.
@@ -392,8 +396,8 @@ def explain(net, data, method, target=None, client=None, chunk=None, backend=Non
     Returns
     -------
     dask array (N, ...)
-        With float32 data the heatmaps equal ``relprop.explain`` on the same chunks bitwise
-        (float32 sums depend on the batch split, so compare at equal chunk sizes).
+        The heatmaps equal ``relprop.explain`` on the same chunks bitwise (the sums depend on
+        the batch split in the last bits, float64 included: compare at equal chunk sizes).
     """
     dask = _dask()
     da = dask.array
@@ -402,17 +406,17 @@ def explain(net, data, method, target=None, client=None, chunk=None, backend=Non
     if out is not None:
         arr = _regular(arr, out, overwrite)
     targets, probe_target = _targets(target, arr, where)
-    explainer, shape = _prepare(net, method, backend, options, arr, probe_target, where)
+    explainer, shape, dtype = _prepare(net, method, backend, options, arr, probe_target, where)
     if out is not None:
         with _ClientFor(client, timeout) as c:
-            return _explain_to_zarr(explainer, arr, targets, shape, out, c, overwrite, progress,
-                                    _fingerprint(net, explainer.name, options, target, arr, shape))
+            return _explain_to_zarr(explainer, arr, targets, out, c, progress,
+                                    _fingerprint(net, explainer.name, options, target, arr, shape, dtype), overwrite)
     if isinstance(client, (str, os.PathLike)):
         raise ValueError(f"{where}: a lazy result (out=None) needs a running distributed.Client or None, not an "
                          "address (the connection would close before the array is computed)")
     with _ClientFor(client, timeout) as c:
         ex_ref = _shared(explainer, c, "explainer")
-    parts = [da.from_delayed(dask.delayed(_explain_block, pure=False)(ex_ref, block, t), (n,) + shape, dtype=arr.dtype)
+    parts = [da.from_delayed(dask.delayed(_explain_block, pure=False)(ex_ref, block, t), (n,) + shape, dtype=dtype)
              for block, t, n in zip(arr.to_delayed().ravel(), targets, arr.chunks[0])]
     return da.concatenate(parts, axis=0)
 
@@ -432,7 +436,7 @@ def _regular(arr, out, overwrite):
     return arr.rechunk({0: want})
 
 
-def _fingerprint(net, name, options, target, arr, shape):
+def _fingerprint(net, name, options, target, arr, shape, dtype):
     """What identifies an explain job, for the resumability check (JSON-able)."""
     h = hashlib.sha1()
     for key, value in sorted(net.state_dict().items()):
@@ -463,6 +467,7 @@ def _fingerprint(net, name, options, target, arr, shape):
     return {"method": str(name), "options": {k: digest(v) for k, v in sorted(options.items())},
             "target": digest(target), "net": h.hexdigest(), "data_shape": list(arr.shape),
             "dtype": np.dtype(arr.dtype).name, "out_shape": [int(arr.shape[0])] + list(shape),
+            "out_dtype": np.dtype(dtype).name,
             "chunk": int(arr.chunks[0][0])}
 
 
@@ -491,7 +496,7 @@ def _open_out(out, fingerprint, overwrite):
         return zarr.open_array(str(path), mode="r+")
     if path.exists():
         shutil.rmtree(path)
-    arr = zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=fingerprint["dtype"],
+    arr = zarr.open_array(str(path), mode="w", shape=shape, chunks=chunks, dtype=fingerprint["out_dtype"],
                           fill_value=0, zarr_format=3)
     job.parent.mkdir(parents=True, exist_ok=True)
     _marker_dir(out).mkdir(parents=True, exist_ok=True)
@@ -540,14 +545,15 @@ def _write_chunk(explainer, block, target, out, k, row0, run):
     return k
 
 
-def _explain_to_zarr(explainer, arr, targets, shape, out, client, overwrite, progress, fingerprint):
+def _explain_to_zarr(explainer, arr, targets, out, client, progress, fingerprint, overwrite):
     dask = _dask()
     zarr_array = _open_out(out, fingerprint, overwrite)
     done = set(completed_chunks(out))
     run = uuid.uuid4().hex
     ex_ref = _shared(explainer, client, "explainer")
     starts = np.cumsum((0,) + arr.chunks[0])[:-1]
-    tasks = [dask.delayed(_write_chunk, pure=False)(ex_ref, block, t, os.fspath(out), k, int(row0), run)
+    where = os.path.abspath(os.fspath(out))          # the workers may run in another directory
+    tasks = [dask.delayed(_write_chunk, pure=False)(ex_ref, block, t, where, k, int(row0), run)
              for k, (block, t, row0) in enumerate(zip(arr.to_delayed().ravel(), targets, starts))
              if k not in done]
     del zarr_array
@@ -616,6 +622,8 @@ def perturbation_curve(net, data, R, target=None, patch=1, steps=None, fill="ran
     targets, _ = _targets(target, arr, where)
     options = dict(patch=patch, steps=steps, fill=fill, order=order, batch_size=batch_size, backend=backend)
     seeds = [_chunk_seed(seed, k) for k in range(len(arr.chunks[0]))]
+    if isinstance(client, (str, os.PathLike)):
+        raise ValueError(f"{where}: the lazy curves need a running distributed.Client or None, not an address")
     with _ClientFor(client) as c:
         net_ref = _shared(net, c, "net")
     parts = [da.from_delayed(dask.delayed(_curve_block, pure=False)(net_ref, xb, rb, t, options, s), (n, steps + 1),

@@ -98,19 +98,19 @@ def _assert_same_counts(s, t):
 
 # -- pattern statistics ------------------------------------------------------------------------
 def test_fit_patterns_equals_single_process(client, cnn, digits):
-    x = digits.astype(np.float64)                      # float64 statistics end to end
-    want = _fit_quiet(relprop.fit_patterns, cnn.net, x, batch_size=32, progress=False)
-    got = _fit_quiet(dist.fit_patterns, cnn.net, da.from_array(x, chunks=(32, 1, 28, 28)), client=client,
+    x = digits[:160].astype(np.float64)                # float64 statistics end to end
+    want = _fit_quiet(relprop.fit_patterns, cnn.net, x, batch_size=20, progress=False)
+    got = _fit_quiet(dist.fit_patterns, cnn.net, da.from_array(x, chunks=(20, 1, 28, 28)), client=client,
                      split_every=3)                    # 8 chunks: a tree of two merge levels
     _assert_same_patterns(want, got)
     _assert_same_counts(want.stats, got.stats)
     assert got.stats.n_inputs == len(x) and got.mean_y == want.mean_y
     # dask's default scheduler (no client), from a NumPy array with another chunking: same patterns
-    local = _fit_quiet(dist.fit_patterns, cnn.net, x, chunk=100, batch_size=20)
+    local = _fit_quiet(dist.fit_patterns, cnn.net, x, chunk=80, batch_size=20)
     _assert_same_patterns(want, local)
-    # the tree of merges is what the stats API promises: merged chunk sums == one pass
-    s = dist.pattern_stats(cnn.net, x, chunk=128).compute(scheduler="synchronous")
-    assert s.n_inputs == len(x) and s.net is None
+    # the lazy building block: the merged sums, without the net (it never travels back)
+    s = dist.pattern_stats(cnn.net, x[:40], chunk=20).compute(scheduler="synchronous")
+    assert s.n_inputs == 40 and s.net is None
 
 
 # -- explanations ----------------------------------------------------------------------------
@@ -164,6 +164,20 @@ def test_explain_to_zarr_resumes_only_missing_chunks(client, cnn, digits, tmp_pa
         dist.explain(cnn.net, x, "gradient", client=client, out=out)
     with pytest.raises(ValueError, match="not written by relprop.dist"):
         dist.explain(cnn.net, x, "gradient", out=str(tmp_path))
+
+
+def test_explain_without_client_and_other_output_shapes(cnn, digits, tmp_path):
+    """dask's default scheduler; a .npy path in; a method whose map is not shaped like x (erasure)."""
+    x = digits[:40].astype(np.float64)
+    np.save(tmp_path / "x.npy", x)
+    R = dist.explain(cnn.net, str(tmp_path / "x.npy"), "lrp.epsilon", chunk=16, out=str(tmp_path / "R.zarr"))
+    # bitwise at equal chunk sizes: even float64 sums differ in the last bit across batch splits
+    np.testing.assert_array_equal(R.compute(), np.concatenate([relprop.explain(cnn.net, x[s:s + 16], "lrp.epsilon")
+                                                               for s in (0, 16, 32)]))
+    E = dist.explain(cnn.net, x[:8], "erasure", chunk=4)
+    want = relprop.explain(cnn.net, x[:8], "erasure")
+    assert E.shape == want.shape
+    np.testing.assert_allclose(E.compute(), want, rtol=1e-12, atol=1e-12)
 
 
 # -- evaluation ------------------------------------------------------------------------------
