@@ -611,17 +611,27 @@ class _DaskSession:
         return False
 
 
+def _dask_data(dist, args, net, where):
+    try:
+        return dist.as_dask_array(args.data, chunk=args.chunk, net=net, where=where)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def fit_patterns_command(args):
     from . import dist
 
     net, _, _, _ = _load_model(args.model)
     t0 = time.perf_counter()
     with _DaskSession(args.scheduler, args.timeout) as client:
-        data = dist.as_dask_array(args.data, chunk=args.chunk, net=net, where="relprop fit-patterns")
+        data = _dask_data(dist, args, net, "relprop fit-patterns")
         print(f"relprop fit-patterns: {data.shape[0]} inputs {tuple(data.shape[1:])} in {data.numblocks[0]} "
               f"chunk(s) of up to {max(data.chunks[0])}")
-        patterns = dist.fit_patterns(net, data, client=client, batch_size=args.batch_size, backend=args.backend,
-                                     mean_y=args.mean_y, progress=True)
+        try:
+            patterns = dist.fit_patterns(net, data, client=client, batch_size=args.batch_size, backend=args.backend,
+                                         mean_y=args.mean_y, progress=True)
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"relprop fit-patterns: {exc}") from None
     patterns.save(args.out)
     print(f"wrote {args.out} (patterns of layers {list(patterns)} from {patterns.stats.n_inputs} inputs, "
           f"{time.perf_counter() - t0:.1f} s)")
@@ -637,10 +647,13 @@ def _dist_explain_command(args):
         patterns = relprop.load_patterns(args.patterns, net)
     t0 = time.perf_counter()
     with _DaskSession(args.scheduler, args.timeout) as client:
-        data = dist.as_dask_array(args.data, chunk=args.chunk, net=net, where="relprop explain")
+        data = _dask_data(dist, args, net, "relprop explain")
         options = _method_options(args.method, net, patterns, meta, data, dict(args.option or []))
-        R = dist.explain(net, data, args.method, target=args.target, client=client, backend=args.backend,
-                         out=args.out, overwrite=args.overwrite, progress=True, **options)
+        try:
+            R = dist.explain(net, data, args.method, target=args.target, client=client, backend=args.backend,
+                             out=args.out, overwrite=args.overwrite, progress=True, **options)
+        except (ValueError, TypeError) as exc:
+            raise SystemExit(f"relprop explain: {exc}") from None
     print(f"wrote {args.out} ({R.shape[0]} input(s) in {R.numblocks[0]} chunk(s), method {args.method}, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0

@@ -192,7 +192,12 @@ def as_dask_array(data, chunk=None, net=None, where="relprop.dist"):
             raise TypeError(f"{where}: net must be a relprop net (relprop.from_spec / relprop.load), "
                             f"got {type(net).__name__}")
         # the net's own validation (rank, geometry) on one zero sample: clear messages on the client
-        net.check_input(np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype), where=f"{where}: data")
+        try:
+            net.check_input(np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype), where=f"{where}: data")
+        except ValueError as exc:
+            msg = str(exc)
+            raise ValueError(msg if msg.startswith(where) else f"{where}: data of shape {tuple(arr.shape)} does not "
+                             f"fit the net: {msg}") from None
     if chunk is not None:
         arr = arr.rechunk({0: chunk, **{k: -1 for k in range(1, arr.ndim)}})
     elif any(len(c) > 1 for c in arr.chunks[1:]):
