@@ -236,6 +236,17 @@ def test_bad_inputs(cnn, digits):
         dist.fit_patterns(net, bad, chunk=64)
 
 
+def test_failed_chunk_is_never_presented_as_complete(cnn, digits, tmp_path):
+    out = str(tmp_path / "R.zarr")
+    bad = digits[:64].copy()
+    bad[40, 0, 5, 5] = np.inf                             # chunk 2 of 4 fails on its worker
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        dist.explain(cnn.net, bad, "gradient", chunk=16, out=out)
+    assert 2 not in dist.completed_chunks(out)
+    with pytest.raises(ValueError, match="incomplete"):
+        dist.open_result(out)
+
+
 # -- the command line ------------------------------------------------------------------------
 def test_cli_fit_patterns_and_explain(client, cnn, digits, tmp_path, capsys):
     from relprop import cli
