@@ -54,42 +54,41 @@ def _chunk_seconds(net, x):
     """Seconds for one chunk's statistics, measured on the worker (after a warm-up call)."""
     from relprop.dist import _chunk_stats
 
-    _chunk_stats(net, x[:2], CHUNK, None)
+    _chunk_stats(net, x[:2], len(x), None)
     t0 = time.perf_counter()
-    _chunk_stats(net, x, CHUNK, None)
+    _chunk_stats(net, x, len(x), None)
     return time.perf_counter() - t0
 
 
-def _throughput(client, net, x):
+def _throughput(client, net, x, chunk):
     """Images per second of the whole statistics pass (warm workers: one untimed pass first)."""
-    client.compute(dist.pattern_stats(net, x[: CHUNK * len(client.scheduler_info()["workers"])], client=client,
-                                      chunk=CHUNK)).result()
+    client.compute(dist.pattern_stats(net, x[: chunk * len(client.scheduler_info()["workers"])], client=client,
+                                      chunk=chunk)).result()
     t0 = time.perf_counter()
-    stats = client.compute(dist.pattern_stats(net, x, client=client, chunk=CHUNK)).result()
+    stats = client.compute(dist.pattern_stats(net, x, client=client, chunk=chunk)).result()
     seconds = time.perf_counter() - t0
     assert stats.n_inputs == len(x)
     return len(x) / seconds
 
 
-def _overhead(client, net, x):
+def _overhead(client, net, x, chunk):
     client.submit(_noop, -1, pure=False).result()
     t0 = time.perf_counter()
     for i in range(50):
         client.submit(_noop, i, pure=False).result()
     per_task = (time.perf_counter() - t0) / 50
     net_ref = client.scatter(net, broadcast=True, hash=False)
-    chunk = client.submit(_chunk_seconds, net_ref, x[:CHUNK], pure=False).result()
-    return per_task, chunk
+    return per_task, client.submit(_chunk_seconds, net_ref, x[:chunk], pure=False).result()
 
 
-def _local(n_workers, net, x, overhead=False):
+def _local(n_workers, net, x, chunk, overhead=False):
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
                       env=ONE_THREAD, silence_logs=40) as cluster, Client(cluster) as client:
         client.wait_for_workers(n_workers)
-        rate = _throughput(client, net, x)
-        return (rate, _overhead(client, net, x)) if overhead else (rate, None)
+        rate = _throughput(client, net, x, chunk)
+        return (rate, _overhead(client, net, x, chunk)) if overhead else (rate, None)
 
 
 class _SeparateCluster:
@@ -136,26 +135,26 @@ class _SeparateCluster:
         return False
 
 
-def _separate(n_workers, net, x):
+def _separate(n_workers, net, x, chunk):
     with _SeparateCluster(n_workers) as client:
-        return _throughput(client, net, x)
+        return _throughput(client, net, x, chunk)
 
 
-def measure(n_images=512, separate=True):
-    """The figures of the module doc, as a dict."""
+def measure(n_images=512, separate=True, chunk=CHUNK):
+    """The figures of the module doc, as a dict (``chunk64_s`` is for ``chunk`` images)."""
     net = random_net(cifar_vgg_spec())
     x = np.random.default_rng(1).normal(size=(n_images, 3, 32, 32)).astype(np.float32)
-    out = {"n_images": n_images, "chunk": CHUNK}
+    out = {"n_images": n_images, "chunk": chunk}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        one, (per_task, chunk) = _local(1, net, x, overhead=True)
-        two, _ = _local(2, net, x)
+        one, (per_task, seconds) = _local(1, net, x, chunk, overhead=True)
+        two, _ = _local(2, net, x, chunk)
         out.update(localcluster_1_images_per_s=one, localcluster_2_images_per_s=two,
-                   x_two_workers_localcluster=two / one, task_overhead_ms=per_task * 1e3, chunk64_s=chunk,
-                   overhead_vs_chunk64=per_task / chunk)
+                   x_two_workers_localcluster=two / one, task_overhead_ms=per_task * 1e3, chunk64_s=seconds,
+                   overhead_vs_chunk64=per_task / seconds)
         if separate:
-            s1 = _separate(1, net, x)
-            s2 = _separate(2, net, x)
+            s1 = _separate(1, net, x, chunk)
+            s2 = _separate(2, net, x, chunk)
             out.update(separate_1_images_per_s=s1, separate_2_images_per_s=s2, x_two_workers_separate=s2 / s1)
     return out
 
@@ -163,7 +162,7 @@ def measure(n_images=512, separate=True):
 def test_dist_pattern_stats_scaling(benchmark):
     benchmark.group = "dist-cifar_vgg"
     if benchmark.disabled:       # smoke: the machinery works end to end on a few images
-        figures = benchmark(measure, n_images=2 * CHUNK, separate=False)
+        figures = benchmark(measure, n_images=8, separate=False, chunk=4)
         assert figures["x_two_workers_localcluster"] > 0 and figures["overhead_vs_chunk64"] > 0
         return
     figures = benchmark.pedantic(measure, rounds=1, iterations=1)

@@ -188,12 +188,16 @@ def as_dask_array(data, chunk=None, net=None, where="relprop.dist"):
     if arr.shape[0] == 0:
         raise ValueError(f"{where}: data holds no inputs (shape {tuple(arr.shape)})")
     if net is not None:
-        if not (hasattr(net, "check_input") and hasattr(net, "linear_layers")):
+        if not (hasattr(net, "shapes") and hasattr(net, "linear_layers")):
             raise TypeError(f"{where}: net must be a relprop net (relprop.from_spec / relprop.load), "
                             f"got {type(net).__name__}")
         # the net's own validation (rank, geometry) on one zero sample: clear messages on the client
+        probe = np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype)
         try:
-            net.check_input(np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype), where=f"{where}: data")
+            if hasattr(net, "check_input"):
+                net.check_input(probe, where=f"{where}: data")
+            else:
+                net.shapes(probe.shape)
         except ValueError as exc:
             msg = str(exc)
             raise ValueError(msg if msg.startswith(where) else f"{where}: data of shape {tuple(arr.shape)} does not "
