@@ -113,6 +113,24 @@ def test_fit_patterns_equals_single_process(client, cnn, digits):
     assert s.n_inputs == 40 and s.net is None
 
 
+def test_net_travels_once_not_in_every_task(cnn, digits):
+    """Without a client the net (or the Explainer) is one key of the graph; the tasks refer to it."""
+    import pickle
+
+    import cloudpickle
+
+    net_bytes = len(pickle.dumps(cnn.net))
+    lazy = {"net": dist.pattern_stats(cnn.net, digits, chunk=16),
+            "explainer": dist.explain(cnn.net, digits, "gradient", chunk=16)}
+    for name, obj in lazy.items():
+        graph = dict(obj.__dask_graph__())
+        shared = [k for k in graph if str(k).startswith(f"relprop-{name}-")]
+        assert len(shared) == 1 and len(cloudpickle.dumps(graph[shared[0]])) >= net_bytes
+        tasks = [k for k in graph if str(k).startswith(("_chunk_stats", "_explain_block"))]
+        assert len(tasks) == 16
+        assert max(len(cloudpickle.dumps(graph[k])) for k in tasks) < net_bytes / 50
+
+
 # -- explanations ----------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "gradient", "pattern.attribution"])
 def test_explain_equals_in_memory_bitwise(client, cnn, digits, method):
@@ -228,6 +246,8 @@ def test_bad_inputs(cnn, digits):
     t0 = time.perf_counter()
     with pytest.raises(ConnectionError, match="could not reach a Dask scheduler"):
         dist.fit_patterns(net, digits, client="tcp://127.0.0.1:9", timeout=2)
+    with pytest.raises(ValueError, match="running distributed.Client"):
+        dist.explain(net, digits, "gradient", client="tcp://127.0.0.1:9")     # lazy: would outlive the connection
     assert time.perf_counter() - t0 < 20                  # a timeout, not a hang
     # a NaN in a chunk fails on the worker with relprop's message, and the fit raises
     bad = digits.copy()
