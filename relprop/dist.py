@@ -19,10 +19,16 @@ The net (or the prepared :class:`relprop.Explainer`) travels to each worker once
 ``client`` it is scattered to every worker (``client.scatter(..., broadcast=True)``), without
 one it is a single key of the task graph that every task depends on, so no task pickles it.
 
-``client``: a :class:`distributed.Client`, a scheduler address (``"tcp://host:8786"``:
-connected for the call and closed after it, a :class:`ConnectionError` after
-``timeout`` seconds if nobody answers), or None: dask's default scheduler (a
-``distributed.Client`` made current by the caller, else dask's local threads).
+``client``: a :class:`distributed.Client`; a scheduler address (``"tcp://host:8786"``,
+for the calls that compute right away: :func:`fit_patterns`, :func:`explain` with
+``out=``, :func:`aopc`; connected for the call and closed after it, a
+:class:`ConnectionError` after ``timeout`` seconds if nobody answers); or None: dask's
+default scheduler (a ``distributed.Client`` made current by the caller, else dask's
+local threads).
+
+Memory: each chunk's statistics are as large as the net's pattern sums (Σxy and Σ₊xy
+are twice the size of every weight, in float64), whatever the chunk size, and a merge
+task holds ``split_every`` of them: for a big net choose big chunks (fewer partial sums).
 
 Dask and zarr are imported when a function needs them (``pip install relprop[dist]``).
 """
