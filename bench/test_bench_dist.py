@@ -84,7 +84,7 @@ def _overhead(client, net, x, chunk):
 def _local(n_workers, net, x, chunk, overhead=False):
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       env=ONE_THREAD, silence_logs=40) as cluster, Client(cluster) as client:
         client.wait_for_workers(n_workers)
         rate = _throughput(client, net, x, chunk)
