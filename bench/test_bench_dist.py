@@ -21,6 +21,12 @@ Every worker runs single-threaded (``OMP_NUM_THREADS=NUMBA_NUM_THREADS=1``), so 
 k cores. The machine is shared: absolute seconds mean little, compare the ratios of one run.
 ``pytest bench/test_bench_dist.py --benchmark-disable`` runs a small smoke version;
 ``python bench/test_bench_dist.py`` prints the figures.
+
+Measured 2026-12-01 04:29 UTC, 512 images, **under load** (the 2-core machine shared with
+other agents, load average 8-11): separate sessions 1.24x (2 workers over 1), LocalCluster
+1.04x; empty-task round trip 26 ms = 0.67% of a 64-image chunk (3.9 s on one thread).  An
+earlier run of 128 images under similar load gave 1.80x separate, 0.73x LocalCluster,
+0.61%.  The issue's target (>= 1.6x) needs two idle cores to be judged.
 """
 import os
 import subprocess
@@ -33,13 +39,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))          # run as a script: this checkout's relprop and bench
+
 dask = pytest.importorskip("dask")
 distributed = pytest.importorskip("distributed")
 
 from relprop import dist  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 from bench.nets import cifar_vgg_spec, random_net  # noqa: E402
 
 CHUNK = 64
