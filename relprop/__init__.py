@@ -33,3 +33,5 @@ __all__ += ["fit_patterns", "load_patterns", "Patterns", "PatternStats"]
 from . import viz, zoo  # noqa: E402  (numpy-only at import; matplotlib loads on first figure)
 from . import concepts, visualize  # noqa: E402  (numpy-only at import; scikit-learn loads when a CAV is fitted)
 __all__ += ["zoo", "viz", "metrics", "visualize", "concepts"]
+from .io import from_onnx, from_torch  # noqa: E402  (onnx / torch load inside these functions)
+__all__ += ["from_onnx", "from_torch"]
