@@ -47,13 +47,18 @@ def _is_relevance(method):
 
 # -- loading models and options ------------------------------------------------------------------
 def _load_model(spec):
-    """(net, patterns or None, meta, samples dict) from a zoo name or a ``.npz`` path."""
+    """(net, patterns or None, meta, samples dict) from a zoo name, a ``.npz`` path or an ``.onnx`` file."""
     from . import zoo
 
+    if Path(spec).suffix.lower() == ".onnx" and Path(spec).is_file():
+        from .io import from_onnx
+
+        return from_onnx(spec), None, {"name": Path(spec).stem}, {"x": None, "y": None, "mask": None}
     if spec in zoo.NAMES or Path(spec).exists():
         m = zoo.load(spec)
         return m.net, m.patterns, m.meta, {"x": m.x, "y": m.y, "mask": m.masks}
-    raise SystemExit(f"relprop: --model {spec!r} is neither a zoo net ({', '.join(zoo.NAMES)}) nor an existing file")
+    raise SystemExit(f"relprop: --model {spec!r} is neither a zoo net ({', '.join(zoo.NAMES)}) nor an existing "
+                     "file (.npz or .onnx)")
 
 
 def _method_options(method, net, patterns, meta, x, extra=None):

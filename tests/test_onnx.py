@@ -596,3 +596,47 @@ def test_warnings_are_only_for_softmax():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         relprop.from_onnx(vgg_graph())
+
+
+# -- the zoo's ONNX file and the command line --------------------------------------------------------
+def test_zoo_digits_resnet_onnx_equals_shipped_net():
+    m = relprop.zoo.load("digits_resnet")
+    path = relprop.zoo.onnx_path("digits_resnet")
+    assert path.stat().st_size < 100_000  # tiny
+    net = relprop.from_onnx(path)
+    assert net.spec() == m.net.spec()
+    state = net.state_dict()
+    assert sorted(state) == sorted(m.net.state_dict())
+    for k, v in m.net.state_dict().items():
+        np.testing.assert_array_equal(state[k], v)
+    kinds = [e["type"] for e in net.spec()]
+    assert kinds.count("add") == 2 and kinds.count("batchnorm2d") == 5
+    out = net.forward(m.x)
+    np.testing.assert_array_equal(out, m.net.forward(m.x))
+    model = onnx.load(str(path))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    expected = np.concatenate([sess.run(None, {name: m.x[i:i + 1]})[0] for i in range(len(m.x))])
+    assert_close(out, expected)
+    assert np.mean(out.argmax(1) == m.y) >= 0.9
+
+
+def test_cli_explain_loads_onnx(tmp_path):
+    from relprop import cli
+
+    m = relprop.zoo.load("digits_resnet")
+    np.save(tmp_path / "x.npy", m.x[:3])
+    rc = cli.main(["explain", "--model", str(relprop.zoo.onnx_path("digits_resnet")), "--input",
+                   str(tmp_path / "x.npy"), "--method", "lrp.epsilon_plus_flat", "--out", str(tmp_path / "R.npy")])
+    assert rc == 0
+    R = np.load(tmp_path / "R.npy")
+    np.testing.assert_allclose(R, relprop.explain(m.net, m.x[:3], "lrp.epsilon_plus_flat"), rtol=1e-5, atol=1e-7)
+
+
+def test_cli_demo_digits_resnet(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from relprop import cli
+
+    png, rows = cli.demo("digits_resnet", methods=["gradient", "lrp.epsilon_plus_flat"], out=tmp_path, aopc=False)
+    assert png.exists() and len(rows) == 2
+    assert "digits_resnet" in capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 
-__all__ = ["from_torch"]
+__all__ = ["from_torch", "to_onnx"]
 
 
 def from_torch(module, example_input):
@@ -31,11 +31,17 @@ def from_torch(module, example_input):
     -------
     relprop.nets net
     """
+    from .onnx import from_onnx
+
+    return from_onnx(to_onnx(module, example_input))
+
+
+def to_onnx(module, example_input):
+    """The ONNX bytes :func:`from_torch` reads: ``module`` exported in eval mode, BatchNorm kept."""
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("relprop.from_torch needs torch (the 'peers' extra)") from exc
-    from .onnx import from_onnx
 
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"from_torch: module must be a torch.nn.Module, got {type(module).__name__}")
@@ -58,4 +64,4 @@ def from_torch(module, example_input):
                               input_names=["input"], output_names=["output"])
     finally:
         module.train(was_training)
-    return from_onnx(buf.getvalue())
+    return buf.getvalue()

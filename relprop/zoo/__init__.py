@@ -16,7 +16,8 @@ name                      net
 ``pattern_toy``           the PatternNet seed's linear toy: one linear neuron w = (1, −1)
 ========================  ===============================================================
 
-Every net was trained by ``python -m relprop.zoo.train NAME`` (seeded, reproducible) and
+Every net was trained by ``python -m relprop.zoo.train NAME`` (seeded, reproducible; ``digits_resnet``
+with PyTorch, by :mod:`relprop.zoo.train_resnet`) and
 lives in ``relprop/zoo/weights/NAME.npz``: the :func:`relprop.nets.save` format (spec and
 state dict) plus a few held-out samples (``samples.x``, ``samples.y``, ``samples.mask``)
 and a JSON ``meta`` record; PatternNet patterns fitted on the training data are in
@@ -35,7 +36,7 @@ __all__ = ["load", "names", "ZooModel", "WEIGHTS_DIR", "NAMES"]
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
 #: every zoo net, in the order of the table above
-NAMES = ("digits_mlp", "digits_cnn", "detector", "dtd_onelayer", "pattern_toy")
+NAMES = ("digits_mlp", "digits_cnn", "detector", "dtd_onelayer", "pattern_toy", "digits_resnet")
 
 _SAMPLE_KEYS = ("samples.x", "samples.y", "samples.mask")
 
@@ -89,6 +90,11 @@ def names():
 
 def weights_path(name):
     return WEIGHTS_DIR / f"{name}.npz"
+
+
+def onnx_path(name):
+    """The ONNX file of zoo net ``name`` (shipped for ``digits_resnet``)."""
+    return WEIGHTS_DIR / f"{name}.onnx"
 
 
 def read(path):

@@ -162,7 +162,19 @@ RECIPES = {
         quick=dict(epochs=2),
         metric="regression", image_shape=None, classes=["y"], patterns=True, bias=False,
     ),
+    # trained with PyTorch by relprop.zoo.train_resnet (residual adds and BatchNorm), imported with from_torch;
+    # only the data and the metric are used from here
+    "digits_resnet": Recipe(
+        "digits_resnet", "small residual net with BatchNorm on the digits upsampled to 1x28x28 (PyTorch-trained)",
+        train_data=lambda quick: data.digits("train", 28),
+        test_data=lambda: data.digits("test", 28) + (None,),
+        samples=lambda: _digit_samples(28),
+        options={}, image_shape=(1, 28, 28), classes=[str(c) for c in range(10)],
+    ),
 }
+
+#: zoo nets trained with PyTorch (the peers extra) by their own module, not by relprop.nets.train
+TORCH_TRAINED = {"digits_resnet": "relprop.zoo.train_resnet"}
 
 
 def evaluate(name, net, backend=None):
@@ -181,6 +193,11 @@ def build(name, quick=False, progress=True, backend=None, seed=0):
     """Train zoo net ``name``; return ``(net, samples, meta)``."""
     if name not in RECIPES:
         raise ValueError(f"unknown zoo net {name!r}; known: {', '.join(NAMES)}")
+    if name in TORCH_TRAINED:
+        import importlib
+
+        net, samples, meta, _ = importlib.import_module(TORCH_TRAINED[name]).build(quick, progress, seed)
+        return net, samples, meta
     recipe = RECIPES[name]
     spec = SPECS[name]
     weights = init_weights(spec, seed=seed, bias=recipe.init_bias)
@@ -240,6 +257,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for n in names:
+        if n in TORCH_TRAINED:  # writes NAME.npz and NAME.onnx
+            import importlib
+
+            importlib.import_module(TORCH_TRAINED[n]).main(["--out", str(out)] + (["--quick"] if args.quick else [])
+                                                          + (["--no-progress"] if args.no_progress else []))
+            continue
         net, samples, meta = build(n, quick=args.quick, progress=not args.no_progress, backend=args.backend)
         path = out / f"{n}.npz"
         write(path, net, samples, meta)
