@@ -351,6 +351,25 @@ def test_reshape_to_n_minus_one_is_flatten(shape, tmp_path):
     assert_close(out[2:], ort_forward(m, x[2:]))
 
 
+def test_reshape_to_a_shape_computed_from_shape(tmp_path):
+    """x.view(x.size(0), -1) as a tracer writes it without folding: Shape -> Gather -> Unsqueeze -> Concat."""
+    b = Builder()
+    h = b.node("Relu", [b.conv("x", 3, 3, 3)])
+    n = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [h]), b.const(np.array(0, np.int64))], axis=0),
+                             b.const(np.array([0], np.int64))])
+    shape = b.node("Concat", [n, b.const(np.array([-1], np.int64))], axis=0)
+    m = b.model(b.gemm(b.node("Reshape", [h, shape]), 48, 4), [2, 3, 6, 6])
+    assert [e["type"] for e in to_spec(m)[0]] == ["conv2d", "relu", "flatten", "linear"]
+    x = np.random.default_rng(0).normal(size=(4, 3, 6, 6)).astype(np.float32)
+    out = relprop.from_onnx(m).forward(x)
+    assert_close(out[:2], ort_forward(m, x[:2]))
+    assert_close(out[2:], ort_forward(m, x[2:]))
+    b = Builder()  # with a free batch the shape is not a constant
+    h = b.node("Reshape", ["x", b.node("Shape", ["x"], name="sh")])
+    with pytest.raises(NotImplementedError, match=r"'sh' \(Shape\).*fixed batch"):
+        relprop.from_onnx(b.model(b.node("Flatten", [h]), IMG))
+
+
 def test_reshape_that_is_not_a_flatten_raises():
     b = Builder()
     h = b.node("Reshape", ["x", b.const(np.array([0, 3, 64], np.int64))], name="r")

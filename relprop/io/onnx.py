@@ -43,7 +43,7 @@ __all__ = ["from_onnx", "to_spec", "SUPPORTED_OPS"]
 #: ONNX operators (default domain) that :func:`from_onnx` maps to relprop layers
 SUPPORTED_OPS = ("Add", "AveragePool", "BatchNormalization", "Concat", "Constant", "Conv", "Dropout", "Flatten",
                  "Gemm", "GlobalAveragePool", "Identity", "LogSoftmax", "MatMul", "MaxPool", "ReduceMean", "Relu",
-                 "Reshape", "Softmax", "Squeeze")
+                 "Reshape", "Shape", "Softmax", "Squeeze")
 
 _FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64"}
 
@@ -665,6 +665,21 @@ class _Converter:
             return
         raise NotImplementedError(f"{_where(node, k)}: Squeeze of axes {axes} of {_show((None,) + x.shape)}; "
                                   "relprop supports squeezing the 1x1 spatial axes after global pooling only")
+
+    def op_Shape(self, node, k, a):
+        """The shape at the export's batch size, as a constant: how exporters write ``x.view(x.size(0), -1)``.
+
+        Only a Reshape may use it, and Reshape accepts the export batch as "keep the batch", so the net
+        still takes any batch size.
+        """
+        x = self.act(node, k, 0)
+        full = (self.export_batch,) + x.shape
+        if any(d is None for d in full):
+            raise NotImplementedError(f"{_where(node, k)}: Shape of a tensor of shape {_show(full)}: relprop folds "
+                                      "Shape only when the model declares every dimension (export it at a fixed "
+                                      "batch size)")
+        start, end = int(a.get("start", 0)), a.get("end")
+        self.consts[node.output[0]] = np.array(full[start:None if end is None else int(end)], dtype=np.int64)
 
     def op_Identity(self, node, k, a):
         self.alias(node, self.act(node, k, 0))
