@@ -198,6 +198,17 @@ def test_matmul_add_is_one_linear_layer(bias_first, tmp_path):
     check_parity(m, (4, 6), tmp_path)
 
 
+def test_conv_then_add_of_a_channel_constant_is_its_bias(tmp_path):
+    b = Builder()
+    c = b.rng.normal(size=(1, 4, 1, 1)).astype(np.float32)
+    h = b.node("Add", [b.conv("x", 3, 4, 3, bias=False), b.const(c)])
+    m = b.model(b.node("Flatten", [b.node("Relu", [h])]), IMG)
+    spec, weights = to_spec(m)
+    assert [e["type"] for e in spec] == ["conv2d", "relu", "flatten"]
+    np.testing.assert_array_equal(weights["0.bias"], c.reshape(4))
+    check_parity(m, (2, 3, 8, 8), tmp_path)
+
+
 def test_add_of_a_constant_elsewhere_raises():
     b = Builder()
     y = b.node("Add", [b.node("Relu", ["x"]), b.const(np.ones(6, np.float32))], name="shift")
@@ -591,6 +602,13 @@ def test_weights_contradicting_the_graph():
     b = Builder()
     y = b.node("Conv", ["x", b.w(4, 3, 3, 3), b.const(np.zeros(3, np.float32))], name="cb")
     with pytest.raises(ValueError, match=r"'cb' \(Conv\): the bias has shape \(3,\), expected \(4,\)"):
+        relprop.from_onnx(b.model(b.node("Flatten", [y]), IMG))
+
+
+def test_kernel_shape_contradicting_the_weight():
+    b = Builder()
+    y = b.node("Conv", ["x", b.w(4, 3, 3, 3)], kernel_shape=[5, 5], name="k")
+    with pytest.raises(ValueError, match=r"'k' \(Conv\): kernel_shape=\[5, 5\] contradicts the weight"):
         relprop.from_onnx(b.model(b.node("Flatten", [y]), IMG))
 
 
