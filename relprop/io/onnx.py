@@ -114,8 +114,8 @@ class _Act:
     """An activation tensor: produced by relprop layer ``layer`` (or the net input, -1), per-sample ``shape``.
 
     ``shape`` holds the dimensions after the batch, each an int or None (unknown).
-    ``fresh`` names the linear layer whose bias-free output this tensor is (MatMul, Gemm or
-    Conv straight out), so that a following Add of a constant can become its bias.
+    ``fresh`` is True for the bias-free output of a MatMul, Gemm or Conv straight out of its
+    layer, so that a following Add of a constant can become that layer's bias.
     """
 
     __slots__ = ("layer", "shape", "fresh")
