@@ -179,6 +179,6 @@ def test_zoo_digits_resnet_recipe_trains():
     from relprop.zoo import train_resnet
 
     net, samples, meta, onnx_bytes = train_resnet.build(quick=True, progress=False)
-    assert meta["quick"] and meta["test_score"] >= 0.9, meta["test_score"]
+    assert meta["quick"] and meta["test_score"] >= 0.95, meta["test_score"]
     again = relprop.from_onnx(onnx_bytes)
     np.testing.assert_array_equal(again.forward(samples["x"]), net.forward(samples["x"]))

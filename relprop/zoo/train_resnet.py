@@ -26,9 +26,9 @@ import numpy as np
 NAME = "digits_resnet"
 DESCRIPTION = ("small residual net with BatchNorm (conv-BN stem, two BasicBlocks, global average pooling) on the "
                "scikit-learn digits upsampled to 1x28x28, trained with PyTorch and imported with from_torch")
-RECIPE = dict(epochs=30, batch_size=64, lr=3e-3, weight_decay=1e-4, optimizer="adamw", augment="_shift",
+RECIPE = dict(epochs=30, batch_size=64, lr=1e-2, weight_decay=1e-4, optimizer="adamw", augment="_shift",
               schedule="cosine")
-QUICK = dict(epochs=5)
+QUICK = dict(epochs=10)
 
 
 def torch_model():
@@ -102,7 +102,7 @@ def train_torch(quick=False, seed=0, progress=True):
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(xb)
+                total += loss.item() * len(xb)
             if progress:
                 print(f"  epoch {epoch + 1}/{options['epochs']}: loss {total / len(x):.4f}", file=sys.stderr)
     finally:
