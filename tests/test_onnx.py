@@ -647,7 +647,7 @@ def test_zoo_digits_resnet_onnx_equals_shipped_net():
     for k, v in m.net.state_dict().items():
         np.testing.assert_array_equal(state[k], v)
     kinds = [e["type"] for e in net.spec()]
-    assert kinds.count("add") == 2 and kinds.count("batchnorm2d") == 5
+    assert kinds.count("add") == 2 and kinds.count("batchnorm2d") == 6
     out = net.forward(m.x)
     np.testing.assert_array_equal(out, m.net.forward(m.x))
     model = onnx.load(str(path))
