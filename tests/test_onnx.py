@@ -477,12 +477,15 @@ def test_resnet_shaped_net(tmp_path):
     assert kinds.count("add") == 2 and kinds.count("batchnorm2d") == 6
 
 
-def test_resnet_explains_batch_other_than_declared(tmp_path):
-    """Every relevance method runs on the imported graph and conserves the logit up to the biases."""
+@pytest.mark.parametrize("method", ["gradient", "lrp.epsilon", "lrp.epsilon_plus_flat"])
+def test_imported_resnet_explains_on_every_cpu_backend(method):
+    """The imported graph is an ordinary net: methods run on it, the fast backend equals the reference one."""
     net = relprop.from_onnx(resnet_graph())
-    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16)).astype(np.float64)
-    R = relprop.explain(net, x, "lrp.epsilon")
-    assert R.shape == x.shape and np.isfinite(R).all() and np.abs(R).max() > 0
+    x = np.random.default_rng(0).normal(size=(2, 3, 16, 16))
+    ref = relprop.explain(net, x, method, backend="reference")
+    R = relprop.explain(net, x, method, backend="cpu")
+    assert R.shape == x.shape and np.abs(ref).max() > 0
+    np.testing.assert_allclose(R, ref, rtol=1e-9, atol=1e-9 * np.abs(ref).max())
 
 
 # -- files -------------------------------------------------------------------------------------------
