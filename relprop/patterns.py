@@ -3,7 +3,7 @@ r"""PatternNet and PatternAttribution [Kindermans2018]_: statistics, estimators,
 A linear neuron :math:`y = w^T x` sees :math:`x = s + d`: the signal :math:`s = a_s y` and a
 distractor d with :math:`w^T d = 0`.  The weight w has to cancel d, so w shows where the
 distractor is, not where the signal is; the *pattern* :math:`a_s` is the signal direction, and
-it is learned from data (MATH.md, "PatternNet and PatternAttribution").
+it is learned from data (docs/conventions.md, "PatternNet and PatternAttribution").
 
 Estimators of the signal, per dense/conv layer and output unit j (x is the layer's input,
 for a convolution the input patch of one output position):
@@ -13,8 +13,9 @@ for a convolution the input patch of one output position):
 - S_a (linear), :func:`linear_pattern`: :math:`a = \mathrm{cov}[x, y] / (w^T \mathrm{cov}[x, y])`;
 - S_a+- (two-component), :func:`two_component_patterns`: :math:`a_+` and :math:`a_-` as S_a over
   the samples of each regime of the unit, :math:`z_j = w^T x + b > 0` (the ReLU gate) and
-  :math:`z_j \le 0`, with :math:`E_+[y]` in the covariance (the paper) or, with
-  ``mean_y="all"``, the mean of y over all samples (iNNvestigate 1.x, for parity).
+  :math:`z_j \le 0`, with the mean of y over *all* samples, E[y], in the covariance (the
+  paper's Eq. 8, its reference code and iNNvestigate: the default, ``mean_y="all"``) or, with
+  ``mean_y="regime"``, each regime's own mean E_±[y] (an option; it breaks Eq. 2).
 
 Everything comes from sums over a dataset (:class:`PatternStats`, accumulated in float64 by
 the ``patterns`` kernels, mergeable across chunks); :func:`fit_patterns` streams a dataset
@@ -261,14 +262,14 @@ class PatternStats:
         return PatternStats(self.net or other.net, layers=layers, n_inputs=self.n_inputs + other.n_inputs,
                             signature=self._signature)
 
-    def patterns(self, mean_y="regime", net=None):
+    def patterns(self, mean_y="all", net=None):
         """The patterns a, a₊, a₋ of every layer (:class:`Patterns`), from these sums and the net's weights."""
         net = net if net is not None else self._require_net("patterns")
         self.check(net)
         if self.empty:
             raise ValueError("PatternStats: no data yet; update with at least one batch before computing patterns")
         if mean_y not in _MEAN_Y:
-            raise ValueError(f"mean_y={mean_y!r} is invalid; expected 'regime' (the paper's E+[y]) or 'all'")
+            raise ValueError(f"mean_y={mean_y!r} is invalid; expected 'all' (E[y], the paper's Eq. 8) or 'regime'")
         layers = {}
         with _collect_warnings() as report:
             for i, st in self.layers.items():
@@ -376,8 +377,19 @@ def _regime_pattern(stats, w, regime, mean_y):
         ey = sy / n_safe[:, 0]                                # E_r[y]
     cov = exy - ex * ey[:, None]                             # cov_r[x, y]
     den = (w * cov).sum(axis=1)                              # wᵀ cov_r[x, y]
-    # the magnitude of what cancels in den: |den| below a few ulps of it is rounding, not signal
-    scale = (xp.abs(w) * (xp.abs(exy) + xp.abs(ex) * xp.abs(ey)[:, None])).sum(axis=1)
+    # the magnitude of what cancels in den: |den| below a few ulps of it is rounding, not signal.
+    # The negative regime's sums are differences (all − positive): their rounding is relative
+    # to the sums they came from, so those set the magnitude (else a regime whose sums are
+    # exactly zero in one backend and rounding noise in another gets a pattern of noise / noise)
+    mag_x, mag_xy, mag_y = xp.abs(ex), xp.abs(exy), xp.abs(ey)
+    if regime == "negative":
+        _, sx_all, sy_all, sxy_all = stats.regime("all")
+        _, sx_pos, sy_pos, sxy_pos = stats.regime("positive")
+        mag_x = (xp.abs(sx_all) + xp.abs(sx_pos)) / n_safe
+        mag_xy = (xp.abs(sxy_all) + xp.abs(sxy_pos)) / n_safe
+        if mean_y != "all":
+            mag_y = (xp.abs(sy_all) + xp.abs(sy_pos)) / n_safe[:, 0]
+    scale = (xp.abs(w) * (mag_xy + mag_x * mag_y[:, None])).sum(axis=1)
     tol = _ZERO_ULPS * np.finfo(np.dtype(stats.dtype)).eps
     ok = has & (xp.abs(den) > tol * scale)
     a = xp.where(ok[:, None], cov / xp.where(ok, den, 1.0)[:, None], 0.0)
@@ -401,7 +413,7 @@ def linear_pattern(stats, w, _report=None):
     return a.reshape(stats.weight_shape)
 
 
-def two_component_patterns(stats, w, mean_y="regime", _report=None):
+def two_component_patterns(stats, w, mean_y="all", _report=None):
     r"""S_a+-: :math:`(a_+, a_-)`, each shaped like ``w``.
 
     .. math:: a_\pm = \frac{E_\pm[x y] - E_\pm[x]\,\bar y}{w^T E_\pm[x y] - w^T E_\pm[x]\,\bar y},
@@ -411,7 +423,7 @@ def two_component_patterns(stats, w, mean_y="regime", _report=None):
     without samples in a regime, or with a zero denominator, get zeros and a :class:`PatternWarning`.
     """
     if mean_y not in _MEAN_Y:
-        raise ValueError(f"mean_y={mean_y!r} is invalid; expected 'regime' (the paper's E+[y]) or 'all'")
+        raise ValueError(f"mean_y={mean_y!r} is invalid; expected 'all' (E[y], the paper's Eq. 8) or 'regime'")
     a_plus, bad_plus = _regime_pattern(stats, w, "positive", mean_y)
     a_minus, bad_minus = _regime_pattern(stats, w, "negative", mean_y)
     items = [(stats.where, name, _bad_units(bad)) for name, bad in (("positive", bad_plus), ("negative", bad_minus))]
@@ -454,10 +466,11 @@ class Patterns(Mapping):
     stats : PatternStats or None
         The sums the patterns came from.
     mean_y : str
-        "regime" (E±[y], the paper) or "all" (E[y], iNNvestigate 1.x) in the two-component estimator.
+        The mean of y in the two-component estimator: "all" (E[y], the paper's Eq. 8, the
+        default) or "regime" (E±[y], an option; see :func:`two_component_patterns`).
     """
 
-    def __init__(self, layers, stats=None, mean_y="regime"):
+    def __init__(self, layers, stats=None, mean_y="all"):
         self._layers = dict(sorted(layers.items()))
         self.stats = stats
         self.mean_y = mean_y
@@ -543,7 +556,7 @@ def _batches(data, batch_size):
     return items(), None
 
 
-def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y="regime"):
+def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y="all"):
     """Fit the PatternNet patterns of every dense/conv layer of ``net`` in one pass over ``data``.
 
     Parameters
@@ -556,8 +569,10 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
     progress : bool
         Show a tqdm progress bar (it appears after 2 s, so short fits stay quiet).
     backend : None | "reference" | "cpu" | "cuda"
-    mean_y : "regime" | "all"
-        The mean of y in the two-component covariances (see :func:`two_component_patterns`).
+    mean_y : "all" | "regime"
+        The mean of y in the two-component covariances: "all" (default) is E[y] over all
+        samples, the paper's Eq. 8, which makes cov[x − S_a±(x), y] = 0 over ``data``;
+        "regime" is each regime's own mean (see :func:`two_component_patterns`).
 
     Returns
     -------
@@ -567,7 +582,7 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"fit_patterns: batch_size={batch_size!r} is invalid; expected an int >= 1")
     if mean_y not in _MEAN_Y:
-        raise ValueError(f"fit_patterns: mean_y={mean_y!r} is invalid; expected 'regime' or 'all'")
+        raise ValueError(f"fit_patterns: mean_y={mean_y!r} is invalid; expected 'all' or 'regime'")
     from tqdm.auto import tqdm
 
     stats = PatternStats(canonical(net))  # batch norms folded, as the pattern methods see the net

@@ -161,8 +161,19 @@ def test_toy_linear_pattern_recovers_the_signal_direction(toy_fit):
     net, x, y, patterns = toy_fit
     a_s = np.array([[1.0, 0.0]])
     np.testing.assert_allclose(patterns[0].a, a_s, atol=0.02)
-    np.testing.assert_allclose(patterns[0].a_plus, a_s, atol=0.03)      # ε is independent of y: both regimes too
-    np.testing.assert_allclose(patterns[0].a_minus, a_s, atol=0.03)
+    # the distractor has mean E[ε] = 0.3: with E[y] (the default, Eq. 8) the regime patterns keep
+    # a_d E[ε] E_±[y] / E_±[y²]; y ~ U(−1, 1): E_±[y] = ±1/2, E_±[y²] = 1/3, so a_± = a_s ± 0.45 a_d
+    a_d = np.array([[1.0, 1.0]])
+    np.testing.assert_allclose(patterns[0].a_plus, a_s + 0.45 * a_d, atol=0.03)
+    np.testing.assert_allclose(patterns[0].a_minus, a_s - 0.45 * a_d, atol=0.03)    # E_−[y] = −1/2
+    # the regime mean E_±[y] copes with it: both regimes recover a_s (it breaks Eq. 2 instead)
+    regime = relprop.fit_patterns(net, x, progress=False, mean_y="regime")
+    np.testing.assert_allclose(regime[0].a_plus, a_s, atol=0.03)
+    np.testing.assert_allclose(regime[0].a_minus, a_s, atol=0.03)
+    # a zero-mean distractor: the default recovers a_s in both regimes
+    centred = relprop.fit_patterns(net, x - x.mean(0), progress=False)
+    np.testing.assert_allclose(centred[0].a_plus, a_s, atol=0.03)
+    np.testing.assert_allclose(centred[0].a_minus, a_s, atol=0.03)
     assert patterns[0].a.shape == net.layers[0].weight.shape
     # the filter is not the signal direction
     assert np.abs(P.filter_pattern(net.layers[0].weight) - a_s).max() > 0.4
@@ -203,7 +214,9 @@ def test_two_component_recovers_planted_directions():
     basis = rng.standard_normal((n_in, n_in))           # columns: a_1..a_3, then 7 distractor directions
     a_true, d_dirs = basis[:, :n_units].T, basis[:, n_units:].T
     w = np.linalg.inv(basis)[:n_units]                   # w_j ⊥ every distractor, w_jᵀa_k = δ_jk
-    s = rng.exponential(1.0, (n, n_units)) - 0.7          # skewed, independent signals: y_j = s_j
+    # skewed, independent, zero-mean signals y_j = s_j (a signal of nonzero mean would act on the other
+    # units as a distractor of nonzero mean, which E[y] in the regime covariances does not remove)
+    s = rng.exponential(1.0, (n, n_units)) - 1.0
     x = s @ a_true + (rng.standard_normal((n, n_dist)) * 2.0) @ d_dirs
     weights = {"0.weight": w, "0.bias": np.array([0.1, -0.2, 0.0]), "2.weight": rng.standard_normal((2, n_units))}
     net = relprop.from_spec([{"type": "linear", "in": n_in, "out": n_units}, {"type": "relu"},
@@ -257,7 +270,7 @@ def test_save_load_round_trip_and_mismatch(tmp_path, rng):
     for i in patterns:
         for name in ("a", "a_plus", "a_minus"):
             np.testing.assert_array_equal(getattr(loaded[i], name), getattr(patterns[i], name))
-    assert loaded.stats.n_inputs == 12 and loaded.mean_y == "regime"
+    assert loaded.stats.n_inputs == 12 and loaded.mean_y == "all"
     x = data[:3]
     np.testing.assert_array_equal(relprop.explain(net, x, "pattern.attribution", patterns=loaded),
                                   relprop.explain(net, x, "pattern.attribution", patterns=patterns))
@@ -300,21 +313,56 @@ def test_zero_denominator_warns_and_gives_zero_patterns(rng):
     assert np.isfinite(r).all()
 
 
-def test_mean_y_all_is_the_innvestigate_variant(rng):
+def _decorrelation(net, patterns, x):
+    """max over units j and input features i of |corr(d_i, y_j)|, d = x − S_a±(x), per dense layer."""
+    trace = net.trace(x)
+    worst = {}
+    for i in net.linear_layers():
+        xi, w, z = trace.inputs[i], net.layers[i].weight, trace.layer_output(i)
+        for j in range(w.shape[0]):
+            y = xi @ w[j]
+            pos = z[:, j] > 0
+            d = xi - np.outer(np.where(pos, y, 0), patterns[i].a_plus[j]) - np.outer(np.where(pos, 0, y),
+                                                                                  patterns[i].a_minus[j])
+            dc, yc = d - d.mean(0), y - y.mean()
+            sd = np.sqrt((dc ** 2).mean(0) * (yc ** 2).mean())
+            corr = np.abs((dc * yc[:, None]).mean(0))[sd > 1e-12] / sd[sd > 1e-12]
+            worst[i] = max(worst.get(i, 0.0), float(corr.max(initial=0.0)))
+    return worst
+
+
+def test_default_two_component_patterns_leave_no_correlation_with_y(rng):
+    """The paper's Eq. 2 over the fitting data: cov[x − S_a±(x), y] = 0 for every unit (E[y], Eq. 8)."""
+    net = make_net([{"type": "linear", "in": 8, "out": 6}, {"type": "relu"}, {"type": "linear", "in": 6, "out": 3}],
+                   seed=1)
+    x = rng.standard_normal((2000, 8)) @ rng.standard_normal((8, 8)) + 0.5
+    default = relprop.fit_patterns(net, x, progress=False)
+    assert default.mean_y == "all"
+    worst = _decorrelation(net, default, x)
+    assert max(worst.values()) < 1e-9, worst
+    # the regime mean E±[y] is an option, and it does not satisfy Eq. 2
+    regime = relprop.fit_patterns(net, x, progress=False, mean_y="regime")
+    assert max(_decorrelation(net, regime, x).values()) > 1e-2
+
+
+def test_mean_y_options_follow_their_formulas(rng):
     net = relprop.from_spec([{"type": "linear", "in": 5, "out": 3}],
                             {"0.weight": rng.standard_normal((3, 5)), "0.bias": rng.standard_normal(3)})
     x = rng.standard_normal((500, 5)) + 0.5
-    patterns = relprop.fit_patterns(net, x, mean_y="all", progress=False)
+    default = relprop.fit_patterns(net, x, progress=False)
+    regime = relprop.fit_patterns(net, x, mean_y="regime", progress=False)
     w = net.layers[0].weight
     y = x @ w.T
     for j in range(3):
         m = (y[:, j] + net.layers[0].bias[j]) > 0
         ex, exy = x[m].mean(0), (x[m] * y[m, j, None]).mean(0)
-        cov = exy - ex * y[:, j].mean()                 # E_+[x y] − E_+[x] E[y]
-        np.testing.assert_allclose(patterns[0].a_plus[j], cov / (w[j] @ cov), rtol=1e-9)
-    paper = relprop.fit_patterns(net, x, progress=False)
-    assert not np.allclose(paper[0].a_plus, patterns[0].a_plus)
-    np.testing.assert_allclose(paper[0].a, patterns[0].a)       # the linear pattern does not depend on it
+        cov = exy - ex * y[:, j].mean()                 # E_+[x y] − E_+[x] E[y]  (the paper's Eq. 8)
+        np.testing.assert_allclose(default[0].a_plus[j], cov / (w[j] @ cov), rtol=1e-9)
+        cov = exy - ex * y[m, j].mean()                 # E_+[x y] − E_+[x] E_+[y]  (the "regime" option)
+        np.testing.assert_allclose(regime[0].a_plus[j], cov / (w[j] @ cov), rtol=1e-9)
+    np.testing.assert_allclose(regime[0].a, default[0].a)       # the linear pattern does not depend on it
+    with pytest.raises(ValueError, match="mean_y"):
+        relprop.fit_patterns(net, x, mean_y="paper", progress=False)
 
 
 def test_method_errors(rng):
