@@ -128,3 +128,58 @@ def check_param(where, name, value, cond, expected):
     """Raise ValueError ``where: name=value; expected ...`` unless ``cond``."""
     if not cond:
         raise ValueError(f"{where}: {name}={value!r} is invalid; expected {expected}")
+
+
+def check_activations(layer_index, kind, array):
+    """Raise ValueError when a layer's forward output holds NaN or Inf (an overflow, e.g. float32).
+
+    Cheap on the good path: one sum over the array (NaN and Inf propagate into it); only when
+    the sum is not finite does an elementwise check tell an overflow of the sum itself from
+    non-finite entries.
+    """
+    xp = _xp(array)
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = array.sum()
+    if bool(xp.isfinite(total)) or bool(xp.isfinite(array).all()):
+        return array
+    dtype = np.dtype(array.dtype)
+    hint = ("use float64 input (x.astype(np.float64)) or rescale x" if dtype == np.float32
+            else "rescale x (or check the layer's weights)")
+    raise ValueError(
+        f"layer {layer_index} ({kind}): the forward pass produced NaN or Inf ({dtype} overflow); {hint}"
+    )
+
+
+def check_bool(where, name, value):
+    """``value`` must be a bool (True/False or a NumPy bool): strings such as "no" are not."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{where}: {name} must be True or False, got {value!r}")
+
+
+def check_finite_number(where, name, value, dtype=None):
+    """A real, finite number (representable in ``dtype`` when given, e.g. float32 overflows past 3.4e38)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
+    ok = np.isfinite(float(value))
+    if ok and dtype is not None:
+        with np.errstate(over="ignore"):
+            ok = bool(np.isfinite(np.asarray(value, dtype=dtype)))
+    if not ok:
+        what = f"a finite number (in {np.dtype(dtype)})" if dtype is not None else "a finite number"
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected {what}")
+    return value
+
+
+def check_real_array(where, name, a):
+    """A real (not complex), numeric, finite array: relevance maps and curves given to metrics."""
+    if not hasattr(a, "dtype") or not hasattr(a, "shape"):
+        raise TypeError(f"{where}: {name} must be an array, got {type(a).__name__}")
+    kind = np.dtype(a.dtype).kind
+    if kind == "c":
+        raise TypeError(f"{where}: {name} is complex ({a.dtype}); expected real values")
+    if kind not in "fiu":
+        raise TypeError(f"{where}: {name} has dtype {a.dtype}; expected a real numeric array")
+    if kind == "f":
+        check_finite(name, a, where)
+    return a

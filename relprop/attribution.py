@@ -1,6 +1,6 @@
 r"""Input-level methods: SmoothGrad, Integrated/Expected Gradients, Grad-CAM, occlusion, erasure.
 
-Each method wraps the backward sweep (MATH.md, "Input-level methods"): it builds many
+Each method wraps the backward sweep (docs/conventions.md, "Input-level methods"): it builds many
 *modified inputs* (noisy copies, path points, occluded copies, ...), pushes them through
 the net and reduces.  Speed comes from batching and memory must stay bounded, so every
 method streams its modified inputs through the net in chunks of at most ``batch_size``
@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
 from . import _config
+from . import _validate as V
 from ._backend import array_namespace
 from .explain import Explainer, gradient_sweep, output_signal, register_method, resolve_target
 
@@ -130,7 +132,14 @@ def _sum_by_owner(acc, vals, p0, m):
     return acc
 
 
-def _accumulate(xp, n_owners, m, item_shape, dtype, batch_size, evaluate):
+def _progress(total, progress, desc):
+    """A tqdm bar over ``total`` modified inputs, shown only once a call has run for 2 s."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="input", disable=not progress, delay=2.0, leave=False)
+
+
+def _accumulate(xp, n_owners, m, item_shape, dtype, batch_size, evaluate, progress=False, desc=None):
     """Σ over the m points of every owner of ``evaluate(p0, p1, owners)``, streamed in chunks.
 
     ``evaluate`` returns the values of points p0..p1-1 (shape (p1 - p0, *item_shape));
@@ -138,10 +147,12 @@ def _accumulate(xp, n_owners, m, item_shape, dtype, batch_size, evaluate):
     """
     acc = xp.zeros((n_owners,) + tuple(item_shape), dtype=dtype)
     total = n_owners * m
-    for p0 in range(0, total, batch_size):
-        p1 = min(p0 + batch_size, total)
-        owners = xp.arange(p0, p1) // m
-        _sum_by_owner(acc, evaluate(p0, p1, owners), p0, m)
+    with _progress(total, progress, desc) as bar:
+        for p0 in range(0, total, batch_size):
+            p1 = min(p0 + batch_size, total)
+            owners = xp.arange(p0, p1) // m
+            _sum_by_owner(acc, evaluate(p0, p1, owners), p0, m)
+            bar.update(p1 - p0)
     return acc
 
 
@@ -156,15 +167,19 @@ def _resolve_layer(net, where, layer):
 
 # -- SmoothGrad -------------------------------------------------------------------------------
 class _SmoothGrad:
-    def __init__(self, net, n, noise_level, seed, base, base_options, squared, batch_size):
+    def __init__(self, net, n, noise_level, seed, base, base_options, squared, batch_size, progress):
         where = "smoothgrad_squared" if squared else "smoothgrad"
+        self.progress = V.check_bool(where, "progress", progress)
         self.n = _check_int(where, "n", n, 1)
         if not isinstance(noise_level, numbers.Real) or not noise_level >= 0 or not math.isfinite(noise_level):
             raise ValueError(f"{where}: noise_level={noise_level!r} is invalid; expected a finite number >= 0")
         self.noise_level = float(noise_level)
         self.seed = _check_seed(where, seed)
         self.batch_size = _check_batch_size(where, batch_size)
-        self.net, self.squared, self.where = net, bool(squared), where
+        self.net, self.squared, self.where = net, V.check_bool(where, "squared", squared), where
+        if base_options is not None and not isinstance(base_options, Mapping):
+            raise TypeError(f"{where}: base_options must be a dict of the base method's options, "
+                            f"got {type(base_options).__name__}")
         base_options = dict(base_options or {})
         if base in ("smoothgrad", "smoothgrad_squared"):
             raise ValueError(f"{where}: base={base!r} would nest SmoothGrad in itself")
@@ -194,12 +209,13 @@ class _SmoothGrad:
                 r = self.base(xb, targets[owners], backend, False)
             return r * r if self.squared else r
 
-        return _accumulate(xp, x.shape[0], n, x.shape[1:], x.dtype, batch_size, evaluate) / n
+        return _accumulate(xp, x.shape[0], n, x.shape[1:], x.dtype, batch_size, evaluate, self.progress,
+                           self.where) / n
 
 
 @register_method("smoothgrad")
 def smoothgrad(net, n=20, noise_level=0.1, seed=None, base="gradient", base_options=None, squared=False,
-               batch_size=None):
+               batch_size=None, progress=True):
     r"""SmoothGrad (Smilkov et al. 2017): :math:`\frac1n \sum_{k=1}^n M(x + \varepsilon_k)`,
     :math:`\varepsilon_k \sim \mathcal N(0, \sigma^2)`, σ = noise_level · (max x − min x) per sample.
 
@@ -217,15 +233,17 @@ def smoothgrad(net, n=20, noise_level=0.1, seed=None, base="gradient", base_opti
         Average M(x + ε)² instead (``smoothgrad_squared``).
     batch_size : int
         Noisy copies per pass (default ``_config.DEFAULT_BATCH_SIZE``).
+    progress : bool
+        A tqdm progress bar over the noisy copies, shown once a call has run for 2 s.
     """
-    return _SmoothGrad(net, n, noise_level, seed, base, base_options, squared, batch_size)
+    return _SmoothGrad(net, n, noise_level, seed, base, base_options, squared, batch_size, progress)
 
 
 @register_method("smoothgrad_squared")
 def smoothgrad_squared(net, n=20, noise_level=0.1, seed=None, base="gradient", base_options=None,
-                       batch_size=None):
+                       batch_size=None, progress=True):
     r"""SmoothGrad²: :math:`\frac1n \sum_k M(x + \varepsilon_k)^2` (see :func:`smoothgrad`)."""
-    return _SmoothGrad(net, n, noise_level, seed, base, base_options, True, batch_size)
+    return _SmoothGrad(net, n, noise_level, seed, base, base_options, True, batch_size, progress)
 
 
 # -- Integrated Gradients and Expected Gradients ----------------------------------------------
@@ -240,11 +258,15 @@ def _baselines(where, baseline, x):
         rows = max(p.shape[1] for p in parts)  # mixing shared and per-sample baselines: broadcast
         return xp.concatenate([xp.broadcast_to(p, (p.shape[0], rows) + item) for p in parts])
     if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
+        V.check_finite_number(where, "baseline", baseline, x.dtype)
         return xp.full((1, 1) + item, baseline, dtype=x.dtype)
     if not hasattr(baseline, "shape"):
         raise TypeError(f"{where}: baseline must be a number, an array or a list of them, "
                         f"got {type(baseline).__name__}")
-    b = xp.asarray(baseline, dtype=x.dtype)
+    if np.dtype(baseline.dtype).kind not in "fiub":
+        raise TypeError(f"{where}: baseline has dtype {baseline.dtype}; expected real numbers")
+    with np.errstate(over="ignore"):
+        b = xp.asarray(baseline, dtype=x.dtype)
     shape = tuple(b.shape)
     if shape == item:
         b = b[None, None]
@@ -258,18 +280,22 @@ def _baselines(where, baseline, x):
             f"{tuple(x.shape)}, or a set of baselines (B, N or 1, *{item})"
         )
     if not bool(xp.isfinite(b).all()):
-        raise ValueError(f"{where}: baseline contains NaN or Inf")
+        raise ValueError(f"{where}: baseline contains NaN or Inf (in {np.dtype(x.dtype)}: values beyond its range "
+                         "overflow to Inf)")
     return b
 
 
 class _IntegratedGradients:
     where = "integrated_gradients"
 
-    def __init__(self, net, steps, baseline, batch_size, return_gap):
+    def __init__(self, net, steps, baseline, batch_size, return_gap, progress):
         self.net = net
         self.steps = _check_int(self.where, "steps", steps, 1)
-        self.baseline, self.return_gap = baseline, bool(return_gap)
+        self.baseline, self.return_gap = baseline, V.check_bool(self.where, "return_gap", return_gap)
         self.batch_size = _check_batch_size(self.where, batch_size)
+        self.progress = V.check_bool(self.where, "progress", progress)
+        if isinstance(baseline, numbers.Real) and not isinstance(baseline, bool):
+            V.check_finite_number(self.where, "baseline", baseline)
 
     def __call__(self, x, target, backend, return_layers=False):
         _no_layers(self.where, return_layers)
@@ -278,29 +304,33 @@ class _IntegratedGradients:
         n_base, n = base.shape[0], x.shape[0]
         logits = _forward(self.net, x, backend, batch_size)
         targets = resolve_target(logits, target)
-        # owners are (sample, baseline) pairs, sample-major; each has m path points
-        own_i = xp.arange(n * n_base) // n_base
-        own_b = xp.arange(n * n_base) % n_base
         per_sample = base.shape[1] != 1
         alphas = (xp.arange(1, m + 1, dtype=x.dtype) / m).reshape((-1,) + (1,) * (x.ndim - 1))
 
-        def baseline_of(owner):
-            return base[own_b[owner], own_i[owner] if per_sample else 0]
+        def baseline_of(i, b):
+            return base[b, i if per_sample else 0]
 
+        # the points of sample i are contiguous (baseline-major, then k = 1..m), and each chunk
+        # adds its (x − x') ⊙ ∇f into the sample's sum: memory is bounded by batch_size and N,
+        # whatever the number of baselines
         def evaluate(p0, p1, owners):
-            x0 = baseline_of(owners)
-            xb = x0 + alphas[xp.arange(p0, p1) % m] * (x[own_i[owners]] - x0)  # x' + (k/m)(x − x')
-            return _gradient(self.net, xb, targets[own_i[owners]], backend)
+            p = xp.arange(p0, p1)
+            x0 = baseline_of(owners, (p // m) % n_base)
+            delta = x[owners] - x0
+            xb = x0 + alphas[p % m] * delta  # x' + (k/m)(x − x')
+            return delta * _gradient(self.net, xb, targets[owners], backend)
 
-        grad_sum = _accumulate(xp, n * n_base, m, x.shape[1:], x.dtype, batch_size, evaluate)
-        everyone = xp.arange(n * n_base)
-        delta = x[own_i] - baseline_of(everyone)
-        ig = (delta * grad_sum / m).reshape((n, n_base) + x.shape[1:]).mean(axis=1)
+        ig = _accumulate(xp, n, n_base * m, x.shape[1:], x.dtype, batch_size, evaluate, self.progress,
+                         self.where) / (m * n_base)
         if not self.return_gap:
             return ig
-        f0 = _pick(_forward(self.net, baseline_of(everyone), backend, batch_size), targets[own_i])
-        f_base = f0.reshape(n, n_base).mean(axis=1)
-        return ig, _gap(ig, _pick(logits, targets), f_base)
+        f_base = xp.zeros(n, dtype=x.dtype)  # Σ_b f_c(x'_b), streamed over (sample, baseline) pairs
+        for q0 in range(0, n * n_base, batch_size):
+            q = xp.arange(q0, min(q0 + batch_size, n * n_base))
+            i = q // n_base
+            f = _pick(self.net.trace(baseline_of(i, q % n_base), backend, keep=False, check=False).output, targets[i])
+            _sum_by_owner(f_base, f, q0, n_base)
+        return ig, _gap(ig, _pick(logits, targets), f_base / n_base)
 
 
 def _gap(attr, f_x, f_base):
@@ -309,7 +339,7 @@ def _gap(attr, f_x, f_base):
 
 
 @register_method("integrated_gradients")
-def integrated_gradients(net, steps=50, baseline=0.0, batch_size=None, return_gap=False):
+def integrated_gradients(net, steps=50, baseline=0.0, batch_size=None, return_gap=False, progress=True):
     r"""Integrated Gradients (Sundararajan et al. 2017), right Riemann sum:
 
     .. math:: \mathrm{IG}(x) = (x - x') \odot \frac1m \sum_{k=1}^{m}
@@ -325,27 +355,35 @@ def integrated_gradients(net, steps=50, baseline=0.0, batch_size=None, return_ga
         array (B, N, ...) / (B, 1, ...) with a leading baseline axis.
     batch_size : int
         Path points per pass (default ``_config.DEFAULT_BATCH_SIZE``): the m·N·B points are
-        streamed, never held at once.
+        streamed, never held at once, and the memory does not grow with the number of
+        baselines B beyond the baselines themselves.
     return_gap : bool
         Return ``(IG, gap)`` with the completeness gap ``gap[i] = Σ IG_i − (f_c(x_i) −
         f_c(x'))`` (averaged over the baselines of a set), shape (N,).
+    progress : bool
+        A tqdm progress bar over the path points, shown once a call has run for 2 s.
+
+    Baselines must be finite in x's dtype (NaN, Inf, or a number beyond float32's range for
+    float32 input, raise ValueError).
     """
-    return _IntegratedGradients(net, steps, baseline, batch_size, return_gap)
+    return _IntegratedGradients(net, steps, baseline, batch_size, return_gap, progress)
 
 
 class _ExpectedGradients:
     where = "expected_gradients"
 
-    def __init__(self, net, data, n, seed, batch_size, return_gap):
+    def __init__(self, net, data, n, seed, batch_size, return_gap, progress):
         if data is None:
             raise ValueError(f"{self.where}: data= is required (the array the baselines are drawn from)")
         if not hasattr(data, "shape") or data.ndim < 2 or data.shape[0] < 1:
             raise ValueError(f"{self.where}: data must be an array (M, ...) of inputs with M >= 1")
+        V.check_real_array(self.where, "data", data)
         self.net, self.data = net, data
         self.n = _check_int(self.where, "n", n, 1)
         self.seed = _check_seed(self.where, seed)
         self.batch_size = _check_batch_size(self.where, batch_size)
-        self.return_gap = bool(return_gap)
+        self.return_gap = V.check_bool(self.where, "return_gap", return_gap)
+        self.progress = V.check_bool(self.where, "progress", progress)
 
     def __call__(self, x, target, backend, return_layers=False):
         _no_layers(self.where, return_layers)
@@ -353,7 +391,9 @@ class _ExpectedGradients:
         if tuple(self.data.shape[1:]) != tuple(x.shape[1:]):
             raise ValueError(f"{self.where}: data has shape {tuple(self.data.shape)}, "
                              f"expected (M, *{tuple(x.shape[1:])})")
-        data = xp.asarray(self.data, dtype=x.dtype)
+        with np.errstate(over="ignore"):
+            data = xp.asarray(self.data, dtype=x.dtype)
+        V.check_finite("data", data, self.where)  # also values beyond float32's range for float32 x
         logits = _forward(self.net, x, backend, batch_size)
         targets = resolve_target(logits, target)
         rng = _rng(self.seed)
@@ -365,7 +405,7 @@ class _ExpectedGradients:
             x0, xi, a = data[pick[p0:p1]], x[owners], alpha[p0:p1]
             return (xi - x0) * _gradient(self.net, x0 + a * (xi - x0), targets[owners], backend)
 
-        eg = _accumulate(xp, nx, m, x.shape[1:], x.dtype, batch_size, evaluate) / m
+        eg = _accumulate(xp, nx, m, x.shape[1:], x.dtype, batch_size, evaluate, self.progress, self.where) / m
         if not self.return_gap:
             return eg
         f0 = _pick(_forward(self.net, data[pick], backend, batch_size), xp.repeat(targets, m))
@@ -373,15 +413,16 @@ class _ExpectedGradients:
 
 
 @register_method("expected_gradients")
-def expected_gradients(net, data=None, n=50, seed=None, batch_size=None, return_gap=False):
+def expected_gradients(net, data=None, n=50, seed=None, batch_size=None, return_gap=False, progress=True):
     r"""Expected Gradients (Erion et al. 2021): :math:`\frac1n \sum_{k=1}^n (x - x'_k) \odot
     \nabla f_c(x'_k + \alpha_k (x - x'_k))`, x'_k drawn uniformly from ``data`` (with
     replacement), α_k ~ U(0, 1).
 
     ``return_gap=True`` returns ``(EG, gap)``, gap = Σ EG − (f_c(x) − mean_k f_c(x'_k)) (zero
-    only in expectation).
+    only in expectation).  ``data`` must be finite; ``progress`` shows a tqdm bar over the n·N
+    points once a call has run for 2 s.
     """
-    return _ExpectedGradients(net, data, n, seed, batch_size, return_gap)
+    return _ExpectedGradients(net, data, n, seed, batch_size, return_gap, progress)
 
 
 # -- Grad-CAM ---------------------------------------------------------------------------------
@@ -409,7 +450,7 @@ def _zoom(cam, size, order):
 class _GradCAM:
     def __init__(self, net, layer, relu, upsample, batch_size, guided):
         self.where = "guided_gradcam" if guided else "gradcam"
-        self.net, self.relu, self.guided = net, bool(relu), guided
+        self.net, self.relu, self.guided = net, V.check_bool(self.where, "relu", relu), guided
         self.layer = _default_cam_layer(net, self.where) if layer is None else _resolve_layer(net, self.where, layer)
         if upsample not in ("bilinear", "nearest", None):
             raise ValueError(f"{self.where}: upsample={upsample!r} is invalid; expected 'bilinear', 'nearest' or None")
@@ -481,7 +522,8 @@ def guided_gradcam(net, layer=None, relu=True, upsample="bilinear", batch_size=N
 def placements(size, window, stride):
     """Window starts 0, s, 2s, … along an axis of ``size``, the last clipped to the border.
 
-    ⌈(size − window)/stride⌉ + 1 placements (as Captum); every position is covered.
+    ⌈(size − window)/stride⌉ + 1 placements (as Captum); with stride <= window every position
+    is covered, with stride > window the positions between windows are not.
     """
     count = -(-(size - window) // stride) + 1
     return np.minimum(np.arange(count) * stride, size - window)
@@ -511,17 +553,20 @@ def _coverage(size, window, stride, starts):
 class _Occlusion:
     where = "occlusion"
 
-    def __init__(self, net, window, stride, baseline, batch_size):
-        from ._validate import pair
-
+    def __init__(self, net, window, stride, baseline, batch_size, progress):
         self.net = net
-        self.window = pair("window", window, self.where, minimum=1)
-        self.stride = self.window if stride is None else pair("stride", stride, self.where, minimum=1)
+        self.window = V.pair("window", window, self.where, minimum=1)
+        self.stride = self.window if stride is None else V.pair("stride", stride, self.where, minimum=1)
         number = isinstance(baseline, numbers.Real) and not isinstance(baseline, bool)
         if not number and not hasattr(baseline, "shape"):
             raise TypeError(f"{self.where}: baseline must be a number or an array, got {type(baseline).__name__}")
+        if number:
+            V.check_finite_number(self.where, "baseline", baseline)
+        else:
+            V.check_real_array(self.where, "baseline", baseline)
         self.baseline = baseline
         self.batch_size = _check_batch_size(self.where, batch_size)
+        self.progress = V.check_bool(self.where, "progress", progress)
 
     def __call__(self, x, target, backend, return_layers=False):
         _no_layers(self.where, return_layers)
@@ -534,9 +579,12 @@ class _Occlusion:
         if window[0] > size[0] or window[1] > size[1]:
             raise ValueError(f"{self.where}: window {window} is larger than the input's spatial size {tuple(size)}")
         if isinstance(self.baseline, numbers.Real):
+            V.check_finite_number(self.where, "baseline", self.baseline, x.dtype)
             fill = None
         else:
-            b = xp.asarray(self.baseline, dtype=x.dtype)
+            with np.errstate(over="ignore"):
+                b = xp.asarray(self.baseline, dtype=x.dtype)
+            V.check_finite("baseline", b, self.where)
             if tuple(b.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
                 raise ValueError(f"{self.where}: baseline has shape {tuple(b.shape)}, expected a number, "
                                  f"{tuple(x.shape[1:])} or {tuple(x.shape)}")
@@ -557,32 +605,38 @@ class _Occlusion:
                       targets[owners])
             return (f_x[owners] - f)[:, None, None] * mask  # f_c(x) − f_c(x occluded) on the window
 
-        total = _accumulate(xp, x.shape[0], n_place, size, x.dtype, batch_size, evaluate)
+        total = _accumulate(xp, x.shape[0], n_place, size, x.dtype, batch_size, evaluate, self.progress, self.where)
         cover = _coverage(size[0], window[0], stride[0], ys)[:, None] * _coverage(size[1], window[1], stride[1], xs)
-        attr = total / xp.asarray(cover, dtype=x.dtype)
+        # stride > window leaves positions that no window covers: their attribution is 0 (not 0/0)
+        cover = xp.asarray(cover, dtype=x.dtype)
+        attr = xp.where(cover > 0, total / xp.maximum(cover, 1), 0).astype(x.dtype, copy=False)
         return xp.ascontiguousarray(xp.broadcast_to(attr[:, None], img.shape)).reshape(x.shape)
 
 
 @register_method("occlusion")
-def occlusion(net, window=4, stride=None, baseline=0.0, batch_size=None):
+def occlusion(net, window=4, stride=None, baseline=0.0, batch_size=None, progress=True):
     """Occlusion (Zeiler & Fergus 2014): attribution = mean, over the windows covering a
     feature, of f_c(x) − f_c(x with the window filled by ``baseline``).
 
     Windows are window×window pixels over all channels, placed at 0, s, 2s, … along each
     axis with the last clipped to the border (⌈(D − w)/s⌉ + 1 per axis). For (N, D) input
     the window slides along the features.  ``stride`` defaults to ``window``; ``baseline``
-    is a number or an array shaped like x or x[0].  Occluded copies are streamed through
-    the net ``batch_size`` at a time.  Returns x's shape (equal over the channels).
+    is a number or an array shaped like x or x[0], finite in x's dtype.  With ``stride``
+    larger than ``window`` some pixels lie between windows: no window covers them and their
+    attribution is 0.  Occluded copies are streamed through the net ``batch_size`` at a time
+    (``progress``: a tqdm bar, shown once a call has run for 2 s).  Returns x's shape (equal
+    over the channels).
     """
-    return _Occlusion(net, window, stride, baseline, batch_size)
+    return _Occlusion(net, window, stride, baseline, batch_size, progress)
 
 
 # -- representation erasure -------------------------------------------------------------------
 class _Erasure:
     where = "erasure"
 
-    def __init__(self, net, layer, group, batch_size):
+    def __init__(self, net, layer, group, batch_size, progress):
         self.net = net
+        self.progress = V.check_bool(self.where, "progress", progress)
         if layer is None:
             linear = net.linear_layers()
             if not linear or linear[-1] == 0:
@@ -618,8 +672,10 @@ class _Erasure:
 
         effect = xp.empty((x.shape[0], n_units), dtype=x.dtype)
         total = x.shape[0] * n_units
+        bar = _progress(total, self.progress, self.where)
         for p0 in range(0, total, batch_size):  # erased copies, owner-major, batch_size at a time
             p1 = min(p0 + batch_size, total)
+            bar.update(p1 - p0)
             owners, u, rows = xp.arange(p0, p1) // n_units, xp.arange(p0, p1) % n_units, xp.arange(p1 - p0)
             ab = a[owners]
             if channel:
@@ -628,19 +684,21 @@ class _Erasure:
                 ab.reshape(p1 - p0, -1)[rows, u] = 0
             f = _pick(_forward_from(self.net, ab, layer + 1, backend), targets[owners])
             effect[owners, u] = f_x[owners] - f
+        bar.close()
         if channel:
             return xp.ascontiguousarray(xp.broadcast_to(effect.reshape(effect.shape + (1,) * (a.ndim - 2)), a.shape))
         return effect.reshape(a.shape)
 
 
 @register_method("erasure")
-def erasure(net, layer=None, group="unit", batch_size=None):
+def erasure(net, layer=None, group="unit", batch_size=None, progress=True):
     """Representation erasure (Li et al. 2017) at the output of hidden layer ``layer``.
 
     Returns the per-unit effect f_c(x) − f_c(x with that unit of layer ``layer``'s output
     set to 0), **shaped like that layer's output** (N, *units), not like x.  ``layer``
     defaults to the input of the last dense/conv layer (the penultimate representation);
     ``group="channel"`` erases whole feature maps (the effect is repeated over their
-    positions).  Erased copies are run from layer + 1 on, ``batch_size`` at a time.
+    positions).  Erased copies are run from layer + 1 on, ``batch_size`` at a time
+    (``progress``: a tqdm bar, shown once a call has run for 2 s).
     """
-    return _Erasure(net, layer, group, batch_size)
+    return _Erasure(net, layer, group, batch_size, progress)

@@ -40,8 +40,8 @@ so for every estimator S the signal method estimates S(x) and the attribution me
 w ⊙ S(x) on a linear model, and the estimators can be compared side by side.  With
 ``estimator="linear"`` the pattern methods use the linear pattern a in every layer.
 
-:func:`signal_quality` measures :math:`\rho(S) = 1 - \max_v \mathrm{corr}(v^T (x - S(x)), y)`
-per layer on held-out data (also re-exported as :func:`relprop.metrics.signal_quality`).
+:func:`relprop.metrics.signal_quality` measures :math:`\rho(S) = 1 - \max_v \mathrm{corr}(v^T (x - S(x)), y)`
+per layer on held-out data (also importable from here).
 
 References
 ----------
@@ -79,6 +79,50 @@ _ESTIMATORS = ("two_component", "linear")
 #: a denominator |wᵀcov| at or below this many ulps (of the data's dtype) of the magnitude
 #: of the terms it cancels is treated as zero (no usable pattern)
 _ZERO_ULPS = 256
+
+
+def _open_npz(path, what):
+    """``np.load`` of a relprop ``.npz`` file; anything that is not a readable .npz archive is a ValueError."""
+    import zipfile
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a relprop {what} file (not a readable .npz archive: {exc})") from None
+    if not hasattr(data, "files"):          # a plain .npy array
+        raise ValueError(f"{path}: not a relprop {what} file (a single array, not an .npz archive)")
+    return data
+
+
+def _read(data, key, path, what):
+    """``data[key]`` of an open archive; a truncated or corrupt member is a ValueError naming the file."""
+    import zipfile
+
+    try:
+        return np.array(data[key])
+    except KeyError:
+        raise ValueError(f"{path}: not a complete relprop {what} file (no entry {key!r})") from None
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: corrupt relprop {what} file (entry {key!r}: {exc})") from None
+
+
+def _meta(data, key, path, what):
+    try:
+        meta = json.loads(str(_read(data, key, path, what)))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt relprop {what} file (its {key} record: {exc})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("layers"), list):
+        raise ValueError(f"{path}: corrupt relprop {what} file (its {key} record has no layer list)")
+    return meta
+
+
+def _check_finite_host(path, what, name, arr):
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{path}: {what} {name} holds NaN or Inf (the file is corrupt or was written from "
+                         "non-finite data)")
+    return arr
 
 
 class PatternWarning(RuntimeWarning):
@@ -191,6 +235,10 @@ class PatternStats:
     """
 
     def __init__(self, net=None, layers=None, n_inputs=0, signature=None):
+        from .nets import Sequential
+
+        if net is not None and not isinstance(net, Sequential):
+            raise TypeError(f"PatternStats: net must be a relprop.nets.Sequential, got {type(net).__name__}")
         self.net = net
         if signature is None:
             if net is None:
@@ -270,6 +318,11 @@ class PatternStats:
             raise ValueError("PatternStats: no data yet; update with at least one batch before computing patterns")
         if mean_y not in _MEAN_Y:
             raise ValueError(f"mean_y={mean_y!r} is invalid; expected 'all' (E[y], the paper's Eq. 8) or 'regime'")
+        for i, st in self.layers.items():
+            for name in _ACC_NAMES:
+                if not bool(array_namespace(st.sum_xy).isfinite(getattr(st, name)).all()):
+                    raise ValueError(f"PatternStats: layer {i} statistics {name} hold NaN or Inf; "
+                                     "no patterns can be computed from them")
         layers = {}
         with _collect_warnings() as report:
             for i, st in self.layers.items():
@@ -286,12 +339,14 @@ class PatternStats:
     @classmethod
     def load(cls, path, net=None):
         """Read a file written by :meth:`save` (or :meth:`Patterns.save`); checked against ``net`` if given."""
-        with np.load(path, allow_pickle=False) as data:
+        with _open_npz(path, "pattern statistics") as data:
             key = _STATS_KEY if _STATS_KEY in data.files else _PATTERNS_KEY
             if key not in data.files:
-                raise ValueError(f"{path}: not a relprop pattern file")
-            meta = json.loads(str(data[key]))
-            stats = cls._from_arrays(meta, data)
+                raise ValueError(f"{path}: not a relprop pattern statistics file (no {_STATS_KEY} entry)")
+            meta = _meta(data, key, path, "pattern statistics")
+            stats = cls._from_arrays(meta, data, path)
+            if all(s is None for s in stats.layers.values()):
+                raise ValueError(f"{path}: holds no pattern statistics (patterns saved without their sums)")
         if net is not None:
             stats.check(net)
             stats.net = net
@@ -318,16 +373,22 @@ class PatternStats:
         return out
 
     @classmethod
-    def _from_arrays(cls, meta, data):
+    def _from_arrays(cls, meta, data, path="pattern file"):
         if meta.get("version") != _FORMAT_VERSION:
-            raise ValueError(f"unsupported pattern file version {meta.get('version')!r}")
+            raise ValueError(f"{path}: unsupported pattern file version {meta.get('version')!r}")
         layers = {}
         for entry in meta["layers"]:
             i = int(entry["index"])
             shape = tuple(int(s) for s in entry["weight_shape"])
             if f"{i}.stats.count" in data.files:
-                layers[i] = LayerStats(i, entry["kind"], shape, *(np.array(data[f"{i}.stats.{n}"]) for n in _ACC_NAMES),
-                                       dtype=entry.get("dtype") or "float64")
+                arrays = []
+                want = ((), shape[1:], shape[:1], (2,) + shape[:1], shape, (2,) + shape)
+                for n, sh in zip(_ACC_NAMES, want):
+                    arr = _read(data, f"{i}.stats.{n}", path, "pattern statistics").astype(np.float64)
+                    if arr.shape != sh:
+                        raise ValueError(f"{path}: layer {i} statistics {n} has shape {arr.shape}, expected {sh}")
+                    arrays.append(_check_finite_host(path, f"layer {i} statistics", n, arr))
+                layers[i] = LayerStats(i, entry["kind"], shape, *arrays, dtype=entry.get("dtype") or "float64")
             else:
                 layers[i] = None
         signature = {int(e["index"]): (e["kind"], tuple(int(s) for s in e["weight_shape"])) for e in meta["layers"]}
@@ -489,8 +550,13 @@ class Patterns(Mapping):
         return f"Patterns(layers={list(self._layers)}, mean_y={self.mean_y!r}, n_inputs={n})"
 
     def check(self, net):
-        """Raise ValueError unless these patterns belong to ``net``'s dense/conv layer shapes."""
+        """Raise ValueError unless these patterns belong to ``net``'s dense/conv layer shapes and are finite."""
         _check_signature({i: (p.kind, p.weight_shape) for i, p in self._layers.items()}, net, "patterns")
+        for i, p in self._layers.items():
+            for name in ("a", "a_plus", "a_minus"):
+                arr = getattr(p, name)
+                if not bool(array_namespace(arr).isfinite(arr).all()):
+                    raise ValueError(f"patterns: layer {i} {name} holds NaN or Inf")
 
     def save(self, path):
         """Write patterns and statistics to one ``.npz`` file (read back with :func:`load_patterns`)."""
@@ -516,22 +582,24 @@ def load_patterns(path, net=None):
     With ``net`` the file must match the net's dense/conv layers (indices, kinds and weight
     shapes), else ValueError; the statistics are attached to the net.
     """
-    with np.load(path, allow_pickle=False) as data:
+    with _open_npz(path, "patterns") as data:
         if _PATTERNS_KEY not in data.files:
             raise ValueError(f"{path}: not a relprop patterns file (no {_PATTERNS_KEY} entry)")
-        meta = json.loads(str(data[_PATTERNS_KEY]))
+        meta = _meta(data, _PATTERNS_KEY, path, "patterns")
         if meta.get("version") != _FORMAT_VERSION:
             raise ValueError(f"{path}: unsupported patterns file version {meta.get('version')!r}")
         layers = {}
         for entry in meta["layers"]:
             i = int(entry["index"])
             shape = tuple(int(s) for s in entry["weight_shape"])
-            arrs = [np.array(data[f"{i}.{n}"]) for n in ("a", "a_plus", "a_minus")]
+            arrs = [_read(data, f"{i}.{n}", path, "patterns") for n in ("a", "a_plus", "a_minus")]
             for n, arr in zip(("a", "a_plus", "a_minus"), arrs):
                 if arr.shape != shape:
                     raise ValueError(f"{path}: layer {i} {n} has shape {arr.shape}, expected {shape}")
+                _check_finite_host(path, f"layer {i} pattern", n, arr)
             layers[i] = LayerPatterns(i, entry["kind"], shape, *arrs)
-        stats = PatternStats._from_arrays(meta, data) if any(k.endswith(".stats.count") for k in data.files) else None
+        has_stats = any(k.endswith(".stats.count") for k in data.files)
+        stats = PatternStats._from_arrays(meta, data, path) if has_stats else None
     if stats is not None:
         for i, p in layers.items():
             p.stats = stats.layers.get(i)
@@ -579,6 +647,10 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
     Patterns
         ``patterns[i].a`` / ``.a_plus`` / ``.a_minus`` shaped like layer i's weight, ``.stats``.
     """
+    from .nets import Sequential
+
+    if not isinstance(net, Sequential):
+        raise TypeError(f"fit_patterns: net must be a relprop.nets.Sequential, got {type(net).__name__}")
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"fit_patterns: batch_size={batch_size!r} is invalid; expected an int >= 1")
     if mean_y not in _MEAN_Y:
@@ -705,211 +777,11 @@ def attribution_identity(net):
 
 
 # ----------------------------------------------------------------------------------------------
-# quality of the signal estimators
+# quality of the signal estimators: hosted by relprop.metrics, beside the other metrics
 # ----------------------------------------------------------------------------------------------
-ESTIMATOR_NAMES = ("S_x", "S_w", "S_a", "S_a+-")
+def __getattr__(name):
+    if name in ("signal_quality", "SignalQuality", "ESTIMATOR_NAMES"):
+        from . import metrics
 
-
-@dataclass
-class SignalQuality:
-    """ρ(S) per layer (:func:`signal_quality`).
-
-    ``rho[name]`` (n_layers,) is the mean over the evaluated units of ``per_unit[name][k]``
-    (the values of layer ``layers[k]`` for units ``units[k]``); NaN where undefined.
-    """
-
-    layers: list
-    kinds: list
-    units: list
-    rho: dict
-    per_unit: dict
-
-    def __getitem__(self, name):
-        return self.rho[name]
-
-    def rows(self):
-        """One dict per layer: {"layer": i, "kind": ..., "units": n, "S_x": ..., "S_w": ..., ...}."""
-        return [{"layer": i, "kind": k, "units": len(u), **{n: float(self.rho[n][r]) for n in self.rho}}
-                for r, (i, k, u) in enumerate(zip(self.layers, self.kinds, self.units))]
-
-    def __str__(self):
-        names = list(self.rho)
-        head = f"{'layer':>5}  {'kind':<7} {'units':>5}  " + "  ".join(f"{n:>7}" for n in names)
-        lines = [head]
-        for row in self.rows():
-            lines.append(f"{row['layer']:>5}  {row['kind']:<7} {row['units']:>5}  "
-                         + "  ".join(f"{row[n]:7.3f}" for n in names))
-        return "\n".join(lines)
-
-
-def _layer_samples(layer, x, z, positions, rng):
-    """(X (S, I), Z (S, J)) on the host in float64: dense rows, or conv patches at sampled positions."""
-    x = np.asarray(to_numpy(x), dtype=np.float64)
-    z = np.asarray(to_numpy(z), dtype=np.float64)
-    if layer.kind == "linear":
-        return x, z
-    n, c, h, w = x.shape
-    ho, wo = z.shape[2:]
-    kh, kw = layer.kernel
-    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
-    if positions is None or positions >= ho * wo:
-        pos = np.broadcast_to(np.arange(ho * wo), (n, ho * wo))
-    else:
-        pos = np.argsort(rng.random((n, ho * wo)), axis=1)[:, :positions]
-    img = np.broadcast_to(np.arange(n)[:, None], pos.shape).reshape(-1)
-    pos = pos.reshape(-1)
-    i, j = pos // wo, pos % wo
-    x_pad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    rows = (i * sh)[:, None, None, None] + (np.arange(kh) * dh)[None, None, :, None]
-    cols = (j * sw)[:, None, None, None] + (np.arange(kw) * dw)[None, None, None, :]
-    patches = x_pad[img[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
-    return patches.reshape(len(pos), -1), z[img, :, i, j]
-
-
-class _HalfMoments:
-    """Sums over one half of the data for the selected units of one layer (float64, host)."""
-
-    def __init__(self, w_sel):
-        n_in = w_sel.shape[1]
-        self.w = w_sel                                   # (U, I)
-        self.n = 0
-        self.sx = np.zeros(n_in)
-        self.gram = np.zeros((n_in, n_in))               # Σ x xᵀ
-        self.sy = np.zeros((2, len(w_sel)))              # Σy, Σ₊y
-        self.sxy = np.zeros((2, len(w_sel), n_in))       # Σ x y, Σ₊ x y
-
-    def add(self, x, z_sel):
-        y = x @ self.w.T                                 # y = wᵀx exactly (no bias)
-        yp = np.where(z_sel > 0, y, 0.0)                 # y in the positive regime, 0 elsewhere
-        self.n += x.shape[0]
-        self.sx += x.sum(axis=0)
-        self.gram += x.T @ x
-        self.sy[0] += y.sum(axis=0)
-        self.sy[1] += yp.sum(axis=0)
-        self.sxy[0] += y.T @ x
-        self.sxy[1] += yp.T @ x
-
-    def covariances(self, u, a_plus, a_minus):
-        r"""(cov[d, d] (I, I), cov[d, y] (I,), var[y]) for unit u and d = x − a₊ y₊ − a₋ y₋."""
-        n = self.n
-        w = self.w[u]
-        mx, g = self.sx / n, self.gram / n
-        my, myp = self.sy[0, u] / n, self.sy[1, u] / n
-        cxy, cxyp = self.sxy[0, u] / n, self.sxy[1, u] / n
-        mym, cxym = my - myp, cxy - cxyp
-        eyy, eyyp = w @ cxy, w @ cxyp                    # E[y²] = wᵀE[xy], E[y₊²] = wᵀE[x y₊]
-        eyym = eyy - eyyp
-        md = mx - a_plus * myp - a_minus * mym           # E[d]
-        edd = (g - np.outer(cxyp, a_plus) - np.outer(a_plus, cxyp) - np.outer(cxym, a_minus)
-               - np.outer(a_minus, cxym) + eyyp * np.outer(a_plus, a_plus) + eyym * np.outer(a_minus, a_minus))
-        edy = cxy - a_plus * eyyp - a_minus * eyym       # E[d y]
-        return edd - np.outer(md, md), edy - md * my, eyy - my * my
-
-
-def _rho(fit, test, u, a_plus, a_minus):
-    """1 − corr on ``test`` of vᵀd with y, v the least-squares fit of y on d over ``fit``."""
-    import scipy.linalg
-
-    c_dd, c_dy, _ = fit.covariances(u, a_plus, a_minus)
-    if not np.any(c_dd):
-        return np.nan                                    # d ≡ 0 (S_x): the correlation is undefined
-    v = scipy.linalg.lstsq(c_dd, c_dy, lapack_driver="gelsy")[0]     # normal equations of y ~ vᵀd + c
-    t_dd, t_dy, t_yy = test.covariances(u, a_plus, a_minus)
-    var_fit = float(v @ t_dd @ v)
-    if not (var_fit > 0 and t_yy > 0):
-        return np.nan
-    return 1.0 - float(v @ t_dy) / np.sqrt(var_fit * t_yy)
-
-
-def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=64, positions=64, seed=0):
-    r"""The quality :math:`\rho(S) = 1 - \max_v \mathrm{corr}(v^T (x - S(x)), y)` of each estimator, per layer.
-
-    Exactly what is computed, for every dense/conv layer and every evaluated output unit j
-    (x: the layer input, for a convolution the input patch of an output position; y = w_jᵀx;
-    the regime of a sample is :math:`z_j = y + b_j > 0`, from the forward pass):
-
-    1. ``data`` is split into halves: the first ⌊N/2⌋ inputs fit v, the rest measure the
-       correlation (patterns should come from other data, as in the paper).
-    2. On each half the sums n, Σx, Σxxᵀ, Σy, Σ₊y, Σxy, Σ₊xy are accumulated in float64 (all
-       inputs of the half; for convolutions ``positions`` random output positions per input,
-       all of them with ``positions=None``).  From them, for :math:`d = x - S(x)` with
-       :math:`S(x) = a_+ y [z>0] + a_- y [z \le 0]` (a₊ = a₋ = a for the linear estimators),
-       the covariance of d and its covariance with y follow exactly.
-    3. v is the least-squares fit of y on d with intercept on the first half (the normal
-       equations solved by ``scipy.linalg.lstsq``, minimum norm: cov[d] is singular since wᵀd = 0);
-       :math:`\rho_j = 1 - \mathrm{corr}_2(v^T d, y)` on the second half.  Since v maximises the
-       in-sample correlation, this is the paper's criterion measured on held-out data; it can
-       exceed 1 when v does not generalise (negative held-out correlation).
-    4. The layer's value is the mean of ρ_j over the evaluated units (``max_units`` of them,
-       chosen at random with ``seed``; all with ``max_units=None``), ignoring NaN.
-
-    Estimators: S_w (a = w / wᵀw), S_a (``patterns[i].a``), S_a+- (``a_plus``, ``a_minus``).
-    S_x (S(x) = x) leaves d ≡ 0, for which the correlation is undefined: its entries are NaN.
-    The criterion cannot rank S_x (it judges only what an estimator calls distractor, and S_x
-    calls nothing distractor, keeping all of it in the signal); the paper's comparison
-    (Fig. 3) likewise covers S_w, S_a and S_a+- only.
-
-    Parameters
-    ----------
-    net : relprop.nets.Sequential
-    patterns : Patterns
-    data : array (N, ...), N >= 4
-    batch_size : int
-    backend : None | "reference" | "cpu" | "cuda"
-        For the forward passes; the statistics here are computed on the host in float64.
-    max_units : int or None
-        Units evaluated per layer (cost: one I×I least-squares solve per unit and estimator).
-    positions : int or None
-        Output positions sampled per input for conv layers.
-    seed : int or numpy.random.Generator
-
-    Returns
-    -------
-    SignalQuality
-        ``.rho["S_a"]`` etc. per layer; ``str()`` prints the table.
-    """
-    if not isinstance(patterns, Patterns):
-        raise TypeError(f"signal_quality: patterns must be relprop.Patterns, got {type(patterns).__name__}")
-    patterns.check(net)
-    net.check_input(data, where="signal_quality")
-    n_total = int(data.shape[0])
-    if n_total < 4:
-        raise ValueError(f"signal_quality: data holds {n_total} inputs; need at least 4 (two halves)")
-    rng = np.random.default_rng(seed)
-    layers = net.linear_layers()
-    units, moments = {}, [{}, {}]
-    for i in layers:
-        w = _host64(net.layers[i].weight).reshape(net.layers[i].weight.shape[0], -1)
-        j = w.shape[0]
-        sel = np.arange(j) if max_units is None or max_units >= j else np.sort(rng.choice(j, max_units, replace=False))
-        units[i] = sel
-        for half in moments:
-            half[i] = _HalfMoments(w[sel])
-    halves = (data[: n_total // 2], data[n_total // 2:])
-    for half, part in zip(moments, halves):
-        for s in range(0, part.shape[0], batch_size):
-            trace = net.trace(part[s:s + batch_size], backend, check=False)
-            for i in layers:
-                x, z = _layer_samples(net.layers[i], trace.inputs[i], trace.layer_output(i), positions, rng)
-                half[i].add(x, z[:, units[i]])
-    rho = {name: np.full(len(layers), np.nan) for name in ESTIMATOR_NAMES}
-    per_unit = {name: [] for name in ESTIMATOR_NAMES}
-    for k, i in enumerate(layers):
-        w = moments[0][i].w
-        p = patterns[i]
-        a = _host64(p.a).reshape(p.weight_shape[0], -1)[units[i]]
-        ap = _host64(p.a_plus).reshape(p.weight_shape[0], -1)[units[i]]
-        am = _host64(p.a_minus).reshape(p.weight_shape[0], -1)[units[i]]
-        aw = filter_pattern(w)
-        choices = {"S_x": None, "S_w": (aw, aw), "S_a": (a, a), "S_a+-": (ap, am)}
-        for name, pair in choices.items():
-            if pair is None:
-                values = np.full(len(units[i]), np.nan)     # d ≡ 0: undefined (see above)
-            else:
-                values = np.array([_rho(moments[0][i], moments[1][i], u, pair[0][u], pair[1][u])
-                                   for u in range(len(units[i]))])
-            per_unit[name].append(values)
-            if np.any(np.isfinite(values)):
-                rho[name][k] = float(np.nanmean(values))
-    return SignalQuality(layers=list(layers), kinds=[net.layers[i].kind for i in layers],
-                         units=[units[i] for i in layers], rho=rho, per_unit=per_unit)
+        return getattr(metrics, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

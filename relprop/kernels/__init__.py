@@ -47,7 +47,19 @@ def _prepare(where, backend, check_finite, **arrays):
 
 def _check_bias(where, b, n_out):
     if b is not None:
+        V.check_float_array("b", b, 1, where)
         V.check_shape("b", b, (n_out,), where)
+
+
+def _input_shape(where, input_shape):
+    """A shape of 4 non-negative ints (not floats that would be truncated)."""
+    try:
+        items = tuple(input_shape)
+    except TypeError:
+        raise TypeError(f"{where}: input_shape must be a tuple of 4 ints, got {input_shape!r}") from None
+    if len(items) != 4 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in items):
+        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape!r} (expected 4 non-negative ints)")
+    return tuple(int(s) for s in items)
 
 
 def dense_forward(x, w, b=None, *, backend=None, check_finite=True):
@@ -97,9 +109,7 @@ def conv2d_vjp(g, w, input_shape, stride=1, padding=0, dilation=1, *, backend=No
     where = "conv2d_vjp"
     V.check_float_array("g", g, 4, where)
     V.check_float_array("w", w, 4, where)
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 4:
-        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape}")
+    input_shape = _input_shape(where, input_shape)
     stride, padding, dilation = _conv_geometry(where, input_shape, w, stride, padding, dilation)
     expected = _ops.conv2d_output_shape(input_shape, w.shape, stride, padding, dilation)
     V.check_shape("g", g, expected, where)
@@ -132,8 +142,8 @@ def maxunpool2d(g, switches, input_shape, *, backend=None, check_finite=True):
     """Route g (N,C,Ho,Wo) back to the switch positions of an (N,C,H,W) array, summing overlaps."""
     where = "maxunpool2d"
     V.check_float_array("g", g, 4, where)
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 4 or input_shape[:2] != tuple(g.shape[:2]):
+    input_shape = _input_shape(where, input_shape)
+    if input_shape[:2] != tuple(g.shape[:2]):
         raise ValueError(f"{where}: input_shape {input_shape} must be (N={g.shape[0]}, C={g.shape[1]}, H, W)")
     if not hasattr(switches, "dtype") or not hasattr(switches, "shape"):
         raise TypeError(f"{where}: switches must be an int64 array, got {type(switches).__name__}")
@@ -165,9 +175,7 @@ def avgpool2d_vjp(g, input_shape, kernel, stride=None, padding=0, *, backend=Non
     """VJP of average pooling: g (N,C,Ho,Wo) → (N,C,H,W) = ``input_shape``."""
     where = "avgpool2d_vjp"
     V.check_float_array("g", g, 4, where)
-    input_shape = tuple(int(s) for s in input_shape)
-    if len(input_shape) != 4:
-        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape}")
+    input_shape = _input_shape(where, input_shape)
     kernel, stride, padding = _pool_geometry(where, input_shape, kernel, stride, padding)
     V.check_shape("g", g, _ops.pool_output_shape(input_shape, kernel, stride, padding), where)
     _, backend, a = _prepare(where, backend, check_finite, g=g)
@@ -268,6 +276,9 @@ def _pattern_accumulators(where, xp, out, n_units, in_shape):
         V.check_shape(name, a, shape, where)
         if not a.flags.c_contiguous:
             raise ValueError(f"{where}: accumulator {name} must be C-contiguous (it is updated in place)")
+        if not a.flags.writeable:
+            raise ValueError(f"{where}: accumulator {name} is read-only; out must hold writable arrays "
+                             "(they are updated in place)")
     if array_namespace(*out) is not xp:
         raise TypeError(f"{where}: the accumulators and the inputs must live on one device (numpy or cupy)")
     return tuple(out)

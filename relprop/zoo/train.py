@@ -6,7 +6,8 @@ thread count.  A run writes ``DIR/NAME.npz`` (the net in :func:`relprop.nets.sav
 format plus held-out samples and a ``meta`` record) and, for the conv nets and the
 PatternNet toy, ``DIR/NAME_patterns.npz`` (PatternNet patterns fitted on the training
 inputs).  ``--quick`` trains a reduced recipe (the tests use it to check that the recipe
-still yields a net of the shipped quality).
+still yields a net of the shipped quality).  ``--patterns-only`` keeps the nets in ``DIR``
+untouched and refits only their patterns (e.g. after a change of the estimator's defaults).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from ..nets.io import from_spec
 from ..nets.train import accuracy, clip_bias, init_weights, predict, train
 from . import NAMES, WEIGHTS_DIR, write
 
-__all__ = ["Recipe", "RECIPES", "build", "evaluate", "main", "SPECS"]
+__all__ = ["Recipe", "RECIPES", "build", "evaluate", "main", "SPECS", "refit_patterns"]
 
 
 def _conv(i, o, k, stride=1, padding=0):
@@ -242,6 +243,17 @@ def _save_patterns(net, x, path, progress):
     return fitted
 
 
+def refit_patterns(name, out=WEIGHTS_DIR, quick=False, progress=True):
+    """Refit and save the patterns of the net in ``out/NAME.npz`` on its recipe's training inputs."""
+    from . import load
+
+    if not RECIPES[name].patterns:
+        raise ValueError(f"zoo net {name!r} ships no patterns")
+    out = Path(out)
+    net = load(out / f"{name}.npz", patterns=False).net
+    return _save_patterns(net, RECIPES[name].train_data(quick)[0], out / f"{name}_patterns.npz", progress)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m relprop.zoo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+", help=f"zoo nets to train ({', '.join(NAMES)}) or 'all'")
@@ -249,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="output folder (default: the package's zoo/weights)")
     parser.add_argument("--backend", default=None, choices=["reference", "cpu", "cuda"])
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--patterns-only", action="store_true",
+                        help="keep the nets in --out and refit only their PatternNet patterns")
     args = parser.parse_args(argv)
     names = list(NAMES) if args.names == ["all"] else args.names
     for n in names:
@@ -256,6 +270,13 @@ def main(argv=None):
             parser.error(f"unknown zoo net {n!r}; known: {', '.join(NAMES)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.patterns_only:
+        for n in [n for n in names if RECIPES[n].patterns]:
+            t0 = time.perf_counter()
+            refit_patterns(n, out, args.quick, not args.no_progress)
+            print(f"{n}: patterns refitted in {time.perf_counter() - t0:.1f} s -> {out / f'{n}_patterns.npz'}",
+                  flush=True)
+        return 0
     for n in names:
         if n in TORCH_TRAINED:  # writes NAME.npz and NAME.onnx
             import importlib
