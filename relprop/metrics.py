@@ -325,9 +325,7 @@ def conservation(net, x, R, target=None, backend=None, baseline=None):
     _check_net_input(net, x, where)
     xp = array_namespace(x)
     backend = resolve_backend(backend, xp)
-    V.check_real_array(where, "R", R)
-    if R.ndim < 1 or R.shape[0] != x.shape[0]:
-        raise ValueError(f"{where}: R must be an array with x's batch size {x.shape[0]}, got shape {tuple(R.shape)}")
+    _relevance_map(where, R, x)            # real, finite, shaped like x (or summed over channels)
     targets, f_c = _targets_and_scores(net, x, target, backend, _config.DEFAULT_BATCH_SIZE)
     f_base = np.zeros(x.shape[0])
     if baseline is not None:
