@@ -718,7 +718,7 @@ def pattern_net(net, patterns=None, estimator="two_component"):
     """PatternNet: the signal sweep with each layer's W replaced by its pattern A, from the target logit.
 
     ``estimator="two_component"``: a₊ for layers whose output goes through a ReLU, the linear a
-    elsewhere (MATH.md); ``"linear"``: a everywhere.
+    elsewhere (docs/conventions.md); ``"linear"``: a everywhere.
     """
     folded = canonical(net)
     return _pattern_sweep(folded, _pattern_mats(folded, patterns, estimator, "pattern.net"), "pattern.net",
