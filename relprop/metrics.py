@@ -512,14 +512,31 @@ def _unit_pattern(w, a):
     return a / t
 
 
+def _least_squares(c_dd, c_dy, ridge=1e-10):
+    """The solution of c_dd v = c_dy that the minimum-norm least squares gives, by Cholesky.
+
+    c_dd is a covariance (symmetric, positive semi-definite, singular: wᵀd = 0).  A ridge of
+    ``ridge`` times its mean eigenvalue makes it definite; directions with variance far below
+    the ridge, where c_dy holds only rounding, are damped instead of amplified, and the rest
+    is solved to ~1e-10 relative — the minimum-norm solution up to that, at a tenth of the
+    cost of a pivoted QR (``scipy.linalg.lstsq``), which remains the fallback.
+    """
+    import scipy.linalg
+
+    c_dd = (c_dd + c_dd.T) / 2
+    lam = ridge * max(float(np.trace(c_dd)) / len(c_dd), np.finfo(np.float64).tiny)
+    try:
+        return scipy.linalg.solve(c_dd + lam * np.eye(len(c_dd)), c_dy, assume_a="pos", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        return scipy.linalg.lstsq(c_dd, c_dy, lapack_driver="gelsy")[0]
+
+
 def _rho(fit, test, u, a_plus, a_minus):
     """(ρ, corr): 1 − corr on ``test`` of vᵀd with y, v the least-squares fit of y on d over ``fit``.
 
     d is projected onto the hyperplane wᵀd = 0 where it lies for an exact pattern, which removes
     any leak of y along w that rounding leaves.
     """
-    import scipy.linalg
-
     w = fit.w[u]
     w_hat = w / np.linalg.norm(w)
 
@@ -532,7 +549,7 @@ def _rho(fit, test, u, a_plus, a_minus):
     c_dy = project(c_dy)
     if not np.any(np.abs(c_dd) > 0):
         return np.nan, np.nan                            # d ≡ 0: the correlation is undefined
-    v = scipy.linalg.lstsq((c_dd + c_dd.T) / 2, c_dy, lapack_driver="gelsy")[0]   # normal equations of y ~ vᵀd + c
+    v = _least_squares(c_dd, c_dy)                      # the normal equations of y ~ vᵀd + c
     v = project(v)
     t_dd, t_dy, t_yy = test.covariances(u, a_plus, a_minus)
     var_fit = float(v @ t_dd @ v)
@@ -568,7 +585,8 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
        d lies in the hyperplane :math:`w^T d = 0`; it is projected onto it, which removes what
        rounding leaves of y along w.
     3. v is the least-squares fit of y on d with intercept over the first half (the normal
-       equations by ``scipy.linalg.lstsq``, minimum norm: cov[d] is singular);
+       equations, minimum norm — cov[d] is singular — by Cholesky with a ridge of 1e-10 of
+       the mean eigenvalue);
        :math:`\rho_j = 1 - \mathrm{corr}(v^T d, y)` over the second half.  ρ_j lies in [0, 2]:
        above 1 when v does not generalise (a negative held-out correlation).  A correlation
        outside [−1, 1] is a numerical failure: it is flagged (``.flagged``, a
