@@ -408,12 +408,12 @@ class SignalQuality:
     def __str__(self):
         names = list(self.rho)
         head = f"{'layer':>5}  {'kind':<7} {'units':>5}  " + "  ".join(f"{n:>7}" for n in names)
-        head += f"  {'input rank':>12}"
+        head += f"  {'input rank/dim':>14}"
         lines = [head]
         for row in self.rows():
             rank = f"{row['rank']}/{row['dim']}" if row["rank"] is not None else "-"
             lines.append(f"{row['layer']:>5}  {row['kind']:<7} {row['units']:>5}  "
-                         + "  ".join(f"{row[n]:7.3f}" for n in names) + f"  {rank:>12}")
+                         + "  ".join(f"{row[n]:7.3f}" for n in names) + f"  {rank:>14}")
         return "\n".join(lines)
 
 

@@ -24,6 +24,17 @@ def test_demo_smoke(tmp_path, capsys):
         assert np.isfinite(r["ms_per_image"]) and np.isfinite(r.get("aopc", 0.0))
     by = {r["method"]: r for r in rows}
     assert by["dtd.box"]["conservation"] < 1e-3  # z^B/z+ without bias: conservative
+    # PatternNet's rho table (issue 11): S_a+- within 0.05 of S_a or above on every layer, the
+    # random-direction baseline near 0, no layer whose held-out inputs collapse in rank
+    lines = out[out.index("rho(S) per layer"):].splitlines()
+    head = lines[1].split()
+    table = [dict(zip(head, line.split())) for line in lines[2:] if line.split() and line.split()[0].isdigit()]
+    assert len(table) == 4, out
+    for row in table:
+        assert float(row["S_a+-"]) >= float(row["S_a"]) - 0.05, row
+        assert abs(float(row["random"])) < 0.05, row
+        assert row["S_x"] == "nan"
+    assert "warning: layer" not in out
 
 
 def test_demo_methods_flag(tmp_path, capsys):
