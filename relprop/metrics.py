@@ -25,10 +25,10 @@ __all__ = ["perturbation_curve", "aopc", "randomization_check", "RandomizationRe
 
 
 def _check_net_input(net, x, where):
-    from .nets import Sequential
+    from .nets import Graph
 
-    if not isinstance(net, Sequential):
-        raise TypeError(f"{where}: net must be a relprop.nets.Sequential, got {type(net).__name__}")
+    if not isinstance(net, Graph):
+        raise TypeError(f"{where}: net must be a relprop net (relprop.nets.Graph), got {type(net).__name__}")
     net.check_input(x, where=where)
 
 
@@ -97,7 +97,7 @@ def perturbation_curve(net, x, R, target=None, patch=1, steps=None, fill="random
 
     Parameters
     ----------
-    net : Sequential
+    net : relprop.nets.Graph
     x : array (N, C, H, W) or (N, D)
     R : array
         Relevance shaped like x, (N, 1, H, W) or (N, H, W) (summed over channels).
@@ -602,7 +602,7 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
 
     Parameters
     ----------
-    net : relprop.nets.Sequential
+    net : relprop.nets.Graph
     patterns : relprop.Patterns
         Fitted on data disjoint from ``data``.
     data : array (N, ...), N >= 4

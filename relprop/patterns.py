@@ -217,7 +217,7 @@ class PatternStats:
 
     Parameters
     ----------
-    net : relprop.nets.Sequential
+    net : relprop.nets.Graph
         The net whose layers the statistics describe (needed by :meth:`update` and
         :meth:`patterns`; a loaded object may have ``net=None`` until one is attached).
 
@@ -235,10 +235,10 @@ class PatternStats:
     """
 
     def __init__(self, net=None, layers=None, n_inputs=0, signature=None):
-        from .nets import Sequential
+        from .nets import Graph
 
-        if net is not None and not isinstance(net, Sequential):
-            raise TypeError(f"PatternStats: net must be a relprop.nets.Sequential, got {type(net).__name__}")
+        if net is not None and not isinstance(net, Graph):
+            raise TypeError(f"PatternStats: net must be a relprop net (relprop.nets.Graph), got {type(net).__name__}")
         self.net = net
         if signature is None:
             if net is None:
@@ -629,7 +629,7 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
 
     Parameters
     ----------
-    net : relprop.nets.Sequential
+    net : relprop.nets.Graph
     data : array (N, ...) or iterable of batches
         Inputs of the net (an iterable may yield ``(x, label)`` pairs; the label is ignored).
     batch_size : int
@@ -647,10 +647,10 @@ def fit_patterns(net, data, batch_size=256, progress=True, backend=None, mean_y=
     Patterns
         ``patterns[i].a`` / ``.a_plus`` / ``.a_minus`` shaped like layer i's weight, ``.stats``.
     """
-    from .nets import Sequential
+    from .nets import Graph
 
-    if not isinstance(net, Sequential):
-        raise TypeError(f"fit_patterns: net must be a relprop.nets.Sequential, got {type(net).__name__}")
+    if not isinstance(net, Graph):
+        raise TypeError(f"fit_patterns: net must be a relprop net (relprop.nets.Graph), got {type(net).__name__}")
     if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"fit_patterns: batch_size={batch_size!r} is invalid; expected an int >= 1")
     if mean_y not in _MEAN_Y:

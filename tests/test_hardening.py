@@ -213,7 +213,7 @@ def test_integrated_gradients_memory_does_not_grow_with_the_baselines(cnn):
 # -- unhelpful errors ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("x", [[[0.0] * 6], 3.0])
 def test_x_that_is_no_array_is_named(mlp, x):
-    with pytest.raises(TypeError, match=r"\bx must be a numpy or cupy array"):
+    with pytest.raises(TypeError, match=r"\bx must be a (numpy|NumPy) or (cupy|CuPy)"):
         relprop.explain(mlp, x, "gradient")
 
 
