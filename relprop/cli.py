@@ -141,9 +141,9 @@ def _signal_quality_data(model_name, samples):
 
 
 def _rank_notes(q, ratio=0.9):
-    """Warnings for layers whose held-out input rank is far below the input dimension."""
-    return [f"layer {row['layer']}: the held-out inputs span rank {row['rank']} of {row['dim']} dimensions; "
-            "rho there says little (draw held-out data from the pattern data's distribution)"
+    """Warnings for layers whose held-out input rank is far below the number of varying input features."""
+    return [f"layer {row['layer']}: the held-out inputs span rank {row['rank']} of {row['dim']} varying input "
+            "features; rho there says little (draw held-out data from the pattern data's distribution)"
             for row in q.rows() if row["rank"] is not None and row["rank"] < ratio * row["dim"]]
 
 

@@ -381,8 +381,9 @@ class SignalQuality:
     ``rho[name]`` (n_layers,) is the mean over the evaluated units of ``per_unit[name][k]``
     (the values of layer ``layers[k]`` for units ``units[k]``); NaN where undefined.
     ``rank[k]`` is the numerical rank of cov[x] of layer ``layers[k]``'s input over the
-    held-out data and ``dims[k]`` its dimension: a rank far below the dimension means the
-    held-out inputs span less than the data the patterns came from, and ρ there says little.
+    held-out data and ``dims[k]`` the number of its features that vary (dead ReLU units do
+    not): a rank far below that means the held-out inputs span much less than the layer's
+    input space, e.g. too few distinct images, and ρ there says little.
     ``flagged`` lists ``(layer, unit, estimator, corr)`` for every correlation found outside
     [−1, 1] (a numerical failure; excluded from ρ).
     """
@@ -408,12 +409,12 @@ class SignalQuality:
     def __str__(self):
         names = list(self.rho)
         head = f"{'layer':>5}  {'kind':<7} {'units':>5}  " + "  ".join(f"{n:>7}" for n in names)
-        head += f"  {'input rank/dim':>14}"
+        head += f"  {'input rank/varying':>19}"
         lines = [head]
         for row in self.rows():
             rank = f"{row['rank']}/{row['dim']}" if row["rank"] is not None else "-"
             lines.append(f"{row['layer']:>5}  {row['kind']:<7} {row['units']:>5}  "
-                         + "  ".join(f"{row[n]:7.3f}" for n in names) + f"  {rank:>14}")
+                         + "  ".join(f"{row[n]:7.3f}" for n in names) + f"  {rank:>19}")
         return "\n".join(lines)
 
 
@@ -476,14 +477,21 @@ class _HalfMoments:
         self.sxy[1] += yp.T @ x
 
     def rank(self):
-        """Numerical rank of cov[x] (eigenvalues above n_in · eps · the largest)."""
+        """(numerical rank of cov[x], number of non-constant features of x).
+
+        The rank counts eigenvalues above n_in · eps · the largest; a feature is constant when
+        its variance is below the same threshold (e.g. the output of a dead ReLU unit).
+        """
         if self.n < 2:
-            return 0
+            return 0, 0
         mx = self.sx / self.n
         cov = self.gram / self.n - np.outer(mx, mx)
         ev = np.linalg.eigvalsh((cov + cov.T) / 2)
         top = max(float(ev[-1]), 0.0)
-        return int(np.sum(ev > top * len(ev) * np.finfo(np.float64).eps)) if top > 0 else 0
+        if top <= 0:
+            return 0, 0
+        tol = top * len(ev) * np.finfo(np.float64).eps
+        return int(np.sum(ev > tol)), int(np.sum(np.diag(cov) > tol))
 
     def covariances(self, u, a_plus, a_minus):
         r"""(cov[d, d] (I, I), cov[d, y] (I,), var[y]) for unit u and d = x − a₊ y₊ − a₋ y₋."""
@@ -702,7 +710,7 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
         warnings.warn(f"{where}: {len(flagged)} correlation(s) outside [-1, 1] (a numerical failure), "
                       f"excluded from rho: {shown}", SignalQualityWarning, stacklevel=2)
     per_unit = {name: per_unit[name] for name in ESTIMATOR_NAMES}
+    ranks = {i: moments[1][i].rank() for i in layers}
     return SignalQuality(layers=list(layers), kinds=[net.layers[i].kind for i in layers],
                          units=[units[i] for i in layers], rho=rho, per_unit=per_unit,
-                         rank=[moments[1][i].rank() for i in layers],
-                         dims=[int(moments[1][i].w.shape[1]) for i in layers], flagged=flagged)
+                         rank=[ranks[i][0] for i in layers], dims=[ranks[i][1] for i in layers], flagged=flagged)

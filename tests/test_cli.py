@@ -105,3 +105,13 @@ def test_grid_figure(tmp_path):
                    footnote="f", outline=np.ones((2, 6, 9), bool))
     assert (tmp_path / "g.png").exists()
     assert [ax.get_title() for ax in fig.axes[:3]] == ["input", "a", "b"]
+
+
+def test_demo_warns_when_held_out_inputs_collapse_in_rank():
+    from relprop.metrics import SignalQuality
+
+    nan = np.full(2, np.nan)
+    q = SignalQuality(layers=[0, 6], kinds=["conv2d", "conv2d"], units=[[0], [0]], rho={"S_a": nan},
+                      per_unit={"S_a": [nan[:1], nan[:1]]}, rank=[21, 581], dims=[21, 780])
+    notes = cli._rank_notes(q)
+    assert len(notes) == 1 and "layer 6" in notes[0] and "581 of 780" in notes[0]
