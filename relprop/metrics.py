@@ -401,7 +401,8 @@ class SignalQuality:
         return self.rho[name]
 
     def rows(self):
-        """One dict per layer: {"layer": i, "kind": ..., "units": n, "S_x": ..., ..., "rank": r, "dim": d}."""
+        """One dict per layer: {"layer": i, "kind": ..., "units": n, "S_x": ..., ..., "rank": r, "dim": d}
+        (r the held-out input rank, d the number of varying input features)."""
         return [{"layer": i, "kind": k, "units": len(u), **{n: float(self.rho[n][r]) for n in self.rho},
                  "rank": self.rank[r] if self.rank else None, "dim": self.dims[r] if self.dims else None}
                 for r, (i, k, u) in enumerate(zip(self.layers, self.kinds, self.units))]
@@ -616,7 +617,8 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
     data : array (N, ...), N >= 4
         Held-out inputs from the distribution of the pattern data.  The result reports each
         layer's held-out input rank (``.rank``): held-out data that span much less than the
-        pattern data (e.g. a handful of distinct digits) make ρ meaningless there.
+        pattern data (e.g. a handful of distinct digits) make ρ meaningless there; compare
+        ``.rank`` with ``.dims``, the number of input features that vary.
     batch_size : int >= 1
     backend : None | "reference" | "cpu" | "cuda"
         For the forward passes; the statistics here are computed on the host in float64.

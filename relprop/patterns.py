@@ -67,7 +67,6 @@ from .nets import canonical
 __all__ = [
     "PatternStats", "LayerStats", "Patterns", "LayerPatterns", "PatternWarning",
     "fit_patterns", "load_patterns", "linear_pattern", "two_component_patterns", "filter_pattern",
-    "signal_quality", "SignalQuality",
 ]
 
 _STATS_KEY = "__relprop_pattern_stats__"
