@@ -22,7 +22,7 @@ CUDA_MAX_BLOCKS = 8192
 #: Upper bound on the scratch of one chunk of a CUDA convolution or pattern-sum pass (its column matrix), in bytes.
 CUDA_SCRATCH_BYTES = 256 * 1024 * 1024
 
-#: Default ε of LRP-ε and default stabiliser of every other rule (MATH.md).
+#: Default ε of LRP-ε and default stabiliser of every other rule (docs/conventions.md).
 DEFAULT_EPSILON = 1e-6
 DEFAULT_STABILIZER = 1e-6
 

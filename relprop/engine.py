@@ -14,7 +14,7 @@ run in reverse topological order from a start signal:
 3. for each layer i from the start down, its rule turns the signal at its output into the
    signal at its input(s), :math:`R^{\mathrm{in}} = \mathrm{rule}_i(\text{layer}_i, \text{record}_i, R_i)`;
    where a layer's output is read by several layers, the signals arriving from the readers
-   are summed (MATH.md, "Graphs").
+   are summed (docs/conventions.md, "Graphs").
 
 Nothing is recomputed: a rule finds the layer input, its output (the pre-activation of a
 dense/conv layer) and the switches in its :class:`Record`.  A rule may write into the

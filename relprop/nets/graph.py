@@ -315,7 +315,7 @@ def _input_rank(net, i):
 def canonical(net):
     """The net with every batch norm that directly follows a conv/linear folded into it.
 
-    For the relevance methods (MATH.md, "Graphs"; Zennit's MergeBatchNorm): where layer j
+    For the relevance methods (docs/conventions.md, "Graphs"; Zennit's MergeBatchNorm): where layer j
     is a batch norm whose only parent i is a dense/conv layer read by j alone,
     W'_k = W_k s_k and b'_k = b_k s_k + t_k (s, t the norm's per-channel scale and shift),
     and layer j becomes an :class:`~relprop.nets.layers.Identity`.  Layer indices do not

@@ -1,10 +1,10 @@
-r"""Composites: which rule each layer of a net gets (MATH.md, "Composites").
+r"""Composites: which rule each layer of a net gets (docs/conventions.md, "Composites").
 
 A :class:`Composite` is an ordered list of ``(layer kinds, rule)`` pairs, the first
 match winning (Zennit), plus an optional rule for the *first* layer of some kinds
 ("first" = first in model order).  Dense layers have kind ``"linear"``, convolutions
 ``"conv2d"``.  Only dense/conv layers are assigned by a composite; the other layers follow
-the layer rules of MATH.md in every composite: a ReLU passes relevance, max-pool sends
+the layer rules of docs/conventions.md in every composite: a ReLU passes relevance, max-pool sends
 it to the switch, flatten reshapes, average and sum pooling use the ε rule with
 ε = the stabiliser (proportional).
 
@@ -110,7 +110,7 @@ class Composite:
 
 def resolve_rules(net, assignment, stabilizer=_config.DEFAULT_STABILIZER):
     """One rule per layer of ``net``: ``assignment`` (a Composite or ``{index: rule}``) for the
-    dense/conv layers, MATH.md's layer rules elsewhere.
+    dense/conv layers, docs/conventions.md's layer rules elsewhere.
 
     Raises
     ------

@@ -20,7 +20,7 @@ with :math:`\sigma_k = \pm 1` the sign of a term (z^B subtracts its bound terms)
 :math:`\lambda_g` the weight of a group (α and −β of LRP-αβ), :math:`m_g` an optional
 mask on the sign of the original pre-activation (LRP-γ), and
 :math:`\mathrm{stab}(z) = z + \epsilon\,\mathrm{sign}_0(z)`, :math:`\mathrm{sign}_0(0) = +1`
-(MATH.md).  :math:`W^{(k)} a` is the layer's own forward with other weights
+(docs/conventions.md).  :math:`W^{(k)} a` is the layer's own forward with other weights
 (``layer.forward_with``), :math:`W^{(k)\top} s` its transposed pass
 (``layer.vjp_with``): the dense transpose or the conv backward-data.
 
@@ -210,7 +210,7 @@ class Pass(Rule):
 
 @dataclass(frozen=True)
 class Norm(Rule):
-    r"""The proportional split of a layer without weights (Zennit's ``Norm``; MATH.md):
+    r"""The proportional split of a layer without weights (Zennit's ``Norm``; docs/conventions.md):
 
     .. math:: R_k = \frac{x_k}{\mathrm{stab}\left(\sum_m x_m\right)} R
 

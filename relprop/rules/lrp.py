@@ -1,7 +1,7 @@
 r"""LRP and Deep Taylor rules for dense and conv layers, each a few lines of data over
 :func:`relprop.rules.core.relevance`.
 
-Notation (MATH.md): inputs :math:`a_i`, weights :math:`w_{ij}`, bias :math:`b_j`,
+Notation (docs/conventions.md): inputs :math:`a_i`, weights :math:`w_{ij}`, bias :math:`b_j`,
 contributions :math:`z_{ij} = a_i w_{ij}`, pre-activation :math:`z_j = \sum_i z_{ij} + b_j`,
 upper relevance :math:`R_j`, lower relevance :math:`R_i`, :math:`x^+ = \max(x, 0)`,
 :math:`x^- = \min(x, 0)`, :math:`\mathrm{stab}(z) = z + \epsilon\,\mathrm{sign}_0(z)` with

@@ -9,7 +9,7 @@ switches recorded by the forward pass, spread average pooling and reshape flatte
 - :class:`GuidedBackprop` ([Springenberg2014]_): :math:`g^{\mathrm{in}} = \max(g, 0) \cdot 1[z > 0]`
 
 The methods ``deconvnet`` and ``guided_backprop`` start from the one-hot of the target
-class (MATH.md).  Inside a relevance sweep (a ``{layer: rule}`` dict), :class:`Gradient`
+class (docs/conventions.md).  Inside a relevance sweep (a ``{layer: rule}`` dict), :class:`Gradient`
 on a dense/conv layer passes :math:`W^\top R` unnormalised and on a ReLU gates it.
 
 References

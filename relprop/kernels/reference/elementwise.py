@@ -1,6 +1,6 @@
 r"""Elementwise kernels: ReLU, its three backward signals, and the stabilised LRP ratio.
 
-Backward signals through a ReLU with forward pre-activation z (MATH.md):
+Backward signals through a ReLU with forward pre-activation z (docs/conventions.md):
 
 - gradient:        g_in = g · 1[z > 0]
 - DeconvNet:       g_in = max(g, 0)          (the forward mask is ignored)

@@ -1,4 +1,4 @@
-r"""The relevance equations of every LRP / Deep Taylor rule, literally (MATH.md; the teaching text).
+r"""The relevance equations of every LRP / Deep Taylor rule, literally (docs/conventions.md; the teaching text).
 
 One dense or convolutional layer: inputs :math:`a_i`, weights :math:`w_{ij}`, bias
 :math:`b_j`, contributions :math:`z_{ij} = a_i w_{ij}`, pre-activation
