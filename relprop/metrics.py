@@ -553,7 +553,7 @@ def _rho(fit, test, u, a_plus, a_minus):
         return v - w_hat * (w_hat @ v)
 
     c_dd, c_dy, _ = fit.covariances(u, a_plus, a_minus)
-    cw = c_dd @ w_hat                                    # P C P = C − ŵ(Cŵ)ᵀ − (Cŵ)ŵᵀ + (ŵᵀCŵ) ŵŵᵀ, in O(I²)
+    cw = c_dd @ w_hat                    # P C P = C − ŵ(Cŵ)ᵀ − (Cŵ)ŵᵀ + (ŵᵀCŵ) ŵŵᵀ, in O(I²)
     c_dd = c_dd - np.outer(w_hat, cw) - np.outer(cw, w_hat) + float(w_hat @ cw) * np.outer(w_hat, w_hat)
     c_dy = project(c_dy)
     if not np.any(np.abs(c_dd) > 0):
@@ -643,7 +643,8 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
 
     where = "signal_quality"
     if not isinstance(patterns, Patterns):
-        raise TypeError(f"{where}: patterns must be relprop.Patterns (from fit_patterns), got {type(patterns).__name__}")
+        raise TypeError(f"{where}: patterns must be relprop.Patterns (from fit_patterns), "
+                        f"got {type(patterns).__name__}")
     _check_net_input(net, data, where)
     patterns.check(net)
     batch_size = _int(where, "batch_size", batch_size, 1)

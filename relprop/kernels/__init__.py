@@ -58,7 +58,8 @@ def _input_shape(where, input_shape):
     except TypeError:
         raise TypeError(f"{where}: input_shape must be a tuple of 4 ints, got {input_shape!r}") from None
     if len(items) != 4 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in items):
-        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape!r} (expected 4 non-negative ints)")
+        raise ValueError(f"{where}: input_shape must be (N, C, H, W), got {input_shape!r} "
+                         "(expected 4 non-negative ints)")
     return tuple(int(s) for s in items)
 
 
