@@ -14,7 +14,7 @@ Random methods take ``seed=`` (None, an int or a :class:`numpy.random.Generator`
 gives the same draws on every call, a Generator advances.  Draws are made in the order of
 the modified inputs, so the result does not depend on ``batch_size``.
 
-All methods register with :func:`relprop.explain.register_method` and are called through
+All methods register with :func:`relprop.methods.register_method` and are called through
 ``relprop.explain(net, x, name, **options)`` / ``relprop.Explainer``:
 
 ============================  ==========================================================
@@ -39,7 +39,8 @@ import numpy as np
 from . import _config
 from . import _validate as V
 from ._backend import array_namespace
-from .explain import Explainer, gradient_sweep, output_signal, register_method, resolve_target
+from .methods import Explainer, output_signal, register_method, resolve_target
+from .rules.signal import gradient_sweep
 
 __all__ = ["smoothgrad", "smoothgrad_squared", "integrated_gradients", "expected_gradients", "gradcam",
            "guided_gradcam", "occlusion", "erasure"]

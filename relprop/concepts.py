@@ -62,7 +62,8 @@ def _layer_gradient(net, x, layer, target, backend=None):
     """∂f_c/∂(output of layer ``layer``) for one batch: the engine's gradient sweep stopped at that layer
     (where the layer's output feeds several layers, the signals from all of them are summed)."""
     from ._backend import array_namespace, resolve_backend
-    from .explain import gradient_sweep, output_signal, resolve_target
+    from .methods import output_signal, resolve_target
+    from .rules.signal import gradient_sweep
 
     backend = resolve_backend(backend, array_namespace(x))
     trace = net.trace(x, backend, check=False)

@@ -365,7 +365,7 @@ def _explain_block(explainer, block, target):
 
 def _prepare(net, method, backend, options, arr, probe_target, where):
     """The Explainer (checked on the client) and the per-sample output shape and dtype, from one zero sample."""
-    from .explain import Explainer
+    from .methods import Explainer
 
     explainer = Explainer(net, method, backend=backend, **options)
     probe = np.zeros((1,) + tuple(arr.shape[1:]), dtype=arr.dtype)

@@ -36,7 +36,7 @@ import numpy as np
 from . import _config
 from . import _validate as V
 from ._backend import array_namespace, to_numpy
-from .explain import Explainer, register_method, resolve_target
+from .methods import Explainer, register_method, resolve_target
 
 __all__ = ["lime", "LimeFit", "slic_segments"]
 

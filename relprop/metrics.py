@@ -18,7 +18,7 @@ import numpy as np
 from . import _config
 from . import _validate as V
 from ._backend import array_namespace, resolve_backend, to_numpy
-from .explain import Explainer, resolve_target
+from .methods import Explainer, resolve_target
 
 __all__ = ["perturbation_curve", "aopc", "randomization_check", "RandomizationResult", "conservation",
            "positivity", "signal_quality", "SignalQuality", "SignalQualityWarning"]

@@ -21,7 +21,7 @@ Everything comes from sums over a dataset (:class:`PatternStats`, accumulated in
 the ``patterns`` kernels, mergeable across chunks); :func:`fit_patterns` streams a dataset
 once and returns :class:`Patterns`.
 
-Methods registered with :func:`relprop.explain.register_method` (all sweeps start from the
+Methods registered with :func:`relprop.methods.register_method` (all sweeps start from the
 target logit, R_c = f_c(x); ReLUs gate by the forward mask; max-pool routes through the
 switches; each dense/conv layer's transposed pass uses the matrix below instead of W):
 
@@ -60,7 +60,8 @@ import numpy as np
 
 from ._backend import array_namespace, to_numpy
 from .engine import Sweep, Unit
-from .explain import gradient_sweep, register_method, resolve_target
+from .methods import register_method, resolve_target
+from .rules.signal import gradient_sweep
 from .kernels import _ops
 from .nets import canonical
 

@@ -71,7 +71,7 @@ def _layer_output(net, x, layer, backend=None):
 
 def _unit_map(net, x, unit, method="gradient", backend=None, **options):
     """``explain(net, x, method, target=unit)``: a backward sweep seeded at one unit of a hidden layer."""
-    from .explain import explain
+    from .methods import explain
 
     return explain(net, x, method, target=unit, backend=backend, **options)
 
@@ -637,7 +637,7 @@ def _device(x, backend):
 
 def _objective(net, x, tgt, backend):
     """(S(x) per sample, ∇S(x)) for class targets (an int array) or one Unit."""
-    from .explain import explain
+    from .methods import explain
 
     x = _device(x, backend)
 

@@ -8,7 +8,8 @@ from scipy import ndimage
 import relprop
 from relprop import _backend, _config
 from relprop.attribution import placements
-from relprop.explain import gradient_sweep, output_signal
+from relprop.methods import output_signal
+from relprop.rules.signal import gradient_sweep
 from relprop.nets import from_spec
 
 from helpers import assert_close

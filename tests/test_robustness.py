@@ -154,7 +154,7 @@ def test_bad_options_raise_at_construction_or_call(setup, method, option):
 def _defaults(method):
     import inspect
 
-    from relprop.explain import resolve_method
+    from relprop.methods import resolve_method
 
     _, factory = resolve_method(method)
     return [p for p in list(inspect.signature(factory).parameters)[1:]]

@@ -1,8 +1,9 @@
 """Relevance rules, composites and the signal methods (LRP, deep Taylor, DeconvNet, Guided Backprop).
 
-Importing this package registers the methods with :func:`relprop.explain.register_method`:
+Importing this package registers the methods with :func:`relprop.methods.register_method`:
 
-- signals (start from the one-hot of the target): ``deconvnet``, ``guided_backprop``;
+- signals (start from the one-hot of the target): ``gradient``, ``gradient_x_input``, ``deconvnet``,
+  ``guided_backprop``;
 - one rule on every dense/conv layer: ``lrp.zero``, ``lrp.epsilon`` (``epsilon=``),
   ``lrp.gamma`` (``gamma=``), ``lrp.alpha_beta`` (``alpha=``, ``beta=``), ``lrp.zplus``
   (``ignore_bias=``), ``lrp.flat``, ``lrp.wsquare``, ``dtd.zplus`` (z⁺ without bias);
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 from .. import _config
 from ..engine import Sweep
-from ..explain import METHOD_RESOLVERS, register_method
+from ..methods import METHOD_RESOLVERS, register_method
 from ..nets import canonical
 from .composites import (Composite, dtd_box, dtd_wsquare, epsilon_alpha2_beta1, epsilon_gamma_box, epsilon_plus_flat,
                          resolve_rules)
 from .core import Group, LinearRule, Norm, Pass, Rule, Term
 from .lrp import AlphaBeta, Epsilon, Flat, Gamma, WSquare, ZBox, ZPlus, Zero
-from .signal import DeconvNet, Gradient, GuidedBackprop, Pattern
+from .signal import DeconvNet, Gradient, GuidedBackprop, Pattern, gradient_sweep
 
 __all__ = ["Rule", "LinearRule", "Term", "Group", "Pass", "Norm",
            "Epsilon", "Zero", "Gamma", "AlphaBeta", "ZPlus", "ZBox", "WSquare", "Flat",
@@ -55,16 +56,28 @@ def _box(name, low, high):
 
 
 # -- signals ----------------------------------------------------------------------------------------------
+@register_method("gradient")
+def gradient(net):
+    """∂f_c/∂x (Simonyan et al. 2013): ReLU passes g·1[z > 0], max-pool routes g to the switch, Wᵀg."""
+    return gradient_sweep(net)
+
+
+@register_method("gradient_x_input")
+def gradient_x_input(net):
+    """x ⊙ ∂f_c/∂x (Shrikumar et al. 2016)."""
+    return gradient_sweep(net, times_input=True, name="gradient_x_input")
+
+
 @register_method("deconvnet")
 def deconvnet(net):
     """DeconvNet (Zeiler & Fergus 2014): unpool through switches, ReLU passes max(g, 0), Wᵀg."""
-    return Sweep(net, [DeconvNet()] * len(net.layers), start="onehot", name="deconvnet")
+    return gradient_sweep(net, "deconvnet", name="deconvnet")
 
 
 @register_method("guided_backprop")
 def guided_backprop(net):
     """Guided Backprop (Springenberg et al. 2014): ReLU passes max(g, 0)·1[z > 0]."""
-    return Sweep(net, [GuidedBackprop()] * len(net.layers), start="onehot", name="guided_backprop")
+    return gradient_sweep(net, "guided", name="guided_backprop")
 
 
 # -- one rule everywhere ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from ..kernels import _ops
 from ..nets.layers import LAYER_TYPES
 from .core import LINEAR_KINDS, Rule
 
-__all__ = ["Gradient", "DeconvNet", "GuidedBackprop", "Pattern"]
+__all__ = ["Gradient", "DeconvNet", "GuidedBackprop", "Pattern", "gradient_sweep"]
 
 _ALL_KINDS = tuple(LAYER_TYPES)
 
@@ -70,6 +70,17 @@ class GuidedBackprop(Gradient):
         if layer.kind == "relu":
             return _ops.relu_backward_guided(r, rec.a, rec.backend)
         return super().backward(layer, rec, r, state)
+
+
+def gradient_sweep(net, relu="gradient", times_input=False, name="gradient"):
+    """The gradient-type sweep of ``net``: every layer's VJP, the ReLU backward chosen by ``relu``
+    ("gradient": g·1[z > 0], "deconvnet": max(g, 0), "guided": max(g, 0)·1[z > 0])."""
+    from ..engine import Sweep
+
+    rules = {"gradient": Gradient, "deconvnet": DeconvNet, "guided": GuidedBackprop}
+    if relu not in rules:
+        raise ValueError(f"relu={relu!r} is invalid; expected 'gradient', 'deconvnet' or 'guided'")
+    return Sweep(net, [rules[relu]()] * len(net.layers), start="onehot", times_input=times_input, name=name)
 
 
 @dataclass(frozen=True, eq=False)

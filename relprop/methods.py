@@ -8,17 +8,19 @@ backend, and returns an array of x's shape (or ``(R, per_layer)`` when
 and precomputes what repeated calls share (modified weights, patterns), so an
 :class:`Explainer` pays for it once.
 
-Modules register their methods on import: this one the gradient family,
-:mod:`relprop.rules` the LRP/DTD/DeconvNet/Guided Backprop family,
-:mod:`relprop.patterns` PatternNet/PatternAttribution, :mod:`relprop.attribution` the
-input-level methods.
+This module is the registry only and imports no method module, so nothing here depends
+on them (no import cycle): the method modules import it and register their methods, and
+the package ``relprop`` imports every method module — :mod:`relprop.rules` the gradient,
+DeconvNet, Guided Backprop and LRP/DTD family, :mod:`relprop.patterns`
+PatternNet/PatternAttribution, :mod:`relprop.attribution` the input-level methods,
+:mod:`relprop.lime` LIME.
 """
 from __future__ import annotations
 
 import inspect
 
 from ._backend import array_namespace, resolve_backend
-from .engine import Sweep, Unit, output_signal, resolve_target  # noqa: F401  (re-exported: methods use them)
+from .engine import Unit, output_signal, resolve_target  # noqa: F401  (re-exported: methods use them)
 
 #: name -> factory(net, **options)
 METHODS: dict = {}
@@ -40,25 +42,11 @@ def register_method(name):
 
 def known_methods():
     """Sorted names of every registered method."""
-    _load_method_modules()
     return sorted(METHODS)
-
-
-def _load_method_modules():
-    # Importing these registers their methods (they import this module, so import lazily).
-    import importlib
-
-    for mod in ("relprop.rules", "relprop.patterns", "relprop.attribution", "relprop.lime"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
 
 
 def resolve_method(method):
     """Return ``(name, factory)`` for a method name, composite or {layer: rule} mapping."""
-    _load_method_modules()
     if isinstance(method, str):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; known methods: {', '.join(sorted(METHODS))}")
@@ -146,27 +134,3 @@ def explain(net, x, method, target=None, backend=None, return_layers=False, **op
     batches with the same method (it caches modified weights and patterns).
     """
     return Explainer(net, method, backend=backend, **options)(x, target, return_layers=return_layers)
-
-
-# -- the gradient family ----------------------------------------------------------------------
-def gradient_sweep(net, relu="gradient", times_input=False, name="gradient"):
-    """The gradient-type sweep of ``net``: every layer's VJP, the ReLU backward chosen by ``relu``
-    ("gradient": g·1[z > 0], "deconvnet": max(g, 0), "guided": max(g, 0)·1[z > 0])."""
-    from .rules.signal import DeconvNet, Gradient, GuidedBackprop
-
-    rules = {"gradient": Gradient, "deconvnet": DeconvNet, "guided": GuidedBackprop}
-    if relu not in rules:
-        raise ValueError(f"relu={relu!r} is invalid; expected 'gradient', 'deconvnet' or 'guided'")
-    return Sweep(net, [rules[relu]()] * len(net.layers), start="onehot", times_input=times_input, name=name)
-
-
-@register_method("gradient")
-def gradient(net):
-    """∂f_c/∂x: ReLU passes g·1[z > 0], max-pool routes g to the switch, linear layers pass Wᵀg."""
-    return gradient_sweep(net)
-
-
-@register_method("gradient_x_input")
-def gradient_x_input(net):
-    """x ⊙ ∂f_c/∂x."""
-    return gradient_sweep(net, times_input=True, name="gradient_x_input")
