@@ -19,7 +19,7 @@ from .methods import Explainer, explain, known_methods, register_method
 from .nets import Graph, Sequential, from_spec, load
 from .patterns import Patterns, PatternStats, fit_patterns, load_patterns
 from . import rules
-from . import attribution, lime  # noqa: E402  (importing a method module registers its methods)
+from . import attribution, lime  # noqa: E402, F401  (importing a method module registers its methods)
 from .rules import (AlphaBeta, Composite, DeconvNet, Epsilon, Flat, Gamma, Gradient, GuidedBackprop, WSquare, ZBox,
                     ZPlus, Zero, dtd_box, dtd_wsquare, epsilon_alpha2_beta1, epsilon_gamma_box, epsilon_plus_flat)
 

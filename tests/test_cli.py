@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import relprop
-from relprop import cli, viz, zoo
+from relprop import cli, demo, viz, zoo
 
 pytest.importorskip("matplotlib")
 
@@ -113,5 +113,5 @@ def test_demo_warns_when_held_out_inputs_collapse_in_rank():
     nan = np.full(2, np.nan)
     q = SignalQuality(layers=[0, 6], kinds=["conv2d", "conv2d"], units=[[0], [0]], rho={"S_a": nan},
                       per_unit={"S_a": [nan[:1], nan[:1]]}, rank=[21, 581], dims=[21, 780])
-    notes = cli._rank_notes(q)
+    notes = demo._rank_notes(q)
     assert len(notes) == 1 and "layer 6" in notes[0] and "581 of 780" in notes[0]
