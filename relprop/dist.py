@@ -651,8 +651,9 @@ def perturbation_curve(net, data, R, target=None, patch=1, steps=None, fill="ran
 def aopc(curve, per_sample=False, client=None, compute=True):
     r"""Area over the perturbation curve of a dask array: :func:`relprop.metrics.aopc` over chunks.
 
-    :math:`\frac1L \sum_{k=1}^{L} f_c(x) - f_c(x^{(k)})` per sample (float64), averaged over
-    samples unless ``per_sample``.  ``compute=False`` returns the lazy dask array.
+    :math:`\frac{1}{L+1} \sum_{k=0}^{L} f_c(x^{(0)}) - f_c(x^{(k)})` per sample (float64; Samek et al.
+    2017, the k = 0 term included), averaged over samples unless ``per_sample``.  ``compute=False``
+    returns the lazy dask array.
     """
     da = _dask().array
     if not isinstance(curve, da.Array):
@@ -660,7 +661,7 @@ def aopc(curve, per_sample=False, client=None, compute=True):
     if curve.ndim != 2 or curve.shape[1] < 2:
         raise ValueError(f"aopc: curve must be (N, L + 1) with L >= 1, got shape {tuple(curve.shape)}")
     c = curve.astype(np.float64)
-    per = (c[:, :1] - c[:, 1:]).mean(axis=1)
+    per = (c[:, :1] - c).mean(axis=1)
     result = per if per_sample else per.mean()
     if not compute:
         return result

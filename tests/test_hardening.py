@@ -246,10 +246,10 @@ def test_broken_pattern_files_say_what_they_are_not(mlp, tmp_path, damage, loade
 
 def test_patterns_file_with_a_broken_meta_record(mlp, tmp_path):
     path = tmp_path / "m.npz"
-    np.savez(path, **{P._PATTERNS_KEY: np.array("{not json")})
+    np.savez(path, **{P.stats._PATTERNS_KEY: np.array("{not json")})
     with pytest.raises(ValueError, match="corrupt"):
         relprop.load_patterns(path)
-    np.savez(path, **{P._PATTERNS_KEY: np.array(json.dumps({"version": 1, "layers": [{"index": 0, "kind": "linear",
+    np.savez(path, **{P.stats._PATTERNS_KEY: np.array(json.dumps({"version": 1, "layers": [{"index": 0, "kind": "linear",
                                                                                        "weight_shape": [5, 6]}]}))})
     with pytest.raises(ValueError, match="no entry '0.a'"):
         relprop.load_patterns(path)
