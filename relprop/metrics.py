@@ -647,6 +647,9 @@ def signal_quality(net, patterns, data, batch_size=256, backend=None, max_units=
                         f"got {type(patterns).__name__}")
     _check_net_input(net, data, where)
     patterns.check(net)
+    from .nets import canonical
+
+    net = canonical(net)  # batch norms folded, as fit_patterns and the pattern methods see the net
     batch_size = _int(where, "batch_size", batch_size, 1)
     max_units = _check_optional_int(where, "max_units", max_units)
     positions = _check_optional_int(where, "positions", positions)
