@@ -8,9 +8,14 @@ import os as _os
 
 # Numba's OpenMP workers spin for milliseconds after every parallel loop and steal the
 # cores from the BLAS threads of the next convolution (measured: whole CIFAR-VGG forward at
-# 0.47 of the GEMM rate with spinning, 0.59 passive).  libgomp reads this once, when the
-# first parallel kernel starts it; a value the user set wins.
+# 0.47 of the GEMM rate with spinning, 0.59 passive).  libgomp reads this once, when it is
+# loaded; a value the user set wins.  PyTorch imported first has loaded (RTLD_GLOBAL) its own
+# libgomp, which read the environment then, and Numba would bind to it: so Numba's OpenMP
+# layer is loaded now, deep-bound to its own libgomp (relprop.kernels.cpu._threads).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .kernels.cpu._threads import bind_numba_openmp as _bind_numba_openmp  # noqa: E402
+
+_bind_numba_openmp()
 
 from . import kernels, nets  # noqa: E402
 from . import metrics

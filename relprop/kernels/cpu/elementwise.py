@@ -6,9 +6,10 @@ per element, bitwise reproducible.  Selections are written so that NaN propagate
 as in the NumPy reference (``np.maximum`` and ``np.where``).
 """
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from ... import _config
+from ._threads import parallel_above
 
 __all__ = [
     "relu_forward",
@@ -19,7 +20,7 @@ __all__ = [
 ]
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def relu_forward(x, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.relu_forward`; prange over elements."""
     xf, of = x.reshape(-1), out.reshape(-1)
@@ -29,7 +30,7 @@ def relu_forward(x, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def relu_backward_gradient(g, z, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.relu_backward_gradient`; prange over elements."""
     gf, zf, of = g.reshape(-1), z.reshape(-1), out.reshape(-1)
@@ -38,7 +39,7 @@ def relu_backward_gradient(g, z, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def relu_backward_deconvnet(g, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.relu_backward_deconvnet`; prange over elements."""
     gf, of = g.reshape(-1), out.reshape(-1)
@@ -48,7 +49,7 @@ def relu_backward_deconvnet(g, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def relu_backward_guided(g, z, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.relu_backward_guided`; prange over elements."""
     gf, zf, of = g.reshape(-1), z.reshape(-1), out.reshape(-1)
@@ -58,7 +59,7 @@ def relu_backward_guided(g, z, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def stabilized_divide(r, z, epsilon, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.stabilized_divide`; prange over elements.
 

@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from ... import _config
+from ._threads import parallel_above
 
 __all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
 
@@ -57,7 +58,7 @@ def _maxpool_plane(xp, kernel, stride, padding, op, sp, nan_aware):
             sp[i, j] = best_k
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_forward`.
 
@@ -76,7 +77,7 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     return out, switches
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def maxunpool2d(g, switches, out):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxunpool2d`.
 
@@ -99,7 +100,7 @@ def maxunpool2d(g, switches, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def avgpool2d_forward(x, kernel, stride, padding, out):
     """Same math as :func:`relprop.kernels.reference.pool2d.avgpool2d_forward`.
 
@@ -130,7 +131,7 @@ def avgpool2d_forward(x, kernel, stride, padding, out):
     return out
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+@parallel_above()
 def avgpool2d_vjp(g, kernel, stride, padding, out):
     """Same math as :func:`relprop.kernels.reference.pool2d.avgpool2d_vjp`.
 

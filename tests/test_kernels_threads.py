@@ -1,0 +1,175 @@
+"""Threads of the CPU kernels: serial and parallel twins, concurrent callers, the OpenMP runtime.
+
+* Every ``prange`` kernel of :mod:`relprop.kernels.cpu` is compiled twice
+  (:func:`relprop.kernels.cpu._threads.parallel_above`); the two must agree bit for bit, and
+  the size threshold must pick between them.
+* Two Python threads running parallel kernels and BLAS convolutions at once must both get
+  the right answers (Numba's OpenMP layer is thread-safe; its workqueue layer would abort).
+* ``import torch`` before ``import relprop`` must not leave Numba's parallel loops on
+  PyTorch's OpenMP runtime (started before relprop could ask for passive waiting: 10-20x
+  slower); checked in a fresh interpreter through the dynamic linker's own report.
+"""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relprop._config as config
+import relprop.kernels as K
+from relprop.kernels.cpu import _threads
+from relprop.kernels.cpu import elementwise as cpu_elementwise
+from relprop.kernels.cpu import pool2d as cpu_pool
+
+DTYPES = [np.float32, np.float64]
+
+
+def _calls(x, g, z, kernel, stride, padding):
+    """(dual kernel, argument tuple builder) for every dual kernel, on one input plane geometry."""
+    pooled, switches = K.maxpool2d_forward(x, kernel, stride, padding, backend="reference")
+    n, c, ho, wo = pooled.shape
+    gp = np.ascontiguousarray(g[:, :, :ho, :wo]) if g.shape[2] >= ho and g.shape[3] >= wo else \
+        np.ones(pooled.shape, x.dtype)
+    e = cpu_elementwise
+    return [
+        (e.relu_forward, lambda: (x, np.empty_like(x))),
+        (e.relu_backward_gradient, lambda: (g, z, np.empty_like(g))),
+        (e.relu_backward_deconvnet, lambda: (g, np.empty_like(g))),
+        (e.relu_backward_guided, lambda: (g, z, np.empty_like(g))),
+        (e.stabilized_divide, lambda: (g, z, 1e-3, np.empty_like(g))),
+        (cpu_pool.maxpool2d_forward, lambda: (x, kernel, stride, padding, np.empty(pooled.shape, x.dtype),
+                                              np.empty(pooled.shape, np.int64))),
+        (cpu_pool.maxunpool2d, lambda: (gp, switches, np.empty_like(x))),
+        (cpu_pool.avgpool2d_forward, lambda: (x, kernel, stride, padding, np.empty(pooled.shape, x.dtype))),
+        (cpu_pool.avgpool2d_vjp, lambda: (gp, kernel, stride, padding, np.empty_like(x))),
+    ]
+
+
+def _outputs(result):
+    return result if isinstance(result, tuple) else (result,)
+
+
+@st.composite
+def plane_problem(draw):
+    """NCHW shape (batch 1 and odd sizes included), pool geometry, and integer-valued data with ties and zeros."""
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    kh, kw = draw(st.integers(1, min(h, 3))), draw(st.integers(1, min(w, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, kh // 2)), draw(st.integers(0, kw // 2)))
+    return (n, c, h, w), (kh, kw), stride, padding, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=plane_problem())
+def test_parallel_and_serial_twins_agree_bitwise(dtype, problem):
+    shape, kernel, stride, padding, seed = problem
+    rng = np.random.default_rng(seed)
+    x, g, z = (rng.integers(-2, 3, size=shape).astype(dtype) for _ in range(3))  # ties and exact zeros
+    for fn, args in _calls(x, g, z, kernel, stride, padding):
+        got_serial = _outputs(fn.serial(*args()))
+        got_parallel = _outputs(fn.parallel(*args()))
+        for a, b in zip(got_serial, got_parallel):
+            np.testing.assert_array_equal(a, b, err_msg=fn.__name__)
+
+
+@pytest.mark.parametrize("threshold, expected", [(0, "parallel"), (10**12, "serial")])
+def test_size_threshold_picks_the_twin(monkeypatch, threshold, expected):
+    monkeypatch.setattr(config, "PARALLEL_MIN_ELEMENTS", threshold)
+    fn = cpu_elementwise.relu_forward
+    used = []
+    for name in ("parallel", "serial"):
+        real = getattr(fn, name)
+        monkeypatch.setattr(fn, name, lambda *a, real=real, name=name: used.append(name) or real(*a))
+    x = np.array([-1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(K.relu_forward(x, backend="cpu"), [0.0, 2.0])
+    assert used == [expected]
+
+
+def test_concurrent_calls_from_two_threads(monkeypatch):
+    """Parallel kernels and BLAS convolutions from two Python threads at once: no crash, right results."""
+    monkeypatch.setattr(config, "PARALLEL_MIN_ELEMENTS", 0)  # every prange kernel takes the parallel twin
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 8, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    want = {
+        "conv": K.conv2d_forward(x, w, padding=1, backend="reference"),
+        "relu": K.relu_forward(x, backend="reference"),
+        "pool": K.maxpool2d_forward(x, 2, backend="reference")[0],
+    }
+    errors = []
+    barrier = threading.Barrier(2)
+
+    def work():
+        try:
+            barrier.wait()
+            for _ in range(30):
+                got = {"conv": K.conv2d_forward(x, w, padding=1, backend="cpu"),
+                       "relu": K.relu_forward(x, backend="cpu"),
+                       "pool": K.maxpool2d_forward(x, 2, backend="cpu")[0]}
+                for key, value in got.items():
+                    if not np.allclose(value, want[key], rtol=1e-5, atol=1e-4):
+                        errors.append(key)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+
+
+_PROBE = """
+import {first}, {second}
+import numpy as np
+from relprop.kernels.cpu import _threads, elementwise
+x = np.ones(8, np.float32)
+elementwise.relu_forward.parallel(x, np.empty_like(x))   # loads and starts Numba's OpenMP layer
+print("BINDING", _threads.openmp_binding())
+"""
+
+
+def _probe(first, second, **env):
+    """Run the probe in a fresh interpreter with the dynamic linker reporting its symbol bindings."""
+    env = dict(os.environ, LD_DEBUG="bindings", **env)
+    env.pop("LD_PRELOAD", None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _PROBE.format(first=first, second=second)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    binding = [line.split("BINDING ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("BINDING ")]
+    gomp = [line for line in proc.stderr.splitlines() if "omppool" in line and "`GOMP_parallel'" in line]
+    if not gomp:
+        pytest.skip("the dynamic linker reported no bindings (LD_DEBUG unsupported here)")
+    return binding[0], gomp[0]
+
+
+needs_linux_torch = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc dynamic linker only")
+
+
+@needs_linux_torch
+@pytest.mark.parametrize("first, second", [("torch", "relprop"), ("relprop", "torch")])
+def test_numba_openmp_never_binds_to_torchs_runtime(first, second):
+    pytest.importorskip("torch")
+    binding, gomp = _probe(first, second)
+    assert binding == "deepbind"
+    assert "torch" not in gomp.split(" to ", 1)[1], gomp
+
+
+@needs_linux_torch
+def test_without_the_deep_bind_torch_first_captures_numba():
+    """The failure the deep bind prevents (so the test above can fail): opting out, torch's runtime wins."""
+    pytest.importorskip("torch")
+    binding, gomp = _probe("torch", "relprop", RELPROP_OPENMP_DEEPBIND="0")
+    assert binding.startswith("skipped")
+    assert "torch" in gomp.split(" to ", 1)[1], gomp
+
+
+def test_binding_is_reported():
+    assert _threads.openmp_binding().split(":")[0] in ("deepbind", "skipped", "failed")
