@@ -41,16 +41,16 @@ CONV_VJP_ROWS_MIN_CHANNELS = 8
 #: (input-level methods: SmoothGrad, Integrated Gradients, occlusion, perturbation).
 DEFAULT_BATCH_SIZE = 64
 
-#: 3x3 stride-1 undilated convolutions with at least this many input and output channels run
-#: as Winograd F(2x2, 3x3) (relprop.kernels.cpu.winograd): 2.25x fewer GEMM flops, paid for with
-#: transforms that cost in proportion to C + K, so narrow layers stay on the row-shift GEMMs.
-WINOGRAD_MIN_CHANNELS = 16
-
-#: Upper bound on the transformed input and output tiles (16 (C + K) values per 2x2 tile) of one
-#: chunk of samples of a Winograd convolution, in bytes.
-WINOGRAD_CHUNK_BYTES = 16 * 1024 * 1024
-
 #: The CPU elementwise and pooling kernels run parallel (Numba prange) only on arrays of at
 #: least this many elements; smaller ones run serially (relprop.kernels.cpu._threads.parallel_above):
 #: on a shared machine a parallel loop's wait for its threads costs more than a small pass.
 PARALLEL_MIN_ELEMENTS = 1 << 20
+
+#: Threads that share out the chunks of one CPU convolution, each with single-threaded BLAS
+#: (relprop.kernels.cpu._chunks); None: the CPUs this process may run on.  1: the chunks run
+#: in the calling thread and BLAS uses its own threads.
+CONV_THREADS = None
+
+#: A CPU dense layer's batch is shared out to threads in blocks of at least this many rows
+#: (relprop.kernels.cpu.dense); smaller batches are one GEMM with BLAS's own threads.
+DENSE_MIN_ROWS = 16

@@ -173,3 +173,74 @@ def test_without_the_deep_bind_torch_first_captures_numba():
 
 def test_binding_is_reported():
     assert _threads.openmp_binding().split(":")[0] in ("deepbind", "skipped", "failed")
+
+
+# -- chunks of a convolution shared out to threads (relprop.kernels.cpu._chunks) -----------------------------
+from relprop.kernels.cpu import _chunks  # noqa: E402
+
+
+@st.composite
+def conv_problem(draw):
+    n, c, k = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.integers(1, 6))
+    h, w = draw(st.integers(3, 9)), draw(st.integers(3, 9))
+    kh = draw(st.integers(1, 3))
+    stride = draw(st.sampled_from([1, 2]))
+    return (n, c, h, w), (k, c, kh, kh), stride, draw(st.integers(0, kh // 2 + 1)), draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_problem(), threads=st.sampled_from([2, 3]))
+def test_threaded_chunks_match_one_thread(dtype, problem, threads):
+    """Forward, input-VJP and dense on 2-3 threads with tiny chunks (many of them, batch 1 included):
+    the same as in the calling thread alone, and the same bits on a second run."""
+    x_shape, w_shape, stride, padding, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    wd = rng.standard_normal((5, x[0].size)).astype(dtype)
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_CHUNK_BYTES", 1)  # one sample per chunk
+        mp.setattr(config, "DENSE_MIN_ROWS", 1)
+        for t in (1, threads, threads):
+            mp.setattr(config, "CONV_THREADS", t)
+            z = K.conv2d_forward(x, w, None, stride, padding, backend="cpu")
+            g = np.ascontiguousarray(z[::-1])  # any cotangent of z's shape
+            gx = K.conv2d_vjp(g, w, x_shape, stride, padding, backend="cpu")
+            d = K.dense_forward(x.reshape(len(x), -1), wd, backend="cpu")
+            results.setdefault(t, []).append((z, gx, d))
+    (one,), (first, second) = results[1], results[threads]
+    for a, b, c in zip(one, first, second):
+        np.testing.assert_allclose(b, a, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
+        np.testing.assert_array_equal(b, c)
+
+
+@pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")
+def test_blas_threads_restored_after_errors_and_concurrent_callers(monkeypatch):
+    set_, get = _chunks._BLAS_THREADS
+    before = get()
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    seen = []
+
+    def work(n0, nc, buffers):
+        seen.append(get())
+        if n0 == 3:
+            raise RuntimeError("chunk 3 failed")
+
+    with pytest.raises(RuntimeError, match="chunk 3 failed"):
+        _chunks.run_chunks(6, 1, lambda: None, work)
+    assert set(seen) == {1} and get() == before
+
+    barrier = threading.Barrier(2)
+
+    def caller():
+        barrier.wait()
+        for _ in range(20):
+            _chunks.run_chunks(4, 1, lambda: None, lambda n0, nc, b: seen.append(get()))
+
+    threads = [threading.Thread(target=caller) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert get() == before

@@ -41,6 +41,7 @@ import numpy as np
 from numba import njit
 
 from ... import _config
+from ._chunks import conv_threads, run_chunks
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
@@ -148,7 +149,7 @@ def _gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta):
 # ============================================================================================
 # Copy kernels (serial on purpose: see the module docstring)
 # ============================================================================================
-_jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+_jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)  # nogil: chunks run on threads
 
 
 @_jit
@@ -337,8 +338,13 @@ def _col2im(cols, n0, nb, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out):
 # The kernels
 # ============================================================================================
 def _samples_per_chunk(rows_per_sample, n, itemsize):
-    """Samples per chunk so that one chunk's GEMM operand and result stay near the cache."""
-    return max(1, min(n, _config.CONV_CHUNK_BYTES // max(1, rows_per_sample * itemsize)))
+    """Samples per chunk so that one chunk's GEMM operand and result stay near the cache, and, when
+    the chunks are shared out to threads, at least two chunks per thread (so that they balance)."""
+    nb = max(1, min(n, _config.CONV_CHUNK_BYTES // max(1, rows_per_sample * itemsize)))
+    threads = conv_threads()
+    if threads > 1:
+        nb = min(nb, max(1, -(-n // (2 * threads))))
+    return nb
 
 
 def _row_grid(h_in, h_out, k, p, d):
@@ -393,15 +399,19 @@ def _forward_rows(x, w, b, padding, dilation, out):
     plane, margin = hg * wg, mr * wg
     nb = _samples_per_chunk((inner + k_) * plane, n_, x.itemsize)
     taps = np.ascontiguousarray(w.transpose(2, 0, 3, 1)).reshape(kh, k_, inner)  # [a, k, (b, c)]
-    xs = np.empty((inner, nb * plane + 2 * margin), x.dtype)
-    z = np.empty((k_, nb * plane), x.dtype)
-    for n0 in range(0, n_, nb):
-        nc = min(nb, n_ - n0)
+
+    def scratch():
+        return np.empty((inner, nb * plane + 2 * margin), x.dtype), np.empty((k_, nb * plane), x.dtype)
+
+    def work(n0, nc, buffers):
+        xs, z = buffers
         _shifted_rows(x, n0, nc, kw, -pw, dw, hg, wg, margin, xs)
         for a in range(kh):
             _gemm(k_, nc * plane, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg, xs.shape[1],
                   z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
         _crop(z, n0, nc, hg, wg, b, out)
+
+    run_chunks(n_, nb, scratch, work)
     return out
 
 
@@ -415,16 +425,20 @@ def _vjp_rows(g, w, padding, dilation, out):
     plane, margin = hg * wg, mr * wg
     nb = _samples_per_chunk((inner + c_) * plane, n_, g.itemsize)
     taps = np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(kh, c_, inner)  # [a, c, (b, k)]
-    gs = np.empty((inner, nb * plane + 2 * margin), g.dtype)
-    gin = np.empty((c_, nb * plane), g.dtype)
     zero = np.zeros(c_, g.dtype)
-    for n0 in range(0, n_, nb):
-        nc = min(nb, n_ - n0)
+
+    def scratch():
+        return np.empty((inner, nb * plane + 2 * margin), g.dtype), np.empty((c_, nb * plane), g.dtype)
+
+    def work(n0, nc, buffers):
+        gs, gin = buffers
         _shifted_rows(g, n0, nc, kw, pw, -dw, hg, wg, margin, gs)
         for a in range(kh):
             _gemm(c_, nc * plane, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg, gs.shape[1],
                   gin, 0, gin.shape[1], 0.0 if a == 0 else 1.0)
         _crop(gin, n0, nc, hg, wg, zero, out)
+
+    run_chunks(n_, nb, scratch, work)
     return out
 
 
@@ -442,15 +456,19 @@ def _vjp_rows_shift_out(g, w, padding, dilation, out):
     plane, margin = hg * wg, mr * wg
     nb = _samples_per_chunk((rows + k_) * plane, n_, g.itemsize)
     taps = np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, rows, k_)  # [a, (b, c), k]
-    gg = np.empty((k_, nb * plane + 2 * margin), g.dtype)
-    p = np.empty((rows, nb * plane), g.dtype)
-    for n0 in range(0, n_, nb):
-        nc = min(nb, n_ - n0)
+
+    def scratch():
+        return np.empty((k_, nb * plane + 2 * margin), g.dtype), np.empty((rows, nb * plane), g.dtype)
+
+    def work(n0, nc, buffers):
+        gg, p = buffers
         _shifted_rows(g, n0, nc, 1, 0, 0, hg, wg, margin, gg)
         for a in range(kh):
             _gemm(rows, nc * plane, k_, taps, a * rows * k_, k_, gg, margin + (ph - a * dh) * wg, gg.shape[1],
                   p, 0, p.shape[1], 0.0 if a == 0 else 1.0)
         _crop_shift_sum(p, n0, nc, kw, pw, -dw, hg, wg, out)
+
+    run_chunks(n_, nb, scratch, work)
     return out
 
 
@@ -463,13 +481,17 @@ def _forward_im2col(x, w, b, stride, padding, dilation, out):
     rows, plane = c_ * kh * kw, ho * wo
     nb = _samples_per_chunk((rows + k_) * plane, n_, x.itemsize)
     w2 = np.ascontiguousarray(w).reshape(k_, rows)
-    cols = np.empty((rows, nb * plane), x.dtype)
-    z = np.empty((k_, nb * plane), x.dtype)
-    for n0 in range(0, n_, nb):
-        nc = min(nb, n_ - n0)
+
+    def scratch():
+        return np.empty((rows, nb * plane), x.dtype), np.empty((k_, nb * plane), x.dtype)
+
+    def work(n0, nc, buffers):
+        cols, z = buffers
         _im2col(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
         _gemm(k_, nc * plane, rows, w2, 0, rows, cols, 0, cols.shape[1], z, 0, z.shape[1], 0.0)
         _crop(z, n0, nc, ho, wo, b, out)
+
+    run_chunks(n_, nb, scratch, work)
     return out
 
 
@@ -482,11 +504,15 @@ def _vjp_im2col(g, w, stride, padding, dilation, out):
     rows, plane = c_ * kh * kw, ho * wo
     nb = _samples_per_chunk((rows + k_) * plane, n_, g.itemsize)
     wt = np.ascontiguousarray(w.reshape(k_, rows).T)
-    gc = np.empty((k_, nb * plane), g.dtype)
-    cols = np.empty((rows, nb * plane), g.dtype)
-    for n0 in range(0, n_, nb):
-        nc = min(nb, n_ - n0)
+
+    def scratch():
+        return np.empty((k_, nb * plane), g.dtype), np.empty((rows, nb * plane), g.dtype)
+
+    def work(n0, nc, buffers):
+        gc, cols = buffers
         _to_columns(g, n0, nc, gc)
         _gemm(rows, nc * plane, k_, wt, 0, k_, gc, 0, gc.shape[1], cols, 0, cols.shape[1], 0.0)
         _col2im(cols, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out)
+
+    run_chunks(n_, nb, scratch, work)
     return out

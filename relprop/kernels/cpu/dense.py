@@ -8,19 +8,41 @@ fixed blocks for a fixed thread count, so results are bitwise reproducible run t
 The bias add is plain NumPy on purpose: a Numba ``prange`` loop here would wake Numba's
 OpenMP workers, which keep spinning for milliseconds after the loop and then compete
 for the cores with the BLAS threads of the next GEMM (see :mod:`relprop.kernels.cpu.conv2d`).
+
+Batches of at least ``2 * _config.DENSE_MIN_ROWS`` rows are cut into blocks of rows that
+threads share out, each block one single-threaded GEMM (:mod:`relprop.kernels.cpu._chunks`:
+no barrier per GEMM, robust on a shared machine); every block writes its own rows of ``out``.
 """
 import numpy as np
+
+from ... import _config
+from ._chunks import conv_threads, run_chunks
 
 __all__ = ["dense_forward", "dense_vjp"]
 
 
+def _rows_per_block(n):
+    threads = conv_threads()
+    if threads <= 1 or n < 2 * _config.DENSE_MIN_ROWS:
+        return n
+    return max(_config.DENSE_MIN_ROWS, -(-n // (2 * threads)))
+
+
 def dense_forward(x, w, b, out):
     """Same math as :func:`relprop.kernels.reference.dense.dense_forward`: out = x W^T + b."""
-    np.matmul(x, w.T, out=out)
-    out += b
+    def work(n0, nc, _):
+        o = out[n0:n0 + nc]
+        np.matmul(x[n0:n0 + nc], w.T, out=o)
+        o += b
+
+    run_chunks(x.shape[0], _rows_per_block(x.shape[0]), lambda: None, work)
     return out
 
 
 def dense_vjp(g, w, out):
     """Same math as :func:`relprop.kernels.reference.dense.dense_vjp`: out = g W."""
-    return np.matmul(g, w, out=out)
+    def work(n0, nc, _):
+        np.matmul(g[n0:n0 + nc], w, out=out[n0:n0 + nc])
+
+    run_chunks(g.shape[0], _rows_per_block(g.shape[0]), lambda: None, work)
+    return out
