@@ -9,7 +9,17 @@ GFLOP/s is reported next to the float32 GEMM rate of the same session (``gemm_gf
 call ``record_rate`` (a fixture: :func:`record` bound to the session's GEMM rate) get
 ``extra_info["gflops"]`` and ``extra_info["frac_of_gemm"]``, and a table of them is printed
 at the end of the run.
+
+PyTorch, when installed, is imported here, before anything imports relprop: users come
+from PyTorch, and that import order is the one that once made relprop 10-20x slower
+(relprop.kernels.cpu._threads), so every benchmark measures it.
 """
+try:  # first, on purpose (see above)
+    import torch  # noqa: F401
+except ImportError:  # pragma: no cover - the peers extra is optional
+    torch = None
+
+import sys
 import time
 
 import numpy as np
@@ -69,7 +79,25 @@ def record_rate(gemm_gflops):
     return lambda benchmark, **kw: record(benchmark, gemm_gflops, **kw)
 
 
+def _peer_summary(tr):
+    peers = sys.modules.get("bench.test_bench_peers") or sys.modules.get("test_bench_peers")
+    rows = peers.peer_rows() if peers is not None else []
+    if not rows:
+        return
+    tr.section("relprop vs peers (medians of interleaved rounds; torch imported before relprop)")
+    if _GEMM:
+        tr.write_line(f"session GEMM rate (np.matmul 2048x2048 float32): {_GEMM[0]:.1f} GFLOP/s")
+    tr.write_line(f"{'net':<10} {'task':<22} {'relprop ms':>11} {'peer ms':>10} {'peer/relprop':>12} {'target':>10} "
+                  f"{'x own fwd':>9} {'of GEMM':>7}")
+    for net, task, ours, theirs, ratio, own, target, frac in rows:
+        t = "" if target is None else f">={target:g}" + (" ok" if ratio >= target else " NO")
+        o = "" if own is None else f"{own:9.2f}"
+        f = "" if frac is None else f"{frac:7.2f}"
+        tr.write_line(f"{net:<10} {task:<22} {ours:11.1f} {theirs:10.1f} {ratio:12.2f} {t:>10} {o:>9} {f:>7}")
+
+
 def pytest_terminal_summary(terminalreporter):
+    _peer_summary(terminalreporter)
     if not _ROWS:
         return
     tr = terminalreporter

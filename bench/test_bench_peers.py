@@ -1,4 +1,4 @@
-"""relprop against PyTorch/Zennit on CIFAR-VGG, batch 64, float32: speed and agreement (optional).
+"""relprop against PyTorch/Zennit on LeNet-5 b256, CIFAR-VGG b64 and VGG-16 b4, float32: speed and agreement.
 
 Skipped unless torch and zennit are installed (the ``peers`` extra; a CPU torch is enough)::
 
@@ -7,6 +7,11 @@ Skipped unless torch and zennit are installed (the ``peers`` extra; a CPU torch 
 (a plain ``pip install zennit`` pulls torchvision, and torchvision a CUDA torch: GBs; without
 torchvision, ``zennit.torchvision`` is stood in for by an empty module, see
 tests/test_peers.py).  Run ``pytest bench/test_bench_peers.py --benchmark-only``.
+
+**torch is imported before relprop** (bench/conftest.py imports it first), as in a user's
+script that comes from PyTorch: that order once made relprop 10-20x slower (PyTorch's OpenMP
+runtime captured Numba's threads; see relprop.kernels.cpu._threads), and the benchmark must
+see it.  ``extra_info["openmp_binding"]`` records how Numba's OpenMP layer was loaded.
 
 Pairs, same random weights, same batch, same targets (the argmax), both prepared outside
 the timing (a relprop :class:`~relprop.Explainer`; Zennit's composite registered once):
@@ -18,17 +23,21 @@ the timing (a relprop :class:`~relprop.Explainer`; Zennit's composite registered
 ``lrp.epsilon_plus_flat``   Explainer vs Zennit ``EpsilonPlusFlat``
 ==========================  =============================================================
 
-Relevance starts from R_c = f_c(x) on both sides.  ``torch.set_num_threads(2)`` (the
-machines have 2 cores; relprop's Numba uses them all).  Each test times its own side with
-pytest-benchmark and then the two sides alternately (A B A B ...), recording in
-``extra_info`` the best time of each and ``peer_over_relprop`` = Zennit/torch time over
-relprop time: the machine is shared and noisy, so only this same-moment ratio means
-anything.  Before timing, the two outputs are compared: ``max_rel_err`` = max |ours − theirs| /
-max |theirs| over the batch, ``samples_agreeing`` the fraction of samples within the task's
-tolerance (float32 rounding flips a rare ReLU gate or max-pool switch: see ``TOLERANCE``).
-With ``--benchmark-disable`` every pair runs once on a batch of 2.  A registered Zennit composite
-hooks the shared model, so each test registers its own and removes it when done.
+Relevance starts from R_c = f_c(x) on both sides.  ``torch.set_num_threads`` = the CPUs this
+process may use (relprop uses them all).  The two sides run alternately (A B A B ..., with
+relprop's own forward as a third member for the relevance tasks), ``ROUNDS`` times, and
+``extra_info`` records the median of each and ``peer_over_relprop`` = peer median / relprop
+median (the issue's targets: forward >= 1.2 (LeNet-5 >= 1.5), gradient >= 1.2,
+lrp.epsilon_plus_flat >= 2) and ``x_own_forward`` = relprop median / relprop forward median
+(target for lrp.epsilon_plus_flat: <= 2.5).  The machine is shared and noisy, so only these
+same-moment ratios mean anything; a table of them is printed at the end of the run.  Before
+timing, the two outputs are compared: ``max_rel_err`` = max |ours − theirs| / max |theirs|
+over the batch, ``samples_agreeing`` the fraction of samples within the task's tolerance
+(float32 rounding flips a rare ReLU gate or max-pool switch: see ``TOLERANCE``).  With
+``--benchmark-disable`` every pair runs once on a batch of 2 (VGG-16: skipped).  A registered
+Zennit composite hooks the shared model, so each test registers its own and removes it when done.
 """
+import os
 import sys
 import time
 import types
@@ -38,9 +47,10 @@ import pytest
 
 import relprop
 
-from bench.nets import cifar_vgg_spec
+from bench.nets import PEER_NETS, forward_flops, random_weights
 
 torch = pytest.importorskip("torch")
+_TORCH_FIRST = list(sys.modules).index("torch") < list(sys.modules).index("relprop")
 
 
 def _import_zennit():
@@ -62,15 +72,20 @@ from zennit import rules as zr  # noqa: E402
 from zennit import types as zt  # noqa: E402
 from zennit.attribution import Gradient as ZennitGradient  # noqa: E402
 
-BATCH = 64
-ROUNDS = 5  # alternating rounds for the ratio
+ROUNDS = 5  # alternating rounds for the medians
+
+#: the issue's targets: peer time / relprop time at least this (None: no target)
+TARGETS = {("forward", "lenet5"): 1.5, "forward": 1.2, "gradient": 1.2, "lrp.epsilon_plus_flat": 2.0}
+#: relprop's lrp.epsilon_plus_flat over its own forward: at most this
+OWN_FORWARD_TARGET = 2.5
+_PEER_ROWS = []  # (net, task, relprop ms, peer ms, peer/relprop, x own forward)
 
 
-def torch_vgg(spec):
+def torch_model(spec):
     nn, mods = torch.nn, []
     for e in spec:
         if e["type"] == "conv2d":
-            mods.append(nn.Conv2d(e["in"], e["out"], e["kernel"], padding=e["padding"]))
+            mods.append(nn.Conv2d(e["in"], e["out"], e["kernel"], padding=e.get("padding", 0)))
         elif e["type"] == "linear":
             mods.append(nn.Linear(e["in"], e["out"]))
         elif e["type"] == "maxpool2d":
@@ -80,24 +95,32 @@ def torch_vgg(spec):
     return nn.Sequential(*mods).float().eval()
 
 
-@pytest.fixture(scope="module")
-def vgg(request):
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    spec = cifar_vgg_spec()
-    model = torch_vgg(spec)
-    with torch.no_grad():
-        for mod in model:
-            if getattr(mod, "bias", None) is not None:
-                mod.bias.normal_(0, 0.01)
-    net = relprop.from_spec(spec, {k: v.detach().numpy() for k, v in model.state_dict().items()})
-    batch = 2 if request.config.getoption("benchmark_disable", False) else BATCH
-    x = np.random.default_rng(1).normal(size=(batch, 3, 32, 32)).astype(np.float32)
+
+def _cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="module", params=list(PEER_NETS))
+def peer_net(request):
+    name = request.param
+    spec, shape, batch = PEER_NETS[name]
+    smoke = request.config.getoption("benchmark_disable", False)
+    if smoke and name == "vgg16":
+        pytest.skip("smoke run: VGG-16 takes its 0.5 GB of weights only when timed")
+    torch.set_num_threads(_cpus())
+    # He-scaled random weights (bench/nets.py): with PyTorch's default init, VGG-16's activations shrink
+    # ~6x per layer until the biases decide every ReLU gate, and float32 rounding then moves gradients by %
+    weights = random_weights(spec)
+    model = torch_model(spec)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    net = relprop.from_spec(spec, weights)
+    x = np.random.default_rng(1).normal(size=(2 if smoke else batch,) + shape).astype(np.float32)
     target = net.forward(x).argmax(axis=1)
-    return model, net, x, target
+    n_classes = spec[-1]["out"]
+    return name, model, net, x, target, n_classes
 
 
-def _zennit_attributor(model, composite, target, n_classes=10):
+def _zennit_attributor(model, composite, target, n_classes):
     """A prepared Zennit attribution: composite registered once, R_c = f_c(x) as the start signal."""
     onehot = torch.nn.functional.one_hot(torch.as_tensor(target), n_classes).float()
     attributor = ZennitGradient(model, composite)
@@ -109,7 +132,7 @@ def _zennit_attributor(model, composite, target, n_classes=10):
     return run, attributor
 
 
-def _pair(task, model, net, x, target):
+def _pair(task, model, net, x, target, n_classes):
     """(relprop callable, peer callable, teardown or None) for one task; both return an array of the same shape."""
     xt = torch.from_numpy(x)
     teardown = None
@@ -122,7 +145,7 @@ def _pair(task, model, net, x, target):
     elif task == "gradient":
         explainer = relprop.Explainer(net, "gradient")
         ours = lambda: explainer(x, target)  # noqa: E731
-        onehot = torch.nn.functional.one_hot(torch.as_tensor(target), 10).float()
+        onehot = torch.nn.functional.one_hot(torch.as_tensor(target), n_classes).float()
         xg = xt.clone().requires_grad_(True)
 
         def theirs():
@@ -133,7 +156,7 @@ def _pair(task, model, net, x, target):
                      "lrp.epsilon_plus_flat": zc.EpsilonPlusFlat}[task]()
         explainer = relprop.Explainer(net, task)
         ours = lambda: explainer(x, target)  # noqa: E731
-        run, attributor = _zennit_attributor(model, composite, target)
+        run, attributor = _zennit_attributor(model, composite, target, n_classes)
         xg = xt.clone().requires_grad_(True)
         theirs = lambda: run(xg)  # noqa: E731
         teardown = lambda: attributor.__exit__(None, None, None)  # noqa: E731
@@ -147,15 +170,15 @@ def _agreement(ours, theirs):
     return float(diff.max() / np.abs(theirs).max()), diff / np.abs(theirs).reshape(len(ours), -1).max(axis=1)
 
 
-def _alternate(a, b, rounds):
-    """Best time of a and of b, timed alternately (a b a b ...) so both see the same machine load."""
-    best = [np.inf, np.inf]
+def _alternate(fns, rounds):
+    """Median time of each of ``fns``, timed round-robin (a b c a b c ...) so all see the same machine load."""
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        for k, fn in enumerate((a, b)):
+        for k, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best
+            times[k].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
 
 
 TASKS = ["forward", "gradient", "lrp.epsilon", "lrp.epsilon_plus_flat"]
@@ -164,28 +187,52 @@ TASKS = ["forward", "gradient", "lrp.epsilon", "lrp.epsilon_plus_flat"]
 #: locally (in float64 every pair agrees to ~1e-15, tests/test_peers.py), so most samples, not all, must agree;
 #: the ε rule with ε = 1e-6 also amplifies rounding where a pre-activation is near 0, hence its looser bound.
 TOLERANCE = {"forward": 1e-5, "gradient": 1e-4, "lrp.epsilon": 1e-2, "lrp.epsilon_plus_flat": 1e-4}
+#: VGG-16 with random weights is ill-conditioned in float32: its input gradient in float32 differs from the float64
+#: one by 2-5% (per sample, relative to the sample's largest |value|) for relprop *and* for PyTorch alike, while
+#: the two agree to 2e-15 in float64 (measured on 4 images); so the float32 pair is held to that looser bound.
+TOLERANCE_VGG16 = {"forward": 1e-5, "gradient": 1e-1, "lrp.epsilon": 1e-1, "lrp.epsilon_plus_flat": 1e-2}
 MIN_AGREEING = 0.9
 
 
-@pytest.mark.parametrize("side", ["relprop", "peer"])
 @pytest.mark.parametrize("task", TASKS)
-def test_peer(benchmark, vgg, task, side):
-    model, net, x, target = vgg
-    ours, theirs, teardown = _pair(task, model, net, x, target)
+def test_peer(benchmark, peer_net, task, request):
+    name, model, net, x, target, n_classes = peer_net
+    ours, theirs, teardown = _pair(task, model, net, x, target, n_classes)
     try:
-        benchmark.group = f"peers-{task}"
+        benchmark.group = f"peers-{name}"
         err, per_sample = _agreement(ours(), theirs())  # also the warm-up: compiles, fills the caches
-        agreeing = float(np.mean(per_sample < TOLERANCE[task]))
+        agreeing = float(np.mean(per_sample < (TOLERANCE_VGG16 if name == "vgg16" else TOLERANCE)[task]))
+        from relprop.kernels.cpu._threads import openmp_binding
         benchmark.extra_info.update(max_rel_err=err, median_sample_rel_err=float(np.median(per_sample)),
-                                    samples_agreeing=agreeing)
+                                    samples_agreeing=agreeing, torch_imported_first=_TORCH_FIRST,
+                                    openmp_binding=openmp_binding())
         assert agreeing >= MIN_AGREEING, (f"{task}: relprop and the peer disagree on {1 - agreeing:.0%} of the "
                                           f"samples (per-sample relative errors {np.sort(per_sample)[::-1][:5]})")
         if benchmark.disabled:
-            benchmark(ours if side == "relprop" else theirs)
+            benchmark(ours)
             return
-        benchmark.pedantic(ours if side == "relprop" else theirs, rounds=5, iterations=1, warmup_rounds=1)
-        t_ours, t_theirs = _alternate(ours, theirs, ROUNDS)
-        benchmark.extra_info.update(relprop_s=t_ours, peer_s=t_theirs, peer_over_relprop=t_theirs / t_ours)
+        benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=0)
+        gemm = request.getfixturevalue("gemm_gflops")
+        own_forward = task not in ("forward",)
+        fns = (ours, theirs, lambda: net.forward(x)) if own_forward else (ours, theirs)
+        medians = _alternate(fns, ROUNDS)
+        t_ours, t_theirs = medians[:2]
+        info = dict(relprop_s=t_ours, peer_s=t_theirs, peer_over_relprop=t_theirs / t_ours,
+                    target=TARGETS.get((task, name), TARGETS.get(task)))
+        if own_forward:
+            info["x_own_forward"] = t_ours / medians[2]
+        else:  # the forward's FLOP rate against the session's GEMM rate
+            spec, shape, _ = PEER_NETS[name]
+            rate = forward_flops(spec, shape, len(x)) / t_ours / 1e9
+            info.update(gflops=rate, frac_of_gemm=rate / gemm, peer_frac_of_gemm=rate * t_ours / t_theirs / gemm)
+        benchmark.extra_info.update(info)
+        _PEER_ROWS.append((name, task, t_ours * 1e3, t_theirs * 1e3, t_theirs / t_ours, info.get("x_own_forward"),
+                           info["target"], info.get("frac_of_gemm")))
     finally:
         if teardown is not None:
             teardown()
+
+
+def peer_rows():
+    """The ratios measured so far in this session (for bench/conftest.py's summary)."""
+    return list(_PEER_ROWS)

@@ -4,6 +4,11 @@ Arrays may have any number of dimensions; the caller passes C-contiguous arrays,
 kernel works on flat ``reshape(-1)`` views and runs ``prange`` over elements: one writer
 per element, bitwise reproducible.  Selections are written so that NaN propagates exactly
 as in the NumPy reference (``np.maximum`` and ``np.where``).
+
+Each kernel is compiled twice, parallel and serial (:func:`relprop.kernels.cpu._threads.parallel_above`):
+arrays below ``_config.PARALLEL_MIN_ELEMENTS`` elements take the serial twin (a parallel loop
+waits for all its threads, which on a shared machine costs more than a small pass); both
+give the same bits.
 """
 import numpy as np
 from numba import prange

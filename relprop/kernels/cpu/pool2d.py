@@ -11,6 +11,11 @@ windows cover an input, and for the VJP the scatter measured faster than the gat
 Pool padding never exceeds half the window (checked at the public boundary), so every
 window holds at least one real input; the kernels loop over the window clipped to the
 input plane instead of materialising a padded copy.
+
+Each kernel is compiled twice, parallel and serial (:func:`relprop.kernels.cpu._threads.parallel_above`):
+arrays below ``_config.PARALLEL_MIN_ELEMENTS`` elements take the serial twin (a parallel loop
+waits for all its threads, which on a shared machine costs more than a small pass); both
+give the same bits.
 """
 import numpy as np
 from numba import njit, prange
