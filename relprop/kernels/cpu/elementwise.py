@@ -13,7 +13,6 @@ give the same bits.
 import numpy as np
 from numba import prange
 
-from ... import _config
 from ._threads import parallel_above
 
 __all__ = [
