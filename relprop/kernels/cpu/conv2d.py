@@ -247,6 +247,21 @@ def _crop(src, n0, nb, hg, wg, bias, out):
 
 
 @_jit
+def _crop_band(src, n, i0, rows, wg, bias, out):
+    """out[n, k, i0 + i, j] = src[k, i*wg + j] + bias[k] for i < rows, j < Wo: one band of rows back to NCHW."""
+    k_, wo = out.shape[1], out.shape[3]
+    for k in range(k_):
+        bk = bias[k]
+        o = out[n, k]
+        for i in range(rows):
+            d = o[i0 + i]
+            si = src[k, i * wg:i * wg + wo]
+            for j in range(wo):
+                d[j] = si[j] + bk
+    return out
+
+
+@_jit
 def _crop_shift_sum(src, n0, nb, kw, off0, doff, hg, wg, out):
     """out[n0 + n, c, r, s] = sum_b src[b*C + c, n*hg*wg + r*wg + s + off0 + b*doff] over the b whose
     column s + off0 + b*doff lies in [0, wg): the column shifts of the taps, summed on the way out."""
@@ -387,10 +402,26 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.  Shapes: g (N,K,Ho,Wo),
     w (K,C,kh,kw), out (N,C,H,W)."""
     if _rows_path(True, tuple(stride), out.shape[1]):
+        if _vjp_as_bands(g, w, padding, dilation, out):
+            # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
+            # weights w[k, c, kh-1-a, kw-1-b] and padding (kh-1)*d - p
+            k_, c_, kh, kw = w.shape
+            wt = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+            taps = np.ascontiguousarray(wt.transpose(2, 0, 3, 1)).reshape(kh, c_, kw * k_)
+            pad = ((kh - 1) * dilation[0] - padding[0], (kw - 1) * dilation[1] - padding[1])
+            return _forward_rows_bands(g, taps, np.zeros(c_, g.dtype), kh, kw, pad, dilation, out)
         if w.shape[0] > w.shape[1]:
             return _vjp_rows_shift_out(g, w, padding, dilation, out)
         return _vjp_rows(g, w, padding, dilation, out)
     return _vjp_im2col(g, w, stride, padding, dilation, out)
+
+
+def _vjp_as_bands(g, w, padding, dilation, out):
+    """Is one sample of this stride-1 input-VJP larger than a chunk (and its flipped padding >= 0)?"""
+    k_, c_, kh, kw = w.shape
+    if (kh - 1) * dilation[0] < padding[0] or (kw - 1) * dilation[1] < padding[1] or out.shape[2] <= 1:
+        return False
+    return (kw * k_ + c_) * out.shape[2] * out.shape[3] * g.itemsize > _config.CONV_CHUNK_BYTES
 
 
 def _forward_rows(x, w, b, padding, dilation, out):
@@ -403,6 +434,8 @@ def _forward_rows(x, w, b, padding, dilation, out):
     plane, margin = hg * wg, mr * wg
     nb = _samples_per_chunk((inner + k_) * plane, n_, x.itemsize)
     taps = np.ascontiguousarray(w.transpose(2, 0, 3, 1)).reshape(kh, k_, inner)  # [a, k, (b, c)]
+    if (inner + k_) * plane * x.itemsize > _config.CONV_CHUNK_BYTES and out.shape[2] > 1:
+        return _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out)
 
     def scratch():
         return np.empty((inner, nb * plane + 2 * margin), x.dtype), np.empty((k_, nb * plane), x.dtype)
@@ -416,6 +449,41 @@ def _forward_rows(x, w, b, padding, dilation, out):
         _crop(z, n0, nc, hg, wg, b, out)
 
     run_chunks(n_, nb, scratch, work)
+    return out
+
+
+def _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out):
+    """The row-shift forward for samples too large for one chunk: bands of output rows of one sample.
+
+    A band of output rows [i0, i0 + rows) reads the input rows [i0 - ph, i0 - ph + rows + (kh-1)*dh):
+    they are laid out as one short "sample" of the grid (rows outside the image zero), so kernel
+    row ``a`` is again a shift by ``a*dh`` rows and the band is ``kh`` GEMMs.  Bands are sized to
+    ``_config.CONV_CHUNK_BYTES`` and shared out to threads like chunks of samples.
+    """
+    (ph, pw), (dh, dw) = padding, dilation
+    n_, c_, h_, _ = x.shape
+    k_, ho, wg = out.shape[1], out.shape[2], out.shape[3]
+    inner, halo = kw * c_, (kh - 1) * dh
+    hb = max(1, min(ho, (_config.CONV_CHUNK_BYTES // (x.itemsize * wg) - inner * halo) // (inner + k_)))
+    bands = [(n, i0, min(hb, ho - i0)) for n in range(n_) for i0 in range(0, ho, hb)]
+
+    def scratch():
+        return np.empty((inner, (hb + halo + ph) * wg), x.dtype), np.empty((k_, hb * wg), x.dtype)
+
+    def work(q, count, buffers):
+        xs, z = buffers
+        for n, i0, rows in bands[q:q + count]:
+            top_in = i0 - ph  # the input row of the band's first grid row
+            r_lo, r_hi = max(0, top_in), max(0, min(h_, top_in + rows + halo))
+            r_hi = max(r_lo, r_hi)
+            top = r_lo - top_in  # zero rows above the image
+            _shifted_rows(x[n:n + 1, :, r_lo:r_hi, :], 0, 1, kw, -pw, dw, rows + halo - top, wg, top * wg, xs)
+            for a in range(kh):
+                _gemm(k_, rows * wg, inner, taps, a * k_ * inner, inner, xs, a * dh * wg, xs.shape[1],
+                      z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
+            _crop_band(z, n, i0, rows, wg, b, out)
+
+    run_chunks(len(bands), 1, scratch, work)
     return out
 
 
