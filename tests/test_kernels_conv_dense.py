@@ -227,3 +227,39 @@ def test_dense_is_bitwise_deterministic(rng):
     assert K.dense_forward(x, w, b, backend="cpu").tobytes() == K.dense_forward(x, w, b, backend="cpu").tobytes()
     g = rng.standard_normal((64, 300)).astype(np.float32)
     assert K.dense_vjp(g, w, backend="cpu").tobytes() == K.dense_vjp(g, w, backend="cpu").tobytes()
+
+
+@st.composite
+def band_problem(draw):
+    """Stride-1 convolutions with >= 8 channels (so that the input-VJP takes the row-shift path too),
+    awkward sizes, padding up to and beyond the kernel's reach, dilation."""
+    n, c, k = draw(st.integers(1, 2)), draw(st.integers(8, 11)), draw(st.integers(1, 10))
+    h, w = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    padding = (draw(st.integers(0, 3)), draw(st.integers(0, 3)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    assume(dilation[0] * (kh - 1) + 1 <= h + 2 * padding[0])
+    assume(dilation[1] * (kw - 1) + 1 <= w + 2 * padding[1])
+    chunk = draw(st.sampled_from([1, 64, 700]))  # one row per band, a few rows, whole small samples
+    return (n, c, h, w), (k, c, kh, kw), padding, dilation, chunk, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=band_problem())
+def test_conv2d_bands_of_rows_match_reference(dtype, problem):
+    """Samples larger than a chunk run in bands of output rows (forward, and the input-VJP as the
+    forward of the flipped weights): against the reference, bias included."""
+    x_shape, w_shape, padding, dilation, chunk, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_CHUNK_BYTES", chunk)
+        z = K.conv2d_forward(x, w, b, 1, padding, dilation, backend="cpu")
+        assert_close(z, K.conv2d_forward(x, w, b, 1, padding, dilation, backend="reference"),
+                     reduction_len=w_shape[1] * w_shape[2] * w_shape[3])
+        g = rng.standard_normal(z.shape).astype(dtype)
+        gx = K.conv2d_vjp(g, w, x_shape, 1, padding, dilation, backend="cpu")
+        assert_close(gx, K.conv2d_vjp(g, w, x_shape, 1, padding, dilation, backend="reference"),
+                     reduction_len=w_shape[0] * w_shape[2] * w_shape[3])
