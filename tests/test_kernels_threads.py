@@ -244,3 +244,18 @@ def test_blas_threads_restored_after_errors_and_concurrent_callers(monkeypatch):
     for t in threads:
         t.join()
     assert get() == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_threaded_conv_in_a_forked_child():
+    """After a fork (multiprocessing, Dask's fork start method) the child has no pool threads: convolutions
+    still run and are right."""
+    import multiprocessing
+
+    x = np.random.default_rng(3).standard_normal((6, 3, 9, 9))
+    w = np.random.default_rng(4).standard_normal((4, 3, 3, 3))
+    K.conv2d_forward(x, w, padding=1, backend="cpu")  # start the parent's pool first
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(K.conv2d_forward, (x, w), {"padding": 1, "backend": "cpu"})
+    np.testing.assert_allclose(got, K.conv2d_forward(x, w, padding=1, backend="reference"), rtol=1e-12, atol=1e-12)

@@ -55,6 +55,17 @@ _LOCK = threading.Lock()
 _STATE = {"active": 0, "saved": None, "pool": None, "pool_size": 0}
 
 
+def _after_fork_in_child():
+    """A forked child has none of the parent's pool threads, and the lock may have been held: start afresh."""
+    global _LOCK
+    _LOCK = threading.Lock()
+    _STATE.update(active=0, saved=None, pool=None, pool_size=0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def conv_threads():
     """Threads the chunks of one convolution are shared out to (``_config.CONV_THREADS``, or the
     CPUs this process may run on); 1 when NumPy's BLAS thread count cannot be set."""
