@@ -51,6 +51,11 @@ PARALLEL_MIN_ELEMENTS = 1 << 20
 #: in the calling thread and BLAS uses its own threads.
 CONV_THREADS = None
 
+#: A convolution's batch of fewer samples is not cut into extra chunks to share out to the threads
+#: (relprop.kernels.cpu.conv2d._samples_per_chunk): small GEMMs lose more than the threads gain on
+#: an idle machine.
+CONV_SPLIT_MIN_SAMPLES = 32
+
 #: A CPU dense layer's batch is shared out to threads in blocks of at least this many rows
 #: (relprop.kernels.cpu.dense); smaller batches are one GEMM with BLAS's own threads.
 DENSE_MIN_ROWS = 16
