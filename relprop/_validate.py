@@ -183,3 +183,12 @@ def check_real_array(where, name, a):
     if kind == "f":
         check_finite(name, a, where)
     return a
+
+
+def check_int(where, name, value, minimum):
+    """``value`` as an int >= ``minimum``: TypeError for a non-integer (bools too), ValueError below it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{where}: {name}={value!r} is invalid; expected an int >= {minimum}")
+    return int(value)

@@ -47,12 +47,7 @@ __all__ = ["smoothgrad", "smoothgrad_squared", "integrated_gradients", "expected
 
 
 # -- shared plumbing --------------------------------------------------------------------------
-def _check_int(where, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name}={value!r} is invalid; expected an int >= {minimum}")
-    return int(value)
+from ._validate import check_int as _check_int  # noqa: E402
 
 
 def _check_batch_size(where, batch_size):

@@ -41,12 +41,7 @@ from .methods import Explainer, register_method, resolve_target
 __all__ = ["lime", "LimeFit", "slic_segments"]
 
 
-def _check_int(where, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name}={value!r} is invalid; expected an int >= {minimum}")
-    return int(value)
+from ._validate import check_int as _check_int  # noqa: E402
 
 
 def _check_positive(where, name, value, allow_zero=False):

@@ -34,12 +34,7 @@ __all__ = ["top_activations", "TopActivations", "project", "receptive_field", "f
 
 
 # -- argument checks ------------------------------------------------------------------------------------
-def _check_int(where, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{where}: {name}={value!r} is invalid; expected an int >= {minimum}")
-    return int(value)
+from ._validate import check_int as _check_int  # noqa: E402
 
 
 def _check_real(where, name, value, minimum=None, strict=False):

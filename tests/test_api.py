@@ -31,13 +31,18 @@ def test_cpu_mirrors_reference(family):
 
 
 def test_reference_imports_only_numpy():
+    """The reference kernels import NumPy and each other (one im2col serves them all), nothing else."""
     import ast
     import pathlib
 
     root = pathlib.Path(importlib.import_module("relprop.kernels.reference").__file__).parent
+    siblings = {p.stem for p in root.glob("*.py")}
     for path in root.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert (node.module or "") in siblings, f"{path.name} imports .{node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                assert not (isinstance(node, ast.ImportFrom) and node.level), f"{path.name} imports outside reference/"
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 for n in names:
                     assert n.split(".")[0] in {"numpy", "__future__", "math", ""}, f"{path.name} imports {n}"

@@ -24,6 +24,8 @@ computes the same numbers without forming them and is tested against these funct
 """
 import numpy as np
 
+from .patterns import im2col
+
 __all__ = ["stab", "redistribute", "epsilon_dense", "gamma_dense", "alpha_beta_dense", "zplus_dense",
            "zbox_dense", "wsquare_dense", "flat_dense", "receptive_fields", "scatter_fields", "epsilon_conv2d",
            "gamma_conv2d", "alpha_beta_conv2d", "zplus_conv2d", "zbox_conv2d", "wsquare_conv2d", "flat_conv2d",
@@ -126,17 +128,10 @@ def proportional(xs, R, eps):
 # -- convolutions: the dense rules over receptive fields ------------------------------------------
 def receptive_fields(a, kernel, stride, padding, dilation):
     """Columns (N, C·kh·kw, Ho·Wo): column q holds the receptive field of output position q,
-    zero padding included, in the order of w.reshape(K, C·kh·kw)."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    n, c, h, wd = a.shape
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    a_pad = np.pad(a, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    cols = np.empty((n, c, kh, kw, ho, wo), dtype=a.dtype)
-    for p in range(kh):
-        for q in range(kw):
-            cols[:, :, p, q] = a_pad[:, :, p * dh:p * dh + sh * (ho - 1) + 1:sh, q * dw:q * dw + sw * (wo - 1) + 1:sw]
-    return cols.reshape(n, c * kh * kw, ho * wo)
+    zero padding included, in the order of w.reshape(K, C·kh·kw) (the reference im2col)."""
+    rows = im2col(a, kernel, stride, padding, dilation)          # (N·Ho·Wo, C·kh·kw)
+    n = a.shape[0]
+    return rows.reshape(n, rows.shape[0] // n, rows.shape[1]).transpose(0, 2, 1)
 
 
 def scatter_fields(cols, shape, kernel, stride, padding, dilation):
