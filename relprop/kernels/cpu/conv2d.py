@@ -288,7 +288,7 @@ def _crop_shift_sum(src, n0, nb, kw, off0, doff, hg, wg, out):
 
 
 @_jit
-def _im2col(x, n0, nb, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
+def im2col_chunk(x, n0, nb, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols):
     """cols[(c*kh + a)*kw + b, n*ho*wo + i*wo + j] = x_padded[n0 + n, c, i*sh + a*dh, j*sw + b*dw]."""
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     plane = ho * wo
@@ -567,7 +567,7 @@ def _forward_im2col(x, w, b, stride, padding, dilation, out):
 
     def work(n0, nc, buffers):
         cols, z = buffers
-        _im2col(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
+        im2col_chunk(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
         _gemm(k_, nc * plane, rows, w2, 0, rows, cols, 0, cols.shape[1], z, 0, z.shape[1], 0.0)
         _crop(z, n0, nc, ho, wo, b, out)
 

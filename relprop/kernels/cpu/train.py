@@ -2,14 +2,14 @@
 
 Both weight gradients are GEMMs through NumPy's BLAS.  The convolution's is one GEMM per
 chunk of samples, dW (K, C·kh·kw) += gᵀ (K, n·Ho·Wo) @ colsᵀ (n·Ho·Wo, C·kh·kw), where
-``cols`` is the im2col matrix of the chunk built by a Numba gather (prange over its rows,
+``cols`` is the im2col matrix of the chunk built by the convolution's own gather (row copies,
 one writer per element, padding handled by bounds tests).  Chunks are sized by
 ``_config.CONV_CHUNK_BYTES`` and visited in order, so the result is deterministic.
 """
 import numpy as np
-from numba import njit, prange
 
 from ... import _config
+from .conv2d import im2col_chunk
 
 __all__ = ["dense_weight_vjp", "conv2d_weight_vjp"]
 
@@ -21,34 +21,11 @@ def dense_weight_vjp(x, g, out_w, out_b):
     return out_w, out_b
 
 
-@njit(parallel=True, cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
-def _im2col(x, n0, n1, sh, sw, ph, pw, dh, dw, kh, kw, ho, wo, cols):
-    """cols[(c, a, e), (n - n0, i, j)] = x_pad[n, c, i·sh + a·dh, j·sw + e·dw] for n in [n0, n1)."""
-    h, wd = x.shape[2], x.shape[3]
-    m = ho * wo
-    for r in prange(cols.shape[0]):
-        c = r // (kh * kw)
-        a = (r // kw) % kh
-        e = r % kw
-        for n in range(n0, n1):
-            for i in range(ho):
-                hi = i * sh + a * dh - ph
-                col0 = (n - n0) * m + i * wo
-                if hi < 0 or hi >= h:
-                    for j in range(wo):
-                        cols[r, col0 + j] = 0
-                else:
-                    for j in range(wo):
-                        wi = j * sw + e * dw - pw
-                        cols[r, col0 + j] = x[n, c, hi, wi] if 0 <= wi < wd else 0
-    return cols
-
-
 def conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b):
     """Same math as :func:`relprop.kernels.reference.train.conv2d_weight_vjp`.
 
-    Chunked im2col (Numba, parallel over the C·kh·kw rows) + one BLAS GEMM per chunk,
-    accumulated in chunk order.
+    Chunked im2col (the convolution's own, :func:`relprop.kernels.cpu.conv2d.im2col_chunk`) + one
+    BLAS GEMM per chunk, accumulated in chunk order.
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n, k = g.shape[0], g.shape[1]
@@ -63,7 +40,7 @@ def conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b):
     for n0 in range(0, n, nb):
         n1 = min(n, n0 + nb)
         cols = buf[: rows * (n1 - n0) * m].reshape(rows, (n1 - n0) * m)
-        _im2col(x, n0, n1, sh, sw, ph, pw, dh, dw, kh, kw, ho, wo, cols)
+        im2col_chunk(x, n0, n1 - n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
         gt = np.ascontiguousarray(g3[n0:n1].transpose(1, 0, 2)).reshape(k, (n1 - n0) * m)
         if n0 == 0:
             np.dot(gt, cols.T, out=dw_flat)
