@@ -216,13 +216,13 @@ def _family_cases(dev, quick):
     cases.append(("conv2d", "conv2d_vjp", lambda: K.conv2d_vjp(g, w, x.shape, 1, 1, **kw), conv_flops, None, shape))
     # im2col and col2im alone: bandwidth (each column entry written / read once, the image read / written once)
     rows, q = c * 9, hw * hw
-    chunk = cuda_conv._chunk(n, rows + 1, q, 4)
+    chunk = cuda_conv.chunk_samples(n, rows + 1, q, 4)
     cols = xp.empty((chunk, rows + 1, q), f32)
     out = xp.empty((n, c, hw, hw), f32)
     zero = f32(0)
     im2col_bytes = 4.0 * (cols.size + chunk * c * hw * hw)
     cases.append(("conv2d", "im2col (kernel alone)", lambda: _launch.launch_grid(
-        cuda_conv._im2col_kernel, cols.shape, x, 0, 3, 3, 1, 1, 1, 1, 1, 1, hw, False, cols),
+        cuda_conv.im2col_kernel, cols.shape, x, 0, 3, 3, 1, 1, 1, 1, 1, 1, hw, False, cols),
         None, im2col_bytes, f"{chunk} samples of {shape}"))
     cols_v = cols[:, :rows]
     cols_v = xp.ascontiguousarray(cols_v)

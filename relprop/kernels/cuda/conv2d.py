@@ -26,7 +26,7 @@ __all__ = ["conv2d_forward", "conv2d_vjp"]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
-def _im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, rows_outer, cols):
+def im2col_kernel(x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, rows_outer, cols):
     # x (N, C, H, W); cols (Nc, rows, Ho·Wo) for samples n0 .. n0+Nc, rows >= C·kh·kw, or
     # (rows, Nc, Ho·Wo) when rows_outer (the weight gradient's layout):
     # cols[n, (c·kh + a)·kw + e, i·Wo + j] = x̃[n0 + n, c, i·sh + a·dh, j·sw + e·dw] (x̃ zero-padded);
@@ -95,7 +95,7 @@ def _col2im_kernel(cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out):
                 out[n0 + n, c, r, s] = acc
 
 
-def _chunk(n, rows, n_pos, itemsize):
+def chunk_samples(n, rows, n_pos, itemsize):
     """Samples per chunk so that a (chunk, rows, n_pos) scratch stays under the byte budget."""
     per_sample = max(rows * n_pos * itemsize, 1)
     return max(1, min(n, int(_config.CUDA_SCRATCH_BYTES) // per_sample))
@@ -120,12 +120,12 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
     wb[:, :rows] = w.reshape(n_out, rows)
     wb[:, rows] = b
     out3 = out.reshape(n, n_out, n_pos)
-    chunk = _chunk(n, rows + 1, n_pos, x.dtype.itemsize)
+    chunk = chunk_samples(n, rows + 1, n_pos, x.dtype.itemsize)
     cols_buf = empty(x, chunk * (rows + 1) * n_pos)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
         cols = cols_buf[:nc * (rows + 1) * n_pos].reshape(nc, rows + 1, n_pos)
-        launch_grid(_im2col_kernel, cols.shape, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, False, cols)
+        launch_grid(im2col_kernel, cols.shape, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, False, cols)
         matmul(wb, cols, out3[n0:n0 + nc])
     return out
 
@@ -151,7 +151,7 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
     wt = empty(w, (rows, n_out))  # Wᵀ, contiguous once rather than per chunk
     wt[...] = w.reshape(n_out, rows).T
     g3 = g.reshape(n, n_out, n_pos)
-    chunk = _chunk(n, rows, n_pos, g.dtype.itemsize)
+    chunk = chunk_samples(n, rows, n_pos, g.dtype.itemsize)
     cols_buf = empty(g, chunk * rows * n_pos)
     zero = scalar(out.dtype, 0)
     for n0 in range(0, n, chunk):

@@ -14,7 +14,7 @@ from numba import cuda
 from ... import _config
 from ._launch import empty, launch, launch_grid, matmul
 from ._reduce import sum_outer
-from .conv2d import _chunk, _im2col_kernel
+from .conv2d import chunk_samples, im2col_kernel
 
 __all__ = ["dense_weight_vjp", "conv2d_weight_vjp"]
 
@@ -61,7 +61,7 @@ def conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b):
         out_w[...] = 0
         out_b[...] = 0
         return out_w, out_b
-    chunk = _chunk(n, max(rows, n_out), n_pos, x.dtype.itemsize)
+    chunk = chunk_samples(n, max(rows, n_out), n_pos, x.dtype.itemsize)
     cols_buf = empty(x, rows * chunk * n_pos)
     t_buf = empty(x, n_out * chunk * n_pos)
     part = empty(x, (n_out, rows)) if chunk < n else None
@@ -69,7 +69,7 @@ def conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b):
         nc = min(chunk, n - n0)
         cols = cols_buf[:rows * nc * n_pos].reshape(rows, nc, n_pos)
         t = t_buf[:n_out * nc * n_pos].reshape(n_out, nc, n_pos)
-        launch_grid(_im2col_kernel, (nc, rows, n_pos), x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, True, cols)
+        launch_grid(im2col_kernel, (nc, rows, n_pos), x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, True, cols)
         launch_grid(_nkq_to_knq_kernel, t.shape, g3, n0, t)
         cols_t = cols.reshape(rows, nc * n_pos).T
         if n0 == 0:
