@@ -1,4 +1,4 @@
-"""Pattern statistics: per-layer float64 sums over a dataset, mergeable across chunks (MATH.md, PatternNet)."""
+"""Pattern statistics: per-layer float64 sums over a dataset, mergeable across chunks (docs/conventions.md, PatternNet)."""
 from __future__ import annotations
 
 import json
