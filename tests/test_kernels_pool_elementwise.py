@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import relprop.kernels as K
+from relprop.kernels.cpu import pool2d as cpu_pool
 from helpers import assert_close
 
 DTYPES = [np.float32, np.float64]
@@ -62,6 +63,26 @@ def test_maxpool2d_forward_matches_reference(dtype, problem):
     n, c, h, w = shape
     planes = x.reshape(n, c, h * w)
     np.testing.assert_array_equal(np.take_along_axis(planes, sw.reshape(n, c, -1), axis=2), out.reshape(n, c, -1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 3), c=st.integers(1, 3), h=st.integers(2, 11), w=st.integers(2, 11),
+       fill=st.sampled_from(["normal", "ties", "zeros"]), seed=st.integers(0, 2**32 - 1))
+def test_maxpool2d_2x2_fast_path_matches_reference(dtype, n, c, h, w, fill, seed):
+    """The unrolled 2×2 stride-2 window (odd sizes leave a row/column out, as floor mode does)."""
+    x = make_array((n, c, h, w), fill, np.random.default_rng(seed), dtype)
+    out, sw = K.maxpool2d_forward(x, 2, 2, 0, backend="cpu")
+    out_ref, sw_ref = K.maxpool2d_forward(x, 2, 2, 0, backend="reference")
+    np.testing.assert_array_equal(sw, sw_ref)
+    assert out.tobytes() == out_ref.tobytes()
+
+
+def test_maxpool2d_2x2_nan_plane_takes_the_nan_aware_scan():
+    x = np.array([[[[1.0, np.nan], [3.0, 2.0]], [[1.0, 4.0], [3.0, 2.0]]]])
+    out, sw = cpu_pool.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), np.empty((1, 2, 1, 1)),
+                                         np.empty((1, 2, 1, 1), np.int64))
+    assert np.isnan(out[0, 0, 0, 0]) and sw[0, 0, 0, 0] == 1  # the first NaN wins, as argmax
+    assert out[0, 1, 0, 0] == 4.0 and sw[0, 1, 0, 0] == 1
 
 
 def test_maxpool2d_ties_pick_first_in_row_major_order():

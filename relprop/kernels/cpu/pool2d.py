@@ -63,6 +63,31 @@ def _maxpool_plane(xp, kernel, stride, padding, op, sp, nan_aware):
             sp[i, j] = best_k
 
 
+@njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def _maxpool_plane_2x2(xp, op, sp):
+    """The common 2×2, stride-2, unpadded window unrolled: the same row-major strict-> scan as
+    :func:`_maxpool_plane` (first maximum wins), without the clipping and loop overhead."""
+    wd = xp.shape[1]
+    ho, wo = op.shape
+    for i in range(ho):
+        r = 2 * i
+        for j in range(wo):
+            c = 2 * j
+            best = xp[r, c]
+            best_k = r * wd + c
+            v = xp[r, c + 1]
+            if v > best:
+                best, best_k = v, r * wd + c + 1
+            v = xp[r + 1, c]
+            if v > best:
+                best, best_k = v, (r + 1) * wd + c
+            v = xp[r + 1, c + 1]
+            if v > best:
+                best, best_k = v, (r + 1) * wd + c + 1
+            op[i, j] = best
+            sp[i, j] = best_k
+
+
 @parallel_above()
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_forward`.
@@ -75,10 +100,16 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     as in NumPy; the plain scan is about twice as fast, hence the split.
     """
     n_channels = x.shape[1]
+    two = kernel[0] == 2 and kernel[1] == 2 and stride[0] == 2 and stride[1] == 2 and padding[0] == 0 \
+        and padding[1] == 0
     for p in prange(x.shape[0] * n_channels):
         n, c = p // n_channels, p % n_channels
         xp = x[n, c]
-        _maxpool_plane(xp, kernel, stride, padding, out[n, c], switches[n, c], _has_nan(xp))
+        nan = _has_nan(xp)
+        if two and not nan:
+            _maxpool_plane_2x2(xp, out[n, c], switches[n, c])
+        else:
+            _maxpool_plane(xp, kernel, stride, padding, out[n, c], switches[n, c], nan)
     return out, switches
 
 
