@@ -39,6 +39,7 @@ import numpy as np
 from . import _config
 from . import _validate as V
 from ._backend import array_namespace
+from .engine import Unit
 from .methods import Explainer, output_signal, register_method, resolve_target
 from .rules.signal import gradient_sweep
 
@@ -97,8 +98,32 @@ def _check_target(net, x, target):
         resolve_target(array_namespace(x).zeros(net.shapes(x.shape)[-1], dtype=np.float32), target)
 
 
+def _targets(net, x, target, logits):
+    """Per-sample class indices, or a validated :class:`relprop.Unit` (which every sample shares)."""
+    if isinstance(target, Unit):
+        target.resolve(net, x.shape)
+        return target
+    return resolve_target(logits, target)
+
+
+def _of(targets, owners):
+    """The targets of some points: their samples' classes, or the shared Unit."""
+    return targets if isinstance(targets, Unit) else targets[owners]
+
+
+def _scores(net, xb, tb, backend):
+    """f_t(x) per sample: the target logit, or the Unit's activation (summed over its positions)."""
+    if isinstance(tb, Unit):
+        k = tb.layer % len(net.layers)
+        return tb.value(net.trace(xb, backend, check=False, upto=k).layer_output(k))
+    return _pick(net.trace(xb, backend, keep=False, check=False).output, tb)
+
+
 def _gradient(net, xb, tb, backend, relu="gradient"):
-    """∂f_t/∂x of a batch (one traced forward and one backward sweep of the engine)."""
+    """∂f_t/∂x of a batch (one traced forward and one backward sweep of the engine); ``tb`` per-sample
+    classes or a Unit."""
+    if isinstance(tb, Unit):
+        return gradient_sweep(net, relu)(xb, tb, backend)
     trace = net.trace(xb, backend, check=False)
     return gradient_sweep(net, relu).backward(trace, output_signal(trace.output, tb, "onehot"))
 
@@ -187,7 +212,8 @@ class _SmoothGrad:
     def __call__(self, x, target, backend, return_layers=False):
         _no_layers(self.where, return_layers)
         xp, batch_size, n = array_namespace(x), _batch(self.batch_size), self.n
-        targets = resolve_target(_forward(self.net, x, backend, batch_size), target)
+        logits = None if isinstance(target, Unit) else _forward(self.net, x, backend, batch_size)
+        targets = _targets(self.net, x, target, logits)
         # σ = noise_level · (max x − min x) per sample
         flat = x.reshape(x.shape[0], -1)
         sigma = self.noise_level * (flat.max(axis=1) - flat.min(axis=1))
@@ -198,11 +224,11 @@ class _SmoothGrad:
             noise = rng.standard_normal((p1 - p0,) + x.shape[1:], dtype=x.dtype)
             xb = x[owners] + xp.asarray(noise) * sigma[owners]
             if self.base is None:
-                r = _gradient(self.net, xb, targets[owners], backend)
+                r = _gradient(self.net, xb, _of(targets, owners), backend)
                 if self.times_input:
                     r = xb * r
             else:
-                r = self.base(xb, targets[owners], backend, False)
+                r = self.base(xb, _of(targets, owners), backend, False)
             return r * r if self.squared else r
 
         return _accumulate(xp, x.shape[0], n, x.shape[1:], x.dtype, batch_size, evaluate, self.progress,
@@ -298,8 +324,9 @@ class _IntegratedGradients:
         xp, batch_size, m = array_namespace(x), _batch(self.batch_size), self.steps
         base = _baselines(self.where, self.baseline, x)  # (B, N or 1, ...)
         n_base, n = base.shape[0], x.shape[0]
-        logits = _forward(self.net, x, backend, batch_size)
-        targets = resolve_target(logits, target)
+        unit = isinstance(target, Unit)
+        logits = None if unit else _forward(self.net, x, backend, batch_size)
+        targets = _targets(self.net, x, target, logits)
         per_sample = base.shape[1] != 1
         alphas = (xp.arange(1, m + 1, dtype=x.dtype) / m).reshape((-1,) + (1,) * (x.ndim - 1))
 
@@ -314,7 +341,7 @@ class _IntegratedGradients:
             x0 = baseline_of(owners, (p // m) % n_base)
             delta = x[owners] - x0
             xb = x0 + alphas[p % m] * delta  # x' + (k/m)(x − x')
-            return delta * _gradient(self.net, xb, targets[owners], backend)
+            return delta * _gradient(self.net, xb, _of(targets, owners), backend)
 
         ig = _accumulate(xp, n, n_base * m, x.shape[1:], x.dtype, batch_size, evaluate, self.progress,
                          self.where) / (m * n_base)
@@ -324,9 +351,10 @@ class _IntegratedGradients:
         for q0 in range(0, n * n_base, batch_size):
             q = xp.arange(q0, min(q0 + batch_size, n * n_base))
             i = q // n_base
-            f = _pick(self.net.trace(baseline_of(i, q % n_base), backend, keep=False, check=False).output, targets[i])
+            f = _scores(self.net, baseline_of(i, q % n_base), _of(targets, i), backend)
             _sum_by_owner(f_base, f, q0, n_base)
-        return ig, _gap(ig, _pick(logits, targets), f_base / n_base)
+        f_x = _scores(self.net, x, targets, backend) if unit else _pick(logits, targets)
+        return ig, _gap(ig, f_x, f_base / n_base)
 
 
 def _gap(attr, f_x, f_base):

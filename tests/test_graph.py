@@ -358,3 +358,24 @@ def test_explainer_follows_set_params(graph, method):
     fresh = relprop.Explainer(net, method, **opts)(x)
     np.testing.assert_allclose(after, fresh, rtol=1e-12, atol=1e-14)
     assert not np.allclose(after, before)
+
+
+# -- Unit targets through the input-level methods that wrap the sweep ------------------------------------
+def test_smoothgrad_and_integrated_gradients_explain_a_unit(graph):
+    _, _, _, net, x = graph
+    k = 5 if graph[0] == "residual" else 7
+    unit = Unit(layer=k, channel=1)
+    g = relprop.explain(net, x, "gradient", target=unit)
+    sg = relprop.explain(net, x, "smoothgrad", target=unit, n=3, noise_level=0.0)
+    np.testing.assert_allclose(sg, g, rtol=1e-12, atol=1e-14)  # no noise: the unit's gradient
+    lrp = relprop.explain(net, x, "lrp.epsilon", target=unit)
+    sg_lrp = relprop.explain(net, x, "smoothgrad", target=unit, n=2, noise_level=0.0, base="lrp.epsilon")
+    np.testing.assert_allclose(sg_lrp, lrp, rtol=1e-12, atol=1e-14)
+    # completeness: Σ IG = a_unit(x) − a_unit(0), up to the Riemann sum's error
+    ig, gap = relprop.explain(net, x, "integrated_gradients", target=unit, steps=256, return_gap=True)
+    a_x = unit.value(net.trace(x).layer_output(k))
+    assert np.abs(gap).sum() <= 1e-2 * np.abs(a_x - unit.value(net.trace(0 * x).layer_output(k))).sum() + 1e-9
+    with pytest.raises(ValueError, match="channel 99 does not exist"):
+        relprop.explain(net, x, "integrated_gradients", target=Unit(k, 99))
+    with pytest.raises(ValueError, match="Unit target has no class index"):
+        relprop.explain(net, x, "occlusion", target=unit, window=2)
