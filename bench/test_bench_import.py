@@ -22,9 +22,7 @@ own side with pytest-benchmark, then both sides alternately (A B A B ...), and r
 ``peer_over_relprop`` = torch or Zennit time / relprop time: the machine is shared, so only this
 same-moment ratio means anything.  The issue's bar: forward ratio >= 1, ε+♭ ratio >= 1.5.
 """
-import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -35,20 +33,9 @@ pytest.importorskip("onnx")
 import relprop  # noqa: E402
 
 
-def _import_zennit():
-    try:
-        import zennit
-    except ImportError as exc:
-        if exc.name != "torchvision":
-            pytest.skip(f"zennit is not installed (pip install --no-deps zennit): {exc}", allow_module_level=True)
-        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
-            del sys.modules[name]
-        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
-        import zennit
-    return zennit
+from tests.torch_models import import_zennit  # noqa: E402
 
-
-_import_zennit()
+import_zennit()
 from zennit import composites as zc  # noqa: E402
 from zennit.attribution import Gradient as ZennitGradient  # noqa: E402
 

@@ -40,7 +40,6 @@ Zennit composite hooks the shared model, so each test registers its own and remo
 import os
 import sys
 import time
-import types
 
 import numpy as np
 import pytest
@@ -52,21 +51,9 @@ from bench.nets import PEER_NETS, forward_flops, random_weights
 torch = pytest.importorskip("torch")
 _TORCH_FIRST = list(sys.modules).index("torch") < list(sys.modules).index("relprop")
 
+from tests.torch_models import import_zennit  # noqa: E402
 
-def _import_zennit():
-    try:
-        import zennit
-    except ImportError as exc:
-        if exc.name != "torchvision":  # zennit/__init__ imports zennit.torchvision, which needs torchvision
-            pytest.skip(f"zennit is not installed (pip install --no-deps zennit): {exc}", allow_module_level=True)
-        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
-            del sys.modules[name]
-        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
-        import zennit
-    return zennit
-
-
-_import_zennit()
+import_zennit()
 from zennit import composites as zc  # noqa: E402
 from zennit import rules as zr  # noqa: E402
 from zennit import types as zt  # noqa: E402

@@ -23,8 +23,6 @@ Deliberate differences (MATH.md conventions), compared through Zennit's ``zero_p
 - ``dtd.*`` use z⁺ without the bias (``ignore_bias``) -> ``ZPlus(zero_params="bias")``.
 - LRP-ε with ε = 0 and a zero pre-activation: relprop gives 0, Zennit divides by 0 (not tested).
 """
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -34,19 +32,7 @@ import relprop
 torch = pytest.importorskip("torch")
 
 
-def import_zennit():
-    """``import zennit``, standing an empty module in for ``zennit.torchvision`` when torchvision is absent."""
-    try:
-        import zennit
-    except ImportError as exc:
-        if exc.name != "torchvision":  # zennit/__init__ imports zennit.torchvision, which needs torchvision
-            pytest.skip(f"zennit is not installed (pip install --no-deps zennit): {exc}", allow_module_level=True)
-        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
-            del sys.modules[name]
-        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
-        import zennit
-    return zennit
-
+from tests.torch_models import import_zennit  # noqa: E402
 
 zennit = import_zennit()
 from zennit import composites as zc  # noqa: E402

@@ -9,8 +9,6 @@ do it: BatchNorm merged into the convolution before it (by hand: zennit 0.5.1's 
 leaves x/sqrt(1 + eps) behind, FINDINGS.md) and every residual add a ``zennit.layer.Sum`` over
 ``torch.stack`` (Zennit maps Sum to the Norm rule, as its ResNet canonizer does).
 """
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -20,21 +18,7 @@ import relprop
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 nn = torch.nn
-from tests.torch_models import VGG, BasicBlock, Bottleneck, ResNet, fold_bn, randomize  # noqa: E402
-
-
-def import_zennit():
-    """``import zennit``, standing an empty module in for ``zennit.torchvision`` when torchvision is absent."""
-    try:
-        import zennit
-    except ImportError as exc:
-        if exc.name != "torchvision":
-            pytest.skip(f"zennit is not installed: {exc}", allow_module_level=True)
-        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
-            del sys.modules[name]
-        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
-        import zennit
-    return zennit
+from tests.torch_models import VGG, BasicBlock, Bottleneck, ResNet, fold_bn, import_zennit, randomize  # noqa: E402
 
 
 MODELS = {

@@ -6,10 +6,32 @@ Shared by tests/test_torch_import.py and bench/test_bench_import.py; needs torch
 ``zennit.layer.Sum`` over ``torch.stack`` (what Zennit's ResNet canonizer does; Sum gets the Norm rule).
 """
 import copy
+import sys
+import types
 
 import torch
 
 nn = torch.nn
+
+
+def import_zennit():
+    """``import zennit``, standing an empty module in for ``zennit.torchvision`` when torchvision is absent.
+
+    zennit's ``__init__`` imports its torchvision canonizers, and torchvision cannot be installed beside
+    the CPU torch here (FINDINGS.md); none of it is used.  Skips the calling test module (pytest) when
+    zennit itself is not installed (``pip install --no-deps zennit``)."""
+    import pytest
+
+    try:
+        import zennit
+    except ImportError as exc:
+        if exc.name != "torchvision":
+            pytest.skip(f"zennit is not installed (pip install --no-deps zennit): {exc}", allow_module_level=True)
+        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
+            del sys.modules[name]
+        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
+        import zennit
+    return zennit
 
 
 def conv3x3(cin, cout, stride=1):
