@@ -49,6 +49,7 @@ from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
+from .winograd import conv3x3_winograd, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
@@ -56,9 +57,9 @@ __all__ = ["conv2d_forward", "conv2d_vjp"]
 # ============================================================================================
 # BLAS GEMM on windows of flat buffers
 # ============================================================================================
-# ``_gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta)`` computes the row-major
-# C[m, n] = A[m, k] @ B[k, n] + beta * C, each operand starting ``*_off`` elements into its
-# array's buffer with row stride ``ld*``.  np.matmul cannot express a shifted window with a long
+# ``_gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb=False)`` computes the
+# row-major C[m, n] = A[m, k] @ op(B) + beta * C, op(B) = B[k, n] (or B[n, k]^T with ``transb``),
+# each operand starting ``*_off`` elements into its array's buffer with row stride ``ld*``.  np.matmul cannot express a shifted window with a long
 # row stride, nor accumulate (beta = 1); both are what spare a copy of the input per offset.
 #
 # Which BLAS: the one NumPy calls, found through NumPy's extension module when it exports the
@@ -90,9 +91,9 @@ def _numpy_cblas():
             fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i64, i64, i64, real, ctypes.c_void_p, i64,
                            ctypes.c_void_p, i64, real, ctypes.c_void_p, i64]
 
-            def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, fn=fn):
-                it = c.itemsize  # 101, 111: CblasRowMajor, CblasNoTrans
-                fn(101, 111, 111, m, n, k, 1.0, a.ctypes.data + int(a_off) * it, lda,
+            def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb=False, fn=fn):
+                it = c.itemsize  # 101: CblasRowMajor; 111, 112: CblasNoTrans, CblasTrans
+                fn(101, 111, 112 if transb else 111, m, n, k, 1.0, a.ctypes.data + int(a_off) * it, lda,
                    b.ctypes.data + int(b_off) * it, ldb, beta, c.ctypes.data + int(c_off) * it, ldc)
             impls[np.dtype(dtype)] = gemm
         return impls
@@ -110,11 +111,11 @@ def _scipy_blas():
     for name, real, dtype in (("sgemm", ctypes.c_float, np.float32), ("dgemm", ctypes.c_double, np.float64)):
         fn = sig(get_cython_function_address("scipy.linalg.cython_blas", name))
 
-        def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, fn=fn, real=real):
-            # column-major BLAS sees the transposed problem C^T = B^T A^T: swap the operands
+        def gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb=False, fn=fn, real=real):
+            # column-major BLAS sees the transposed problem C^T = op(B)^T A^T: swap the operands
             it, ci = c.itemsize, ctypes.c_int
             alpha, beta = real(1.0), real(beta)
-            fn(b"N", b"N", ci(n), ci(m), ci(k), ctypes.byref(alpha),
+            fn(b"T" if transb else b"N", b"N", ci(n), ci(m), ci(k), ctypes.byref(alpha),
                b.ctypes.data + int(b_off) * it, ci(ldb), a.ctypes.data + int(a_off) * it, ci(lda),
                ctypes.byref(beta), c.ctypes.data + int(c_off) * it, ci(ldc))
         impls[np.dtype(dtype)] = gemm
@@ -130,6 +131,11 @@ def _reproduces_matmul(impls):
         c = rng.standard_normal((3, 4)).astype(dtype)
         want = a[:, 1:4] @ b[1:4, 2:6] + c
         gemm(3, 4, 3, a, 1, 5, b, 9 + 2, 9, c, 0, 4, 1.0)
+        if not np.allclose(c, want, rtol=1e-5, atol=1e-5):
+            return False
+        bt = rng.standard_normal((4, 6)).astype(dtype)  # op(B) = B^T: B is (n, k) = rows 0..3, columns 1..3
+        want = a[:, 1:4] @ bt[:, 1:4].T
+        gemm(3, 4, 3, a, 1, 5, bt, 1, 6, c, 0, 4, 0.0, transb=True)
         if not np.allclose(c, want, rtol=1e-5, atol=1e-5):
             return False
     return True
@@ -149,8 +155,8 @@ def _pick_blas():
 BLAS_SOURCE, _GEMM = _pick_blas()
 
 
-def _gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta):
-    _GEMM[c.dtype](m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta)
+def _gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb=False):
+    _GEMM[c.dtype](m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb)
 
 
 # ============================================================================================
@@ -401,6 +407,8 @@ def _rows_path(transposed, stride, channels):
 def conv2d_forward(x, w, b, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.  Shapes: x (N,C,H,W),
     w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
+    if winograd_applies(x.shape, w.shape, stride, padding, dilation):
+        return conv3x3_winograd(x, w, b, tuple(padding), out, _gemm)
     if _rows_path(False, tuple(stride), x.shape[1]):
         return _forward_rows(x, w, b, padding, dilation, out)
     return _forward_im2col(x, w, b, stride, padding, dilation, out)
@@ -409,6 +417,11 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.  Shapes: g (N,K,Ho,Wo),
     w (K,C,kh,kw), out (N,C,H,W)."""
+    if winograd_applies(out.shape, w.shape, stride, padding, dilation):
+        # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
+        # weights w[k, c, 2-a, 2-b] and padding 2 - p
+        wt = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
+        return conv3x3_winograd(g, wt, np.zeros(w.shape[1], g.dtype), (2 - padding[0], 2 - padding[1]), out, _gemm)
     if _rows_path(True, tuple(stride), out.shape[1]):
         if _vjp_as_bands(g, w, padding, dilation, out):
             # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed

@@ -1,0 +1,163 @@
+"""The CPU Winograd F(4x4, 3x3) convolution against the NumPy reference.
+
+The dispatcher sends a 3x3 stride-1 convolution (and its input-VJP, the forward of the flipped
+weights with padding 2 - p) to :mod:`relprop.kernels.cpu.winograd` only for wide layers and
+large batches; these tests lower the thresholds so that every small, awkward shape takes it:
+batch 1, sizes that are not a multiple of the 4x4 tile (the last tiles overhang the output),
+padding 0, 1 and 2, one and several channels, chunks of one tile row (bands of one sample)
+up to whole batches.
+"""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import relprop._config as config
+import relprop.kernels as K
+from helpers import assert_close
+from relprop.kernels.cpu import conv2d as cpu_conv
+from relprop.kernels.cpu import winograd as wg
+
+DTYPES = [np.float32, np.float64]
+
+
+def always_winograd(mp, chunk_tiles=512):
+    """Every eligible 3x3 convolution takes the Winograd path, in chunks of ``chunk_tiles`` tiles."""
+    mp.setattr(config, "WINOGRAD", True)
+    mp.setattr(config, "WINOGRAD_MIN_CHANNELS", 1)
+    mp.setattr(config, "WINOGRAD_MIN_TILES", 1)
+    mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
+
+
+def spy(mp):
+    """Count the calls of the Winograd convolution made by the dispatcher."""
+    calls = []
+    real = cpu_conv.conv3x3_winograd
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    mp.setattr(cpu_conv, "conv3x3_winograd", counted)
+    return calls
+
+
+@st.composite
+def winograd_problem(draw):
+    n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = draw(st.integers(max(1, 3 - 2 * padding[0]), 13))
+    w = draw(st.integers(max(1, 3 - 2 * padding[1]), 13))
+    chunk = draw(st.sampled_from([1, 3, 512]))  # one tile (bands of a sample), a few, the whole batch
+    return (n, c, h, w), (k, c, 3, 3), padding, chunk, draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=winograd_problem())
+def test_winograd_matches_reference(dtype, problem):
+    x_shape, w_shape, padding, chunk, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, chunk)
+        calls = spy(mp)
+        z = K.conv2d_forward(x, w, b, 1, padding, 1, backend="cpu")
+        g = rng.standard_normal(z.shape).astype(dtype)
+        gx = K.conv2d_vjp(g, w, x_shape, 1, padding, 1, backend="cpu")
+        assert len(calls) == 2  # the forward and the input-VJP both went through Winograd
+    assert z.dtype == dtype and gx.dtype == dtype
+    assert_close(z, K.conv2d_forward(x, w, b, 1, padding, 1, backend="reference"), reduction_len=w_shape[1] * 9)
+    assert_close(gx, K.conv2d_vjp(g, w, x_shape, 1, padding, 1, backend="reference"), reduction_len=w_shape[0] * 9)
+
+
+def test_winograd_is_exact_in_float64(rng):
+    """The transforms are exact linear algebra: float64 agrees with the direct sum to rounding."""
+    x = rng.standard_normal((3, 16, 23, 18))
+    w = rng.standard_normal((20, 16, 3, 3))
+    b = rng.standard_normal(20)
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, 7)
+        z = K.conv2d_forward(x, w, b, 1, 1, 1, backend="cpu")
+        g = rng.standard_normal(z.shape)
+        gx = K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="cpu")
+    z_ref = K.conv2d_forward(x, w, b, 1, 1, 1, backend="reference")
+    gx_ref = K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="reference")
+    assert np.abs(z - z_ref).max() <= 1e-12 * np.abs(z_ref).max()
+    assert np.abs(gx - gx_ref).max() <= 1e-12 * np.abs(gx_ref).max()
+
+
+def test_winograd_float32_error_on_a_wide_layer(rng):
+    """The default thresholds' kind of layer (128 -> 128 channels, 8x8, 256 tiles): float32 within
+    1e-4 of the output's range of the float64 direct sum (the docstring's ~1e-5)."""
+    x = rng.standard_normal((64, 128, 8, 8))
+    w = rng.standard_normal((128, 128, 3, 3)) * np.sqrt(2 / (128 * 9))
+    with pytest.MonkeyPatch.context() as mp:
+        calls = spy(mp)
+        mp.setattr(config, "WINOGRAD", True)
+        z = K.conv2d_forward(x.astype(np.float32), w.astype(np.float32), None, 1, 1, 1, backend="cpu")
+        assert calls, "the default thresholds should send this layer to Winograd"
+    z_ref = K.conv2d_forward(x, w, None, 1, 1, 1, backend="reference")
+    assert np.abs(z - z_ref).max() <= 1e-4 * np.abs(z_ref).max()
+
+
+def test_filter_transform_is_g_w_gt(rng):
+    w = rng.standard_normal((5, 4, 3, 3))
+    u = wg.filter_transform(w)
+    G = wg._G
+    for k in range(5):
+        for c in range(4):
+            np.testing.assert_allclose(u[:, c, k].reshape(6, 6), G @ w[k, c] @ G.T, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_winograd_zero_input_gives_the_bias_exactly(dtype):
+    x = np.zeros((2, 3, 9, 7), dtype)
+    w = np.ones((4, 3, 3, 3), dtype)
+    b = np.arange(4, dtype=dtype) - 1.5
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp)
+        z = K.conv2d_forward(x, w, b, 1, 1, 1, backend="cpu")
+    assert z.tobytes() == np.broadcast_to(b[None, :, None, None], z.shape).astype(dtype).tobytes()
+
+
+def test_winograd_on_strided_views_and_deterministic(rng):
+    x = rng.standard_normal((4, 6, 11, 20)).astype(np.float32)[:, ::2, :, ::2]  # (4, 3, 11, 10), not contiguous
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, 5)
+        z1 = K.conv2d_forward(x, w, None, 1, 2, 1, backend="cpu")
+        z2 = K.conv2d_forward(np.ascontiguousarray(x), w, None, 1, 2, 1, backend="cpu")
+    assert z1.tobytes() == z2.tobytes()
+    assert_close(z1, K.conv2d_forward(x, w, None, 1, 2, 1, backend="reference"), reduction_len=27)
+
+
+def test_winograd_vjp_is_the_adjoint(rng):
+    """<conv(x), g> == <x, conv_vjp(g)> in float64 through the Winograd path (padding 0 and 2 swap)."""
+    x = rng.standard_normal((2, 5, 10, 9))
+    w = rng.standard_normal((7, 5, 3, 3))
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, 2)
+        for p in (0, 1, 2, (0, 2)):
+            z = K.conv2d_forward(x, w, None, 1, p, 1, backend="cpu")
+            g = rng.standard_normal(z.shape)
+            gx = K.conv2d_vjp(g, w, x.shape, 1, p, 1, backend="cpu")
+            assert np.vdot(z, g) == pytest.approx(np.vdot(x, gx), rel=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation, expected", [
+    ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), True),     # CIFAR-VGG's wide layers
+    ((4, 256, 56, 56), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), True),
+    ((64, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), False),     # too few channels
+    ((4, 512, 14, 14), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), False),   # 64 tiles: the filter transform dominates
+    ((64, 128, 8, 8), (128, 128, 3, 3), (2, 2), (1, 1), (1, 1), False),    # stride
+    ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (2, 2), False),    # dilation
+    ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (3, 3), (1, 1), False),    # padding beyond 2
+    ((64, 128, 8, 8), (128, 128, 5, 5), (1, 1), (1, 1), (1, 1), False),    # not 3x3
+])
+def test_winograd_applies_where_it_pays(x_shape, w_shape, stride, padding, dilation, expected):
+    assert wg.winograd_applies(x_shape, w_shape, stride, padding, dilation) is expected
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "WINOGRAD", False)
+        assert not wg.winograd_applies(x_shape, w_shape, stride, padding, dilation)
