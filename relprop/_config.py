@@ -75,6 +75,10 @@ WINOGRAD = True
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_TILES = 256
 
+#: Bytes of Winograd filter transforms (and the weight copies that validate them) kept between
+#: calls, least recently used first out; 0: transform the filters on every call.
+WINOGRAD_CACHE_BYTES = 256 * 1024 * 1024
+
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 WINOGRAD_CHUNK_TILES = 512
 

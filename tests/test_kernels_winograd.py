@@ -161,3 +161,41 @@ def test_winograd_applies_where_it_pays(x_shape, w_shape, stride, padding, dilat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "WINOGRAD", False)
         assert not wg.winograd_applies(x_shape, w_shape, stride, padding, dilation)
+
+
+def test_filter_transforms_are_cached_and_checked(rng):
+    """A second call with the same weights reuses U; weights changed in place are transformed afresh
+    (and the convolution follows them); the VJP's flipped orientation is its own entry."""
+    x = rng.standard_normal((2, 4, 9, 9))
+    w = rng.standard_normal((5, 4, 3, 3))
+    u1 = wg.transformed_filters(w)
+    assert wg.transformed_filters(w) is u1
+    uf = wg.transformed_filters(w, flipped=True)
+    assert uf is not u1 and wg.transformed_filters(w, flipped=True) is uf
+    np.testing.assert_allclose(uf, wg.filter_transform(np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])))
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp)
+        K.conv2d_forward(x, w, None, 1, 1, 1, backend="cpu")
+        w[2, 1, 0, 2] += 1.0  # in place: same array, new values
+        assert wg.transformed_filters(w) is not u1
+        z = K.conv2d_forward(x, w, None, 1, 1, 1, backend="cpu")
+        g = rng.standard_normal(z.shape)
+        gx = K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="cpu")
+    assert_close(z, K.conv2d_forward(x, w, None, 1, 1, 1, backend="reference"), reduction_len=36)
+    assert_close(gx, K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="reference"), reduction_len=45)
+
+
+def test_filter_cache_is_bounded_and_forgets_collected_weights(rng):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wg, "_CACHE", type(wg._CACHE)())
+        w = rng.standard_normal((8, 8, 3, 3))
+        one = w.nbytes + 4 * w.nbytes  # the copy and U (36 values per 9 weights)
+        mp.setattr(config, "WINOGRAD_CACHE_BYTES", 2 * one)
+        ws = [rng.standard_normal((8, 8, 3, 3)) for _ in range(3)]
+        for wi in ws:
+            wg.transformed_filters(wi)
+        assert len(wg._CACHE) == 2 and (id(ws[0]), False) not in wg._CACHE  # least recently used out
+        del ws[2], wi
+        assert len(wg._CACHE) == 1  # the collected array's entry went with it
+        mp.setattr(config, "WINOGRAD_CACHE_BYTES", 0)
+        assert wg.transformed_filters(w) is not wg.transformed_filters(w)  # no cache

@@ -49,7 +49,7 @@ from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
-from .winograd import conv3x3_winograd, winograd_applies
+from .winograd import conv3x3_winograd, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
@@ -408,7 +408,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.  Shapes: x (N,C,H,W),
     w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):
-        return conv3x3_winograd(x, w, b, tuple(padding), out, _gemm)
+        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm)
     if _rows_path(False, tuple(stride), x.shape[1]):
         return _forward_rows(x, w, b, padding, dilation, out)
     return _forward_im2col(x, w, b, stride, padding, dilation, out)
@@ -420,8 +420,8 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
     if winograd_applies(out.shape, w.shape, stride, padding, dilation):
         # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
         # weights w[k, c, 2-a, 2-b] and padding 2 - p
-        wt = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
-        return conv3x3_winograd(g, wt, np.zeros(w.shape[1], g.dtype), (2 - padding[0], 2 - padding[1]), out, _gemm)
+        return conv3x3_winograd(g, transformed_filters(w, flipped=True), np.zeros(w.shape[1], g.dtype),
+                                (2 - padding[0], 2 - padding[1]), out, _gemm)
     if _rows_path(True, tuple(stride), out.shape[1]):
         if _vjp_as_bands(g, w, padding, dilation, out):
             # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed

@@ -36,13 +36,17 @@ Accuracy: the transforms scale values by up to 5 (B) and 8 (A); in float32 the r
 differs from the direct sum by ~1e-5 of the output's range (measured on the CIFAR-VGG and
 VGG-16 layers: 7e-6 to 1.5e-5), in float64 by ~1e-15.  ``_config.WINOGRAD`` switches it off.
 """
+import threading
+import weakref
+from collections import OrderedDict
+
 import numpy as np
 from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
 
-__all__ = ["winograd_applies", "conv3x3_winograd"]
+__all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filter_transform"]
 
 _jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)
 
@@ -229,6 +233,52 @@ def filter_transform(w):
     return (_T.astype(w.dtype) @ wck.T).reshape(36, c_, k_)
 
 
+# The filter transform of a layer is the same on every call while its weights are: cached per
+# weight array (and orientation), checked against a copy of the weights on every hit.
+_CACHE = OrderedDict()  # (id(w), flipped) -> (weakref to w, copy of w, U)
+_CACHE_LOCK = threading.Lock()
+
+
+def _forget(key):
+    def drop(_ref):
+        _CACHE.pop(key, None)  # w was collected: its id may be reused
+    return drop
+
+
+def transformed_filters(w, flipped=False):
+    """U of the convolution with weights ``w`` (K, C, 3, 3) or, with ``flipped``, of its input-VJP
+    (the weights w[k, c, 2-a, 2-b] transposed to (C, K, 3, 3)).
+
+    Cached by the identity of ``w`` up to ``_config.WINOGRAD_CACHE_BYTES`` (least recently used
+    first out); a hit is used only if ``w`` still equals the copy kept when U was formed, so weights
+    changed in place are transformed afresh.  The check reads the weights twice, far less than
+    forming U (36 values per 9 weights)."""
+    oriented = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if flipped else w
+    limit = _config.WINOGRAD_CACHE_BYTES
+    if not limit:
+        return filter_transform(oriented)
+    key = (id(w), bool(flipped))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+    if hit is not None and hit[0]() is w and hit[1].dtype == w.dtype and hit[1].shape == w.shape \
+            and np.array_equal(hit[1], w):
+        return hit[2]
+    u = filter_transform(oriented)
+    try:
+        ref = weakref.ref(w, _forget(key))
+    except TypeError:  # pragma: no cover - an array type without weak references
+        return u
+    with _CACHE_LOCK:
+        _CACHE[key] = (ref, np.array(w, copy=True), u)
+        total = sum(e[1].nbytes + e[2].nbytes for e in _CACHE.values())
+        while total > limit and _CACHE:
+            _, (_, old_w, old_u) = _CACHE.popitem(last=False)
+            total -= old_w.nbytes + old_u.nbytes
+    return u
+
+
 def _segments(n_, th, max_rows):
     """Chunks of tile rows: (segments (S, 3) of (sample, first tile row, rows), per chunk).
 
@@ -240,16 +290,16 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, w, b, padding, out, gemm):
-    """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc).
+def conv3x3_winograd(x, u, b, padding, out, gemm):
+    """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
+    the filters' transform ``u`` = :func:`transformed_filters` of w.
 
     ``gemm`` is the BLAS call of :mod:`relprop.kernels.cpu.conv2d` (row-major, on windows of flat
-    buffers).  Shapes: x (N, C, H, W), w (K, C, 3, 3), b (K,), out (N, K, Ho, Wo)."""
+    buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo)."""
     ph, pw = padding
     n_, c_ = x.shape[:2]
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     th, tw = -(-ho // 4), -(-wo // 4)
-    u = filter_transform(w)
     cst = np.array([2, 4, 5, 8], x.dtype)
     # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows (fewer feed
     # BLAS badly), and the transformed tiles stay near the cache; with several threads, at least
