@@ -67,17 +67,20 @@ DENSE_MIN_ROWS = 512
 #: output's range of the direct sum.  False: always the direct convolution.
 WINOGRAD = True
 
-#: ... but only when both the input and the output channels number at least this many, and the
-#: batch has at least WINOGRAD_MIN_TILES 4x4 output tiles.  Measured on a 2-core machine (two
-#: threads, ~11 GB/s of memory bandwidth between them; relprop.kernels.cpu.winograd): with
-#: 64 channels the transforms' memory traffic costs more than the GEMMs save, and with few
-#: tiles the filter transform (36 x C x K) does.  Single-threaded, Winograd wins from 64.
-WINOGRAD_MIN_CHANNELS = 128
-WINOGRAD_MIN_TILES = 256
+#: ... but only for layers with at least this many input and output channels, and at least
+#: WINOGRAD_MIN_WORK = tiles x C x K (the multiply-adds of one of the 36 GEMMs; a tile is a 4x4
+#: block of outputs of one sample).  Measured on an idle 2-core machine, two threads, filters
+#: transformed once (cached): 1.3-2.6x faster than the direct path from 64 channels and 2^22
+#: (CIFAR-VGG at batch 16 and 64, VGG-16 at batch 4, 512 channels at 14x14 included), but
+#: 2-4x slower with 3-32 channels and 0.6-0.9x at batch 1 with 64-128 channels.
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_MIN_WORK = 1 << 22
 
 #: Bytes of Winograd filter transforms (and the weight copies that validate them) kept between
-#: calls, least recently used first out; 0: transform the filters on every call.
-WINOGRAD_CACHE_BYTES = 256 * 1024 * 1024
+#: calls, least recently used first out; 0: transform the filters on every call.  A transform
+#: is 4x its weights, one per direction (forward, input-VJP): VGG-16's 3x3 layers take 530 MB
+#: for the gradient and 820 MB for z+ rules (the z+ weights W+ are a second set).
+WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 WINOGRAD_CHUNK_TILES = 512

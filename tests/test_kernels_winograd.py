@@ -25,7 +25,7 @@ def always_winograd(mp, chunk_tiles=512):
     """Every eligible 3x3 convolution takes the Winograd path, in chunks of ``chunk_tiles`` tiles."""
     mp.setattr(config, "WINOGRAD", True)
     mp.setattr(config, "WINOGRAD_MIN_CHANNELS", 1)
-    mp.setattr(config, "WINOGRAD_MIN_TILES", 1)
+    mp.setattr(config, "WINOGRAD_MIN_WORK", 1)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
 
 
@@ -147,10 +147,13 @@ def test_winograd_vjp_is_the_adjoint(rng):
 
 
 @pytest.mark.parametrize("x_shape, w_shape, stride, padding, dilation, expected", [
-    ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), True),     # CIFAR-VGG's wide layers
-    ((4, 256, 56, 56), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), True),
-    ((64, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), False),     # too few channels
-    ((4, 512, 14, 14), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), False),   # 64 tiles: the filter transform dominates
+    ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), True),     # CIFAR-VGG's layers
+    ((64, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), True),
+    ((4, 256, 56, 56), (256, 256, 3, 3), (1, 1), (1, 1), (1, 1), True),    # VGG-16's
+    ((4, 512, 14, 14), (512, 512, 3, 3), (1, 1), (1, 1), (1, 1), True),
+    ((64, 32, 16, 16), (32, 32, 3, 3), (1, 1), (1, 1), (1, 1), False),     # too few channels
+    ((64, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), (1, 1), False),
+    ((1, 128, 16, 16), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), False),   # too little work: 16 tiles
     ((64, 128, 8, 8), (128, 128, 3, 3), (2, 2), (1, 1), (1, 1), False),    # stride
     ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (2, 2), False),    # dilation
     ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (3, 3), (1, 1), False),    # padding beyond 2

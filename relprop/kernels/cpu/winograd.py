@@ -206,8 +206,8 @@ def winograd_applies(x_shape, w_shape, stride, padding, dilation):
     """Does :func:`conv3x3_winograd` compute this convolution, and is it worth it here?
 
     3x3, stride 1, dilation 1, padding 0..2 (so that the input-VJP, padding 2 - p, is one too),
-    ``_config.WINOGRAD`` on, at least ``_config.WINOGRAD_MIN_CHANNELS`` input and output
-    channels and ``_config.WINOGRAD_MIN_TILES`` tiles of 4x4 outputs in the batch."""
+    ``_config.WINOGRAD`` on, at least ``_config.WINOGRAD_MIN_CHANNELS`` input and output channels,
+    and tiles x C x K at least ``_config.WINOGRAD_MIN_WORK`` (tiles: 4x4 blocks of outputs)."""
     if not _config.WINOGRAD:
         return False
     k_, c_, kh, kw = w_shape
@@ -217,7 +217,8 @@ def winograd_applies(x_shape, w_shape, stride, padding, dilation):
         return False
     n_, _, h_, w_ = x_shape
     ho, wo = h_ + 2 * padding[0] - 2, w_ + 2 * padding[1] - 2
-    return ho >= 1 and wo >= 1 and n_ * -(-ho // 4) * -(-wo // 4) >= _config.WINOGRAD_MIN_TILES
+    tiles = n_ * -(-ho // 4) * -(-wo // 4)
+    return ho >= 1 and wo >= 1 and tiles * c_ * k_ >= _config.WINOGRAD_MIN_WORK
 
 
 #: T[x*6 + y, a*3 + b] = G[x, a] G[y, b]: the filter transform as one matrix on the 9 taps
@@ -271,12 +272,18 @@ def transformed_filters(w, flipped=False):
     except TypeError:  # pragma: no cover - an array type without weak references
         return u
     with _CACHE_LOCK:
-        _CACHE[key] = (ref, np.array(w, copy=True), u)
-        total = sum(e[1].nbytes + e[2].nbytes for e in _CACHE.values())
-        while total > limit and _CACHE:
-            _, (_, old_w, old_u) = _CACHE.popitem(last=False)
-            total -= old_w.nbytes + old_u.nbytes
+        other = _CACHE.get((id(w), not flipped))  # the other orientation's copy, if current, is shared
+        same = other is not None and other[0]() is w and other[1].shape == w.shape and np.array_equal(other[1], w)
+        _CACHE[key] = (ref, other[1] if same else np.array(w, copy=True), u)
+        while _cache_bytes() > limit and _CACHE:
+            _CACHE.popitem(last=False)
     return u
+
+
+def _cache_bytes():
+    """Bytes held by the cache: every transform, and every weight copy once."""
+    copies = {id(e[1]): e[1].nbytes for e in _CACHE.values()}
+    return sum(e[2].nbytes for e in _CACHE.values()) + sum(copies.values())
 
 
 def _segments(n_, th, max_rows):
