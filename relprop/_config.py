@@ -43,8 +43,12 @@ DEFAULT_BATCH_SIZE = 64
 
 #: The CPU elementwise and pooling kernels run parallel (Numba prange) only on arrays of at
 #: least this many elements; smaller ones run serially (relprop.kernels.cpu._threads.parallel_above):
-#: on a shared machine a parallel loop's wait for its threads costs more than a small pass.
-PARALLEL_MIN_ELEMENTS = 1 << 20
+#: on a shared machine a parallel loop's wait for its threads costs more than a small pass, and
+#: Numba's OpenMP workers then compete with the convolutions' chunk threads.  Measured on an idle
+#: 2-core machine: CIFAR-VGG b64 forward 111 ms with its 4M-element passes parallel, 85 ms serial;
+#: VGG-16 b4 (13M-element passes) level or better parallel.
+PARALLEL_MIN_ELEMENTS = 1 << 23
+
 
 #: Threads that share out the chunks of one CPU convolution, each with single-threaded BLAS
 #: (relprop.kernels.cpu._chunks); None: the CPUs this process may run on.  1: the chunks run
