@@ -286,6 +286,24 @@ def _cache_bytes():
     return sum(e[2].nbytes for e in _CACHE.values()) + sum(copies.values())
 
 
+_LOCAL = threading.local()
+
+
+def _scratch(slot, size, dtype):
+    """A per-thread scratch buffer of at least ``size`` elements, kept between calls: a fresh
+    allocation of this size is a fresh mapping whose pages fault in on first touch (measured in
+    an LRP sweep, where the live activations keep the allocator from reusing freed memory:
+    the 64-channel CIFAR-VGG VJP took 28 ms with fresh buffers, 22 ms with kept ones)."""
+    bufs = getattr(_LOCAL, "bufs", None)
+    if bufs is None:
+        bufs = _LOCAL.bufs = {}
+    key = (slot, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(size, dtype)
+    return buf[:size]
+
+
 def _segments(n_, th, max_rows):
     """Chunks of tile rows: (segments (S, 3) of (sample, first tile row, rows), per chunk).
 
@@ -320,7 +338,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm):
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
-        return np.empty(36 * rows_max * tw * c_, x.dtype), np.empty(36 * rows_max * tw * k_, x.dtype)
+        return _scratch(0, 36 * rows_max * tw * c_, x.dtype), _scratch(1, 36 * rows_max * tw * k_, x.dtype)
 
     def work(s0, count, buffers):
         vf, mf = buffers
