@@ -60,11 +60,13 @@ CONV_THREADS = None
 #: an idle machine.
 CONV_SPLIT_MIN_SAMPLES = 32
 
-#: A CPU dense layer's batch is shared out to threads in blocks of at least this many rows
-#: (relprop.kernels.cpu.dense); smaller batches are one GEMM with BLAS's own threads.  Measured
-#: on an idle 2-core machine, one GEMM won at every batch up to 512 (4096 -> 512 at batch 64:
-#: 4.1 ms against 6.6 ms in blocks of 16 rows); the blocks win only on a heavily loaded machine.
-DENSE_MIN_ROWS = 512
+#: A CPU dense layer's batch of at least twice this many rows is cut into one block of rows per
+#: thread, each block one single-threaded GEMM (relprop.kernels.cpu.dense); smaller batches are
+#: one GEMM with BLAS's own threads.  Not BLAS's threads for large batches: they keep spinning
+#: after the GEMM and take the cores from the convolutions that follow (measured on an idle
+#: 2-core machine: CIFAR-VGG b64 gradient 182 ms with blocks, 277 ms with one threaded GEMM,
+#: although the dense layer alone ran 2.2 ms against 2.9 ms).
+DENSE_MIN_ROWS = 16
 
 #: 3x3 stride-1 CPU convolutions (forward and input-VJP) by Winograd F(4x4, 3x3)
 #: (relprop.kernels.cpu.winograd): 4x fewer multiplies, float32 results within ~1e-5 of the

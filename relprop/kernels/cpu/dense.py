@@ -9,9 +9,10 @@ The bias add is plain NumPy on purpose: a Numba ``prange`` loop here would wake 
 OpenMP workers, which keep spinning for milliseconds after the loop and then compete
 for the cores with the BLAS threads of the next GEMM (see :mod:`relprop.kernels.cpu.conv2d`).
 
-Batches of at least ``2 * _config.DENSE_MIN_ROWS`` rows are cut into blocks of rows that
-threads share out, each block one single-threaded GEMM (:mod:`relprop.kernels.cpu._chunks`:
-no barrier per GEMM, robust on a shared machine); every block writes its own rows of ``out``.
+Batches of at least ``2 * _config.DENSE_MIN_ROWS`` rows are cut into one block of rows per
+thread, each block one single-threaded GEMM (:mod:`relprop.kernels.cpu._chunks`: no barrier
+per GEMM, robust on a shared machine, and no BLAS workers left spinning after the GEMM to take
+the cores from the convolutions that follow); every block writes its own rows of ``out``.
 """
 import numpy as np
 
@@ -22,10 +23,11 @@ __all__ = ["dense_forward", "dense_vjp"]
 
 
 def _rows_per_block(n):
+    """One block per thread (each reads the whole weight matrix once), of at least DENSE_MIN_ROWS rows."""
     threads = conv_threads()
     if threads <= 1 or n < 2 * _config.DENSE_MIN_ROWS:
         return n
-    return max(_config.DENSE_MIN_ROWS, -(-n // (2 * threads)))
+    return max(_config.DENSE_MIN_ROWS, -(-n // threads))
 
 
 def dense_forward(x, w, b, out):
