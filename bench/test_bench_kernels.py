@@ -14,6 +14,8 @@ written for reading, not speed: on the large layers they run a single round.
 
 Run: ``pytest bench/test_bench_kernels.py --benchmark-only`` (a table of rates ends the run).
 """
+import time
+
 import numpy as np
 import pytest
 
@@ -100,6 +102,56 @@ def test_conv2d_vjp(benchmark, record_rate, name, x_shape, w_shape, padding, bac
     gx = _run(benchmark, lambda: _ops.conv2d_vjp(g, w, x_shape, *geometry, backend), backend, flops)
     assert gx.shape == x_shape
     record_rate(benchmark, flops=flops, backend=backend, label=_conv_label(name, x_shape, w_shape))
+
+
+WINOGRAD_CONVS = [c for c in CONVS if c[2][1] >= 64] + [
+    ("vgg16.conv2", (4, 64, 224, 224), (64, 64, 3, 3), 1),
+    ("vgg16.conv6", (4, 256, 56, 56), (256, 256, 3, 3), 1),
+    ("vgg16.conv12", (4, 512, 14, 14), (512, 512, 3, 3), 1),
+]
+
+
+@pytest.mark.benchmark(group="conv2d_winograd")
+@pytest.mark.parametrize("direction", ["forward", "vjp"])
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", WINOGRAD_CONVS, ids=_ids(WINOGRAD_CONVS))
+def test_conv2d_winograd_vs_direct(benchmark, record_rate, monkeypatch, request, name, x_shape, w_shape, padding,
+                                   direction):
+    """The Winograd F(4x4, 3x3) path against the direct (row-shift GEMM) path on the same layer, in
+    alternating rounds: ``extra_info["direct_over_winograd"]`` (> 1: Winograd is faster) and the
+    float32 difference of the two relative to the output's range."""
+    import relprop._config as config
+    from relprop.kernels.cpu import winograd
+
+    x, w, b, geometry, z_shape, flops = _conv_case(x_shape, w_shape, padding)
+    g = np.random.default_rng(1).standard_normal(z_shape).astype(np.float32)
+    if not winograd.winograd_applies(x_shape, w_shape, *geometry):
+        pytest.skip("below the Winograd thresholds")
+    if direction == "forward":
+        run = lambda: _ops.conv2d_forward(x, w, b, *geometry, "cpu")  # noqa: E731
+    else:
+        run = lambda: _ops.conv2d_vjp(g, w, x_shape, *geometry, "cpu")  # noqa: E731
+
+    def direct():
+        monkeypatch.setattr(config, "WINOGRAD", False)
+        try:
+            return run()
+        finally:
+            monkeypatch.setattr(config, "WINOGRAD", True)
+
+    ours, theirs = run(), direct()  # compile, transform the filters, and compare
+    err = float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+    assert err < 1e-4
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    times = {"winograd": [], "direct": []}
+    for _ in range(1 if smoke else 5):
+        for label, fn in (("winograd", run), ("direct", direct)):
+            t0 = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t0)
+    benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    ratio = float(np.median(times["direct"]) / np.median(times["winograd"]))
+    benchmark.extra_info.update(direct_over_winograd=ratio, max_rel_diff=err)
+    record_rate(benchmark, flops=flops, backend="cpu", label=f"{_conv_label(name, x_shape, w_shape)} winograd")
 
 
 @pytest.mark.benchmark(group="maxpool2d")
