@@ -177,7 +177,10 @@ TOLERANCE = {"forward": 1e-5, "gradient": 1e-4, "lrp.epsilon": 1e-2, "lrp.epsilo
 #: VGG-16 with random weights is ill-conditioned in float32: its input gradient in float32 differs from the float64
 #: one by 2-5% (per sample, relative to the sample's largest |value|) for relprop *and* for PyTorch alike, while
 #: the two agree to 2e-15 in float64 (measured on 4 images); so the float32 pair is held to that looser bound.
-TOLERANCE_VGG16 = {"forward": 1e-5, "gradient": 1e-1, "lrp.epsilon": 1e-1, "lrp.epsilon_plus_flat": 1e-2}
+#: LRP-ε divides by z + ε with ε = 1e-6, so it is the most sensitive: against relprop's float64 result, float32
+#: relprop (Winograd convolutions) was off by 1.0-3.1% per sample, float32 relprop without Winograd by 0.1-3.1%
+#: and float32 Zennit by 0.1-1.7%; the float32 pair once differed by 11% on one of four samples.
+TOLERANCE_VGG16 = {"forward": 1e-5, "gradient": 1e-1, "lrp.epsilon": 2e-1, "lrp.epsilon_plus_flat": 1e-2}
 MIN_AGREEING = 0.9
 
 
