@@ -33,7 +33,7 @@ lrp.epsilon_plus_flat >= 2) and ``x_own_forward`` = relprop median / relprop for
 same-moment ratios mean anything; a table of them is printed at the end of the run.  Before
 timing, the two outputs are compared: ``max_rel_err`` = max |ours − theirs| / max |theirs|
 over the batch, ``samples_agreeing`` the fraction of samples within the task's tolerance
-(float32 rounding flips a rare ReLU gate or max-pool switch: see ``TOLERANCE``).  With
+(float32 rounding flips a rare ReLU gate or max-pool switch: see ``TOLERANCE`` and ``MIN_AGREEING``).  With
 ``--benchmark-disable`` every pair runs once on a batch of 2 (VGG-16: skipped).  A registered
 Zennit composite hooks the shared model, so each test registers its own and removes it when done.
 """
@@ -181,7 +181,12 @@ TOLERANCE = {"forward": 1e-5, "gradient": 1e-4, "lrp.epsilon": 1e-2, "lrp.epsilo
 #: relprop (Winograd convolutions) was off by 1.0-3.1% per sample, float32 relprop without Winograd by 0.1-3.1%
 #: and float32 Zennit by 0.1-1.7%; the float32 pair once differed by 11% on one of four samples.
 TOLERANCE_VGG16 = {"forward": 1e-5, "gradient": 1e-1, "lrp.epsilon": 2e-1, "lrp.epsilon_plus_flat": 1e-2}
-MIN_AGREEING = 0.9
+#: Most samples must agree within the tolerance, and the median sample must.  The rest are float32 chaos, not
+#: a wrong computation: a ReLU gate or max-pool switch that rounding flips sends a sample's signal elsewhere.
+#: Measured on CIFAR-VGG's 64 images (gradient vs torch): 3% of the samples off with relprop's direct
+#: convolutions, 5-8% with its Winograd ones (whose float32 rounding is ~10x the direct sum's; the median
+#: sample's error 6e-6 against 5e-7).  A wrong rule or kernel puts the median sample far off.
+MIN_AGREEING = 0.8
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -191,13 +196,15 @@ def test_peer(benchmark, peer_net, task, request):
     try:
         benchmark.group = f"peers-{name}"
         err, per_sample = _agreement(ours(), theirs())  # also the warm-up: compiles, fills the caches
-        agreeing = float(np.mean(per_sample < (TOLERANCE_VGG16 if name == "vgg16" else TOLERANCE)[task]))
+        tolerance = (TOLERANCE_VGG16 if name == "vgg16" else TOLERANCE)[task]
+        agreeing = float(np.mean(per_sample < tolerance))
         from relprop.kernels.cpu._threads import openmp_binding
         benchmark.extra_info.update(max_rel_err=err, median_sample_rel_err=float(np.median(per_sample)),
                                     samples_agreeing=agreeing, torch_imported_first=_TORCH_FIRST,
                                     openmp_binding=openmp_binding())
-        assert agreeing >= MIN_AGREEING, (f"{task}: relprop and the peer disagree on {1 - agreeing:.0%} of the "
-                                          f"samples (per-sample relative errors {np.sort(per_sample)[::-1][:5]})")
+        assert agreeing >= MIN_AGREEING and np.median(per_sample) < tolerance, (
+            f"{task}: relprop and the peer disagree on {1 - agreeing:.0%} of the samples (per-sample relative "
+            f"errors, largest {np.sort(per_sample)[::-1][:5]}, median {np.median(per_sample):.1e})")
         if benchmark.disabled:
             benchmark(ours)
             return
