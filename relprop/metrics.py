@@ -185,22 +185,20 @@ def perturbation_curve(net, x, R, target=None, patch=1, steps=None, fill="random
     bar = _progress(total, progress, where)
     if x.ndim == 4 and backend in ("cpu", "reference"):
         # one patch per sample per step: recompute each layer only where that patch reaches
-        from .nets.incremental import PatchedForward
+        from .nets.incremental import PatchedForward, windows
 
         for s0 in range(0, n, batch_size):
             s1 = min(s0 + batch_size, n)
             i = np.arange(s0, s1)
             pf = PatchedForward(net, img[s0:s1], backend)
+            fill_s = None if fill_img is None else fill_img[s0:s1]
             for k in range(1, steps + 1):
                 tile = ranking[s0:s1, k - 1]
                 r0, c0 = (tile // nw) * ph, (tile % nw) * patch
-                if fill_img is None:
+                if fill_s is None:
                     values = np.full((s1 - s0, img.shape[1], ph, patch), fill, dtype=x.dtype)
-                else:
-                    rows = np.minimum(r0[:, None] + np.arange(ph), size[0] - 1)
-                    cols = np.minimum(c0[:, None] + np.arange(patch), size[1] - 1)
-                    values = fill_img[i[:, None, None, None], np.arange(img.shape[1])[None, :, None, None],
-                                      rows[:, None, :, None], cols[:, None, None, :]]
+                else:  # the patch's part of the fill image (past the border: clipped by the update)
+                    values = windows(fill_s, r0, c0, ph, patch)
                 out = pf.update(r0, c0, values)
                 curve[i, k] = out[np.arange(s1 - s0), targets[i]]
                 bar.update(s1 - s0)

@@ -34,7 +34,7 @@ from .. import _config
 from ..kernels import _ops
 from .graph import INPUT
 
-__all__ = ["PatchedForward"]
+__all__ = ["PatchedForward", "windows"]
 
 _jit = njit(cache=_config.NUMBA_CACHE, nogil=True)
 
@@ -58,6 +58,13 @@ def _gather(a, r0, c0, fill, out):
     return out
 
 
+def windows(a, r0, c0, h, w, fill=0.0):
+    """(N, C, h, w): sample b's window of ``a`` (N, C, H, W) at rows r0[b]:r0[b]+h, columns c0[b]:c0[b]+w,
+    ``fill`` where the window reaches past ``a``."""
+    out = np.empty((a.shape[0], a.shape[1], h, w), a.dtype)
+    return _gather(a, np.asarray(r0, dtype=np.int64), np.asarray(c0, dtype=np.int64), fill, out)
+
+
 class _Box:
     """Per-sample boxes [r0, r1) x [c0, c1) of changed positions of one activation (int64 arrays),
     or ``full`` (everything may have changed)."""
@@ -66,7 +73,7 @@ class _Box:
         self.r0, self.r1, self.c0, self.c1, self.full = r0, r1, c0, c1, full
 
     @staticmethod
-    def union(boxes, shape):
+    def union(boxes):
         if any(b.full for b in boxes):
             return _Box(full=True)
         return _Box(np.minimum.reduce([b.r0 for b in boxes]), np.maximum.reduce([b.r1 for b in boxes]),
@@ -152,7 +159,7 @@ class PatchedForward:
             o_r0, o_r1 = _reach(b.r0, b.r1, shape[2], kh, sh, ph, dh)
             o_c0, o_c1 = _reach(b.c0, b.c1, shape[3], kw, sw, pw, dw)
         else:  # elementwise, add, concat: the same positions
-            b = _Box.union(in_boxes, shape)
+            b = _Box.union(in_boxes)
             o_r0, o_r1, o_c0, o_c1 = b.r0, b.r1, b.c0, b.c1
             kh = kw = sh = sw = dh = dw = 1
             ph = pw = 0
@@ -167,7 +174,7 @@ class PatchedForward:
         wr0, wc0 = o_r0 * sh - ph, o_c0 * sw - pw
         wh, ww = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
         fill = -np.inf if kind == "maxpool2d" else 0.0
-        wins = [_gather(a, wr0, wc0, fill, np.empty((a.shape[0], a.shape[1], wh, ww), a.dtype)) for a in ins]
+        wins = [windows(a, wr0, wc0, wh, ww, fill) for a in ins]
         if kind == "conv2d":
             wgt, bias = layer.params(wins[0])
             y = _ops.conv2d_forward(wins[0], wgt, bias, layer.stride, (0, 0), layer.dilation, self.backend)
