@@ -54,53 +54,86 @@ _jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=Tr
 # ============================================================================================
 # The 1-D transforms over lanes: one output stream per loop, so that each loop vectorises
 # ============================================================================================
+_inline = njit(inline="always", fastmath=_config.FASTMATH_FLAGS)
+
+
+# the six rows of B^T applied to one patch column (d0..d5); c2, c4, c5 are 2, 4, 5 in the data's dtype
+@_inline
+def _bt0(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return c4 * d0 - c5 * d2 + d4
+
+
+@_inline
+def _bt1(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return d3 + d4 - c4 * (d1 + d2)
+
+
+@_inline
+def _bt2(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return c4 * (d1 - d2) - d3 + d4
+
+
+@_inline
+def _bt3(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return c2 * (d3 - d1) - d2 + d4
+
+
+@_inline
+def _bt4(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return c2 * (d1 - d3) - d2 + d4
+
+
+@_inline
+def _bt5(d0, d1, d2, d3, d4, d5, c2, c4, c5):
+    return c4 * d1 - c5 * d3 + d5
+
+
 @_jit
 def _bt_lanes(d0, d1, d2, d3, d4, d5, o0, o1, o2, o3, o4, o5, c2, c4, c5):
-    """(o0..o5) = B^T (d0..d5), lane by lane."""
-    n = o0.size
-    for q in range(n):
-        o0[q] = c4 * d0[q] - c5 * d2[q] + d4[q]
-    for q in range(n):
-        o1[q] = d3[q] + d4[q] - c4 * (d1[q] + d2[q])
-    for q in range(n):
-        o2[q] = c4 * (d1[q] - d2[q]) - d3[q] + d4[q]
-    for q in range(n):
-        o3[q] = c2 * (d3[q] - d1[q]) - d2[q] + d4[q]
-    for q in range(n):
-        o4[q] = c2 * (d1[q] - d3[q]) - d2[q] + d4[q]
-    for q in range(n):
-        o5[q] = c4 * d1[q] - c5 * d3[q] + d5[q]
+    """(o0..o5) = B^T (d0..d5), lane by lane (one loop per output: each vectorises)."""
+    for q in range(o0.size):
+        o0[q] = _bt0(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for q in range(o0.size):
+        o1[q] = _bt1(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for q in range(o0.size):
+        o2[q] = _bt2(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for q in range(o0.size):
+        o3[q] = _bt3(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for q in range(o0.size):
+        o4[q] = _bt4(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for q in range(o0.size):
+        o5[q] = _bt5(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
 
 
 @_jit
 def _bt_row(s, o, c2, c4, c5):
-    """o[y, j, :] = (B^T d_j)[y] for d_j[col] = s[4j + col, :]: one image row's 1-D transforms, the
-    columns j of tiles in the outer loop and the channels in the inner (vectorised) one."""
-    tw = o.shape[1]
-    for j in range(tw):
-        d0, d1, d2, d3, d4, d5, o0 = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[0, j]
-        for q in range(o0.size):
-            o0[q] = c4 * d0[q] - c5 * d2[q] + d4[q]
-    for j in range(tw):
-        d1, d2, d3, d4, o1 = s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], o[1, j]
-        for q in range(o1.size):
-            o1[q] = d3[q] + d4[q] - c4 * (d1[q] + d2[q])
-    for j in range(tw):
-        d1, d2, d3, d4, o2 = s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], o[2, j]
-        for q in range(o2.size):
-            o2[q] = c4 * (d1[q] - d2[q]) - d3[q] + d4[q]
-    for j in range(tw):
-        d1, d2, d3, d4, o3 = s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], o[3, j]
-        for q in range(o3.size):
-            o3[q] = c2 * (d3[q] - d1[q]) - d2[q] + d4[q]
-    for j in range(tw):
-        d1, d2, d3, d4, o4 = s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], o[4, j]
-        for q in range(o4.size):
-            o4[q] = c2 * (d1[q] - d3[q]) - d2[q] + d4[q]
-    for j in range(tw):
-        d1, d3, d5, o5 = s[4 * j + 1], s[4 * j + 3], s[4 * j + 5], o[5, j]
-        for q in range(o5.size):
-            o5[q] = c4 * d1[q] - c5 * d3[q] + d5[q]
+    """o[y, j, :] = (B^T d_j)[y] for d_j[col] = s[4j + col, :]: one image row's 1-D transforms.  Output
+    row y outermost, then the tile columns j, then the channels (vectorised): as fast as one call of
+    :func:`_bt_lanes` per j is slow (its loop setup per short run of channels costs 1.3-2x)."""
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[0, j]
+        for q in range(oj.size):
+            oj[q] = _bt0(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[1, j]
+        for q in range(oj.size):
+            oj[q] = _bt1(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[2, j]
+        for q in range(oj.size):
+            oj[q] = _bt2(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[3, j]
+        for q in range(oj.size):
+            oj[q] = _bt3(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[4, j]
+        for q in range(oj.size):
+            oj[q] = _bt4(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
+    for j in range(o.shape[1]):
+        d0, d1, d2, d3, d4, d5, oj = s[4 * j], s[4 * j + 1], s[4 * j + 2], s[4 * j + 3], s[4 * j + 4], s[4 * j + 5], o[5, j]
+        for q in range(oj.size):
+            oj[q] = _bt5(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
 
 
 @_jit
