@@ -32,18 +32,28 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ... import _config
 
-__all__ = ["run_chunks", "conv_threads"]
+__all__ = ["run_chunks", "conv_threads", "numpy_blas_library"]
 
 
-def _openblas_threads_api():
+def numpy_blas_library():
+    """NumPy's extension module as a ctypes library: the PyPI wheels link their OpenBLAS into it, so
+    its BLAS symbols (``scipy_cblas_sgemm64_``, ``scipy_openblas_set_num_threads64_``) are NumPy's own
+    BLAS, thread pool included.  None where it cannot be loaded."""
     try:
         try:
             from numpy._core import _multiarray_umath as umath
         except ImportError:  # pragma: no cover - NumPy 1.x
             from numpy.core import _multiarray_umath as umath
-        lib = ctypes.CDLL(umath.__file__)
+        return ctypes.CDLL(umath.__file__)
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _openblas_threads_api():
+    lib = numpy_blas_library()
+    try:
         set_, get = lib.scipy_openblas_set_num_threads64_, lib.scipy_openblas_get_num_threads64_
-    except (OSError, AttributeError):  # pragma: no cover - NumPy without scipy-openblas
+    except AttributeError:  # pragma: no cover - NumPy without scipy-openblas (or no library)
         return None
     set_.argtypes, set_.restype = [ctypes.c_int], None
     get.argtypes, get.restype = [], ctypes.c_int

@@ -53,7 +53,7 @@ import numpy as np
 from numba import njit
 
 from ... import _config
-from ._chunks import conv_threads, run_chunks
+from ._chunks import conv_threads, numpy_blas_library, run_chunks
 from .winograd import conv3x3_winograd, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
@@ -76,13 +76,8 @@ __all__ = ["conv2d_forward", "conv2d_vjp"]
 
 def _numpy_cblas():
     """{dtype: gemm} over NumPy's CBLAS ILP64 sgemm/dgemm, or None."""
-    try:
-        try:
-            from numpy._core import _multiarray_umath as umath
-        except ImportError:  # pragma: no cover - NumPy 1.x
-            from numpy.core import _multiarray_umath as umath
-        lib = ctypes.CDLL(umath.__file__)
-    except Exception:  # pragma: no cover
+    lib = numpy_blas_library()
+    if lib is None:  # pragma: no cover
         return None
     i64 = ctypes.c_int64
     for prefix in ("scipy_cblas_", "cblas_"):  # only "64_"-suffixed names have a known (ILP64) ABI
