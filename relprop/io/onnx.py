@@ -492,9 +492,9 @@ class _Converter:
         x = self.act(node, k, 0)
         self.emit({"type": "relu"}, [x.layer], x.shape, node, k)
 
-    def op_MaxPool(self, node, k, a):
-        x = self.act(node, k, 0)
-        self.unused_outputs(node, k)
+    def _pool_window(self, node, k, a, x):
+        """(kernel, strides, pads, ceil_mode, output size in floor mode, in ceil mode) of a 2-D pooling
+        node; a size is None where the input's is not declared."""
         kernel, strides, dilations = self._window(node, k, a, x)
         if kernel is None:
             raise ValueError(f"{_where(node, k)}: kernel_shape is missing")
@@ -502,10 +502,18 @@ class _Converter:
             raise NotImplementedError(f"{_where(node, k)}: dilated pooling (dilations={dilations}) is not supported")
         ceil = bool(a.get("ceil_mode", 0))
         pad = self._pads(node, k, a, x, kernel, strides, dilations, ceil)
-        out = tuple(None if n is None else _pool_out(n, kk, s, p, p, 1, ceil)
-                    for n, kk, s, p in zip(x.shape[1:], kernel, strides, pad))
-        floor = tuple(None if n is None else _pool_out(n, kk, s, p, p, 1, False)
-                      for n, kk, s, p in zip(x.shape[1:], kernel, strides, pad))
+
+        def size(ceil_mode):
+            return tuple(None if n is None else _pool_out(n, kk, s, p, p, 1, ceil_mode)
+                         for n, kk, s, p in zip(x.shape[1:], kernel, strides, pad))
+
+        return kernel, strides, pad, ceil, size(False), size(True)
+
+    def op_MaxPool(self, node, k, a):
+        x = self.act(node, k, 0)
+        self.unused_outputs(node, k)
+        kernel, strides, pad, ceil, floor, ceiled = self._pool_window(node, k, a, x)
+        out = ceiled if ceil else floor
         entry = {"type": "maxpool2d", "kernel": kernel, "stride": strides, "padding": list(pad)}
         if ceil and out != floor:  # ceil_mode that changes nothing for the declared size is left out
             entry["ceil_mode"] = True
@@ -514,20 +522,11 @@ class _Converter:
     def op_AveragePool(self, node, k, a):
         x = self.act(node, k, 0)
         where = _where(node, k)
-        kernel, strides, dilations = self._window(node, k, a, x)
-        if kernel is None:
-            raise ValueError(f"{where}: kernel_shape is missing")
-        if dilations != [1, 1]:
-            raise NotImplementedError(f"{where}: dilated pooling (dilations={dilations}) is not supported")
-        ceil = bool(a.get("ceil_mode", 0))
-        pad = self._pads(node, k, a, x, kernel, strides, dilations, ceil)
-        out = tuple(None if n is None else _pool_out(n, kk, s, p, p, 1, False)
-                    for n, kk, s, p in zip(x.shape[1:], kernel, strides, pad))
+        kernel, strides, pad, ceil, out, ceiled = self._pool_window(node, k, a, x)
         if ceil and any(n is None for n in x.shape[1:]):
             raise NotImplementedError(f"{where}: ceil_mode=1 needs the input's spatial size, which the model does "
                                       "not declare")
-        if ceil and out != tuple(_pool_out(n, kk, s, p, p, 1, True)
-                                 for n, kk, s, p in zip(x.shape[1:], kernel, strides, pad)):
+        if ceil and out != ceiled:
             raise NotImplementedError(f"{where}: ceil_mode=1 average pooling with a partial last window is not "
                                       "supported (relprop's avgpool2d has no ceil_mode)")
         if any(pad) and not int(a.get("count_include_pad", 0)):
