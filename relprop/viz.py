@@ -162,13 +162,7 @@ def grid(x, heatmaps, path=None, row_titles=None, percentile=99.5, cmap="bwr", b
                 ax.imshow(rgb, interpolation="nearest")
             if i == 0:
                 ax.set_title(input_title if j == 0 else names[j - 1], fontsize=9, pad=3)
-    if title:
-        fig.suptitle(title, fontsize=11, y=1 - 0.1 / height)
-    if footnote:
-        fig.text(0.5, 0.18 / height, footnote, ha="center", va="center", fontsize=8, color="0.25")
-    if path is not None:
-        fig.savefig(str(path), dpi=dpi, facecolor="white")
-    return fig
+    return _finish(fig, title, footnote, path, dpi, (11, 0.1), (8, 0.18))
 
 
 
@@ -223,6 +217,20 @@ def _bare(ax, edge="0.75"):
     for sp in ax.spines.values():
         sp.set_linewidth(0.4)
         sp.set_color(edge)
+
+
+def _finish(fig, title, footnote, path, dpi, title_style, footnote_style):
+    """Title (fontsize, inches below the top) and footnote (fontsize, inches above the bottom) on
+    ``fig``, saved to ``path`` when given; returns ``fig``."""
+    height = fig.get_size_inches()[1]
+    if title:
+        fig.suptitle(title, fontsize=title_style[0], y=1 - title_style[1] / height)
+    if footnote:
+        fig.text(0.5, footnote_style[1] / height, footnote, ha="center", va="center", fontsize=footnote_style[0],
+                 color="0.25")
+    if path is not None:
+        fig.savefig(str(path), dpi=dpi, facecolor="white")
+    return fig
 
 
 def _figure(width, height, dpi):
@@ -283,13 +291,7 @@ def feature_grid(projections, patches, titles=None, path=None, title=None, footn
             for side, name in ((0, "projection"), (1, "input patch")):
                 fig.text((x0 + (side * (g + 0.5) + g / 2) * cell) / W, (y_top + 0.55 * cell) / H, name,
                          ha="center", va="bottom", fontsize=6.5, color="0.35")
-    if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.12 / H)
-    if footnote:
-        fig.text(0.5, 0.2 / H, footnote, ha="center", va="center", fontsize=7, color="0.25")
-    if path is not None:
-        fig.savefig(str(path), dpi=dpi, facecolor="white")
-    return fig
+    return _finish(fig, title, footnote, path, dpi, (10, 0.12), (7, 0.2))
 
 
 def maximize_figure(images, activations, titles=None, path=None, title=None, footnote=None, image_shape=None,
@@ -334,14 +336,7 @@ def maximize_figure(images, activations, titles=None, path=None, title=None, foo
             ax.set_ylabel("activation", fontsize=5.5, labelpad=1)
         if r == rows - 1:
             ax.set_xlabel("step", fontsize=5.5, labelpad=1)
-    if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.1 / fig.get_size_inches()[1])
-    if footnote:
-        fig.text(0.5, 0.15 / fig.get_size_inches()[1], footnote, ha="center", va="center", fontsize=6.5,
-                 color="0.25")
-    if path is not None:
-        fig.savefig(str(path), dpi=dpi, facecolor="white")
-    return fig
+    return _finish(fig, title, footnote, path, dpi, (9, 0.1), (6.5, 0.15))
 
 
 def tcav_figure(results, path=None, title=None, footnote=None, alpha=0.05, examples=None, dpi=200):
@@ -410,13 +405,7 @@ def tcav_figure(results, path=None, title=None, footnote=None, alpha=0.05, examp
                 a = fig.add_axes([(left + e * cw) / W, 0.2 / H, 0.95 * cw / W, 0.95 * cw / H])
                 _bare(a)
                 _grey(a, _picture(examples[c][e]), True)
-    if title:
-        fig.suptitle(title, fontsize=9, y=1 - 0.1 / H)
-    if footnote:
-        fig.text(0.5, 0.07 / H, footnote, ha="center", va="center", fontsize=6, color="0.25")
-    if path is not None:
-        fig.savefig(str(path), dpi=dpi, facecolor="white")
-    return fig
+    return _finish(fig, title, footnote, path, dpi, (9, 0.1), (6, 0.07))
 
 
 def _boundaries(seg):
@@ -490,10 +479,4 @@ def lime_figure(x, fit, path=None, row_titles=None, others=None, top=5, title=No
         if i == 0:
             for j, name in enumerate(names):
                 fig.axes[-(cols - j)].set_title(name, fontsize=7.5, pad=3)
-    if title:
-        fig.suptitle(title, fontsize=9.5, y=1 - 0.1 / H)
-    if footnote:
-        fig.text(0.5, 0.18 / H, footnote, ha="center", va="center", fontsize=6.5, color="0.25")
-    if path is not None:
-        fig.savefig(str(path), dpi=dpi, facecolor="white")
-    return fig
+    return _finish(fig, title, footnote, path, dpi, (9.5, 0.1), (6.5, 0.18))
