@@ -50,13 +50,13 @@ import platform
 import sys
 import time
 import traceback
-import types
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working tree's relprop, also without an install
+from bench.nets import torch_model  # noqa: E402  (shared with the CPU peers benchmark)
 try:  # small test grids make Numba warn about GPU under-utilisation on every launch: noise here
     from numba.core.errors import NumbaPerformanceWarning
 
@@ -336,39 +336,6 @@ def pattern_gemm_flops(net, in_shape):
     return flops
 
 
-def torch_model(spec, weights, device):
-    """The same VGG as a torch nn.Sequential on ``device`` (float32, eval), weights copied exactly."""
-    import torch
-
-    nn, mods = torch.nn, []
-    for e in spec:
-        if e["type"] == "conv2d":
-            mods.append(nn.Conv2d(e["in"], e["out"], e["kernel"], padding=e.get("padding", 0)))
-        elif e["type"] == "linear":
-            mods.append(nn.Linear(e["in"], e["out"]))
-        elif e["type"] == "maxpool2d":
-            mods.append(nn.MaxPool2d(e["kernel"], e.get("stride")))
-        else:
-            mods.append({"relu": nn.ReLU, "flatten": nn.Flatten}[e["type"]]())
-    model = nn.Sequential(*mods).float().eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
-    return model.to(device)
-
-
-def import_zennit():
-    """``import zennit``; without torchvision an empty module stands in for ``zennit.torchvision`` (FINDINGS.md)."""
-    try:
-        import zennit
-    except ImportError as exc:
-        if exc.name != "torchvision":
-            raise
-        for name in [n for n in sys.modules if n == "zennit" or n.startswith("zennit.")]:
-            del sys.modules[name]
-        sys.modules["zennit.torchvision"] = types.ModuleType("zennit.torchvision")
-        import zennit
-    return zennit
-
-
 def _per_sample_rel_err(ours, theirs):
     """max |ours − theirs| / max |theirs| per sample (NumPy arrays)."""
     n = len(theirs)
@@ -416,6 +383,8 @@ class Peers:
 
     def zennit_epsilon_plus_flat(self):
         if self._zennit is None:
+            from tests.torch_models import import_zennit  # needs torch: imported here
+
             import_zennit()
             from zennit.attribution import Gradient
             from zennit.composites import EpsilonPlusFlat
@@ -540,6 +509,8 @@ def resnet18(dev, batch, methods, repeats, report, tf32):
     net = from_torch(model, torch.zeros(1, 3, 224, 224))
     canonizers = []
     try:
+        from tests.torch_models import import_zennit  # needs torch: imported here
+
         import_zennit()
         from zennit.torchvision import ResNetCanonizer
 

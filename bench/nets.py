@@ -102,3 +102,24 @@ def best(fn, repeat):
         fn()
         fastest = min(fastest, time.perf_counter() - t0)
     return fastest
+
+
+def torch_model(spec, weights=None, device="cpu"):
+    """``spec`` (conv2d / linear / maxpool2d / relu / flatten) as a torch ``nn.Sequential`` in float32, eval
+    mode, on ``device``, with ``weights`` (state-dict names, as :func:`random_weights`) copied exactly."""
+    import torch
+
+    nn, mods = torch.nn, []
+    for e in spec:
+        if e["type"] == "conv2d":
+            mods.append(nn.Conv2d(e["in"], e["out"], e["kernel"], padding=e.get("padding", 0)))
+        elif e["type"] == "linear":
+            mods.append(nn.Linear(e["in"], e["out"]))
+        elif e["type"] == "maxpool2d":
+            mods.append(nn.MaxPool2d(e["kernel"], e.get("stride")))
+        else:
+            mods.append({"relu": nn.ReLU, "flatten": nn.Flatten}[e["type"]]())
+    model = nn.Sequential(*mods).float().eval()
+    if weights is not None:
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    return model.to(device)

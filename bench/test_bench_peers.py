@@ -46,7 +46,7 @@ import pytest
 
 import relprop
 
-from bench.nets import PEER_NETS, forward_flops, random_weights
+from bench.nets import PEER_NETS, forward_flops, random_weights, torch_model
 
 torch = pytest.importorskip("torch")
 _TORCH_FIRST = list(sys.modules).index("torch") < list(sys.modules).index("relprop")
@@ -68,21 +68,6 @@ OWN_FORWARD_TARGET = 2.5
 _PEER_ROWS = []  # (net, task, relprop ms, peer ms, peer/relprop, x own forward)
 
 
-def torch_model(spec):
-    nn, mods = torch.nn, []
-    for e in spec:
-        if e["type"] == "conv2d":
-            mods.append(nn.Conv2d(e["in"], e["out"], e["kernel"], padding=e.get("padding", 0)))
-        elif e["type"] == "linear":
-            mods.append(nn.Linear(e["in"], e["out"]))
-        elif e["type"] == "maxpool2d":
-            mods.append(nn.MaxPool2d(e["kernel"]))
-        else:
-            mods.append({"relu": nn.ReLU, "flatten": nn.Flatten}[e["type"]]())
-    return nn.Sequential(*mods).float().eval()
-
-
-
 def _cpus():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -98,8 +83,7 @@ def peer_net(request):
     # He-scaled random weights (bench/nets.py): with PyTorch's default init, VGG-16's activations shrink
     # ~6x per layer until the biases decide every ReLU gate, and float32 rounding then moves gradients by %
     weights = random_weights(spec)
-    model = torch_model(spec)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()})
+    model = torch_model(spec, weights)
     net = relprop.from_spec(spec, weights)
     x = np.random.default_rng(1).normal(size=(2 if smoke else batch,) + shape).astype(np.float32)
     target = net.forward(x).argmax(axis=1)
