@@ -11,7 +11,6 @@
 
 ``pytest bench --benchmark-disable`` runs each once at toy sizes (a smoke test).
 """
-import time
 
 import numpy as np
 import pytest
@@ -19,21 +18,12 @@ import pytest
 import relprop
 from relprop import visualize
 
-from bench.nets import cifar_vgg_spec, random_net
+from bench.nets import best, cifar_vgg_spec, random_net
 
 
 @pytest.fixture(scope="module")
 def smoke(request):
     return bool(request.config.getoption("benchmark_disable", False))
-
-
-def _best(fn, repeats):
-    fastest = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        fastest = min(fastest, time.perf_counter() - t)
-    return fastest
 
 
 def _digits(n):
@@ -62,7 +52,7 @@ def test_top9_over_10000_digits(benchmark, smoke):
             for s in range(0, len(x), batch):
                 net.forward(x[s:s + batch])
 
-        fwd = _best(forward, 3)
+        fwd = best(forward, 3)
         benchmark.extra_info.update(seconds=seconds, forward_seconds=fwd, x_forward=seconds / fwd,
                                     samples=len(x), us_per_sample=1e6 * seconds / len(x))
 
@@ -84,6 +74,6 @@ def test_lime_1000_samples_cifar_vgg(benchmark, smoke):
     if not smoke:
         seconds = float(benchmark.stats.stats.min)
         xb = np.repeat(x[1:], batch, axis=0)
-        fwd = _best(lambda: net.forward(xb), 5)
+        fwd = best(lambda: net.forward(xb), 5)
         benchmark.extra_info.update(seconds=seconds, batched_forward_seconds=fwd, x_batched_forward=seconds / fwd,
                                     samples=samples, batch_size=batch)
