@@ -147,3 +147,18 @@ def test_patched_forward_rejects_the_cuda_backend():
     net, shape = NETS["small_conv"]
     with pytest.raises(ValueError, match="backend"):
         inc.PatchedForward(net, np.zeros((1,) + shape), "cuda")
+
+
+@pytest.mark.parametrize("r0, c0, values, match", [
+    ([0, 0], [0, 0], np.zeros((2, 2, 2, 2)), "values must be"),          # batch of 3 expected
+    ([0, 0, 0], [0, 0, 0], np.zeros((3, 1, 2, 2)), "values must be"),    # channels
+    ([0, 0, 0], [0, 0, 0], np.zeros((3, 2, 2)), "values must be"),       # rank
+    ([0, 0, 0], [0, 0, 0], np.full((3, 2, 1, 1), np.nan), "finite"),
+    ([0, 0], [0, 0, 0], np.zeros((3, 2, 1, 1)), "r0 and c0"),
+    ([0.5, 0, 0], [0, 0, 0], np.zeros((3, 2, 1, 1)), "r0 and c0"),
+])
+def test_update_rejects_bad_input(r0, c0, values, match):
+    net, shape = NETS["small_conv"]
+    pf = inc.PatchedForward(net, np.zeros((3,) + shape), "cpu")
+    with pytest.raises(ValueError, match=match):
+        pf.update(np.array(r0), np.array(c0), values)

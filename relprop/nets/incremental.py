@@ -116,10 +116,20 @@ class PatchedForward:
     def update(self, r0, c0, values):
         """Write ``values`` into the input boxes at (r0, c0) and return the new logits (N, classes)."""
         x = self.x
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
+        values = np.asarray(values)
+        if values.ndim != 4 or values.shape[:2] != (n, c) or min(values.shape[2:]) < 1:
+            raise ValueError(f"PatchedForward.update: values must be (N, C, h, w) = ({n}, {c}, h >= 1, w >= 1), "
+                             f"got shape {values.shape}")
+        if not np.isfinite(values).all():
+            raise ValueError("PatchedForward.update: values must be finite (NaN or Inf found)")
+        r0, c0 = np.asarray(r0), np.asarray(c0)
+        if r0.shape != (n,) or c0.shape != (n,) or not (np.issubdtype(r0.dtype, np.integer)
+                                                        and np.issubdtype(c0.dtype, np.integer)):
+            raise ValueError(f"PatchedForward.update: r0 and c0 must be integer arrays of shape ({n},), got "
+                             f"{r0.dtype}{r0.shape} and {c0.dtype}{c0.shape}")
         bh, bw = values.shape[2], values.shape[3]
-        r0 = np.asarray(r0, dtype=np.int64)
-        c0 = np.asarray(c0, dtype=np.int64)
+        r0, c0 = r0.astype(np.int64), c0.astype(np.int64)
         box = _Box(np.clip(r0, 0, h), np.clip(r0 + bh, 0, h), np.clip(c0, 0, w), np.clip(c0 + bw, 0, w))
         _scatter_clipped(np.ascontiguousarray(values, dtype=x.dtype), r0, c0, box, x)
         boxes, self._windows = {}, {}
