@@ -124,7 +124,7 @@ def _gradient(net, xb, tb, backend, relu="gradient"):
     classes or a Unit."""
     if isinstance(tb, Unit):
         return gradient_sweep(net, relu)(xb, tb, backend)
-    trace = net.trace(xb, backend, check=False)
+    trace = net.trace(xb, backend, check=False, preactivations=False)  # the gradient rules read no z
     return gradient_sweep(net, relu).backward(trace, output_signal(trace.output, tb, "onehot"))
 
 

@@ -259,6 +259,7 @@ class Sweep:
         self._source_versions = None if self.source is None else self.source.versions()
         self._nonneg = nonneg_inputs(net)
         self._state = [{} for _ in net.layers]
+        self.preactivations = any(getattr(rule, "needs_preactivations", True) for rule in self.rules)
 
     def _refresh(self):
         """Re-fold the user's net if its parameters changed since the canonical net was made."""
@@ -272,7 +273,7 @@ class Sweep:
     def __call__(self, x, target, backend, return_layers=False):
         self._refresh()
         k = start_layer(self.net, target, x.shape)
-        trace = self.net.trace(x, backend, check=False, upto=k)
+        trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations)
         r = self.backward(trace, start_signal(trace, k, target, self.start), k, return_layers=return_layers)
         if self.times_input:
             if return_layers:

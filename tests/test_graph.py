@@ -379,3 +379,64 @@ def test_smoothgrad_and_integrated_gradients_explain_a_unit(graph):
         relprop.explain(net, x, "integrated_gradients", target=Unit(k, 99))
     with pytest.raises(ValueError, match="Unit target has no class index"):
         relprop.explain(net, x, "occlusion", target=unit, window=2)
+
+
+CHAIN = [{"type": "conv2d", "in": 2, "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+         {"type": "conv2d", "in": 4, "out": 5, "kernel": 3, "padding": 2}, {"type": "relu"},
+         {"type": "maxpool2d", "kernel": 2}, {"type": "conv2d", "in": 5, "out": 3, "kernel": 2, "stride": 2},
+         {"type": "relu"}, {"type": "flatten"}, {"type": "linear", "in": 12, "out": 4}]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("which", ["concat", "chain"])
+def test_conv_relu_pairs_are_fused_exactly(which, backend, monkeypatch):
+    """A conv read only by the ReLU after it runs as one kernel call: every recorded output is the
+    unfused one bit for bit; ``preactivations=False`` drops exactly those convs' z; the gradient-type
+    methods (which trace without z) and LRP give what the unfused trace gives."""
+    from relprop.nets.graph import Graph
+
+    from relprop.kernels.cpu import winograd
+    from test_kernels_winograd import always_winograd
+
+    rng = np.random.default_rng(5)
+    spec, shape = (concat_spec(), (2, 2, 5, 7)) if which == "concat" else (CHAIN, (3, 2, 9, 8))
+    net, x = relprop.from_spec(spec, graph_weights(spec, rng)), rng.normal(size=shape)
+    if which == "chain":  # its 3x3 pairs through the Winograd kernels (the fused write-out of each path)
+        always_winograd(monkeypatch)
+        calls = []
+        real = winograd.conv3x3_winograd
+        monkeypatch.setattr("relprop.kernels.cpu.conv2d.conv3x3_winograd", lambda *a: calls.append(1) or real(*a))
+    fused = [i for i in range(len(net.layers)) if net._conv_relu(i)]
+    assert fused, "the test nets have conv + ReLU pairs"
+    # a conv read by more than the ReLU after it (a residual branch) is never fused
+    assert all(net.readers(i) == (i + 1,) and net.layers[i + 1].kind == "relu" for i in fused)
+    tr = net.trace(x, backend)
+    lean = net.trace(x, backend, preactivations=False)
+    results = {m: relprop.explain(net, x, m, backend=backend) for m in ("gradient", "guided_backprop", "lrp.epsilon")}
+    with monkeypatch.context() as mp:
+        mp.setattr(Graph, "_conv_relu", lambda self, i: False)
+        plain = net.trace(x, backend)
+        for m, r in results.items():
+            assert r.tobytes() == relprop.explain(net, x, m, backend=backend).tobytes(), m
+    for i, (a, b) in enumerate(zip(tr.outputs, plain.outputs)):
+        assert a.tobytes() == b.tobytes(), i
+        assert (lean.outputs[i] is None) == (i in fused)
+        if i not in fused:
+            assert lean.outputs[i].tobytes() == b.tobytes(), i
+    # (the reference's NumPy reductions may round differently in differently aligned buffers)
+    np.testing.assert_allclose(net.forward(x), plain.output, rtol=1e-12, atol=1e-12)
+    # a trace that stops at a fused conv (a Unit target there) records its z
+    k = fused[0]
+    assert net.trace(x, backend, upto=k, preactivations=False).output.tobytes() == plain.outputs[k].tobytes()
+    if which == "chain" and backend == "cpu":
+        assert calls
+
+
+def test_a_conv_read_by_more_than_its_relu_is_not_fused():
+    spec = [{"type": "conv2d", "in": 1, "out": 2, "kernel": 3}, {"type": "relu"},
+            {"type": "add", "inputs": [0, 1]}]
+    net = relprop.from_spec(spec, graph_weights(spec, np.random.default_rng(0)))
+    assert not net._conv_relu(0)
+    x = np.random.default_rng(1).normal(size=(2, 1, 5, 5))
+    z = net.trace(x, "cpu", preactivations=False).outputs[0]
+    np.testing.assert_allclose(net.forward(x), z + np.maximum(z, 0), rtol=1e-12)

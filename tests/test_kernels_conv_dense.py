@@ -15,6 +15,7 @@ import relprop.kernels as K
 from helpers import assert_close
 from relprop._validate import conv_output_size
 from relprop.kernels.cpu import conv2d as cpu_conv
+from test_kernels_winograd import always_winograd
 
 DTYPES = [np.float32, np.float64]
 PATHS = ["rows", "im2col"]
@@ -263,3 +264,63 @@ def test_conv2d_bands_of_rows_match_reference(dtype, problem):
         gx = K.conv2d_vjp(g, w, x_shape, 1, padding, dilation, backend="cpu")
         assert_close(gx, K.conv2d_vjp(g, w, x_shape, 1, padding, dilation, backend="reference"),
                      reduction_len=w_shape[0] * w_shape[2] * w_shape[3])
+
+
+# ---------------------------------------------------------------- conv + ReLU in one call
+
+@pytest.mark.parametrize("path", PATHS + ["winograd", "bands"])
+@given(problem=conv_problem())
+def test_conv2d_with_fused_relu_matches_reference(path, problem):
+    """``a_out``: relu(z) written by the pass that writes z (mode 1), or instead of z when ``a_out``
+    is ``out`` (mode 2), on every forward path (rows, im2col, Winograd, bands of rows), against the
+    reference; z itself unchanged bit for bit, and NaN passing the ReLU as np.maximum does (not on
+    the Winograd path, whose transforms spread a NaN over its 4x4 tile)."""
+    x_shape, w_shape, stride, padding, dilation, chunk, seed = problem
+    if path == "winograd":  # the Winograd geometry: 3x3, stride and dilation 1, padding <= 2
+        w_shape, stride, dilation = w_shape[:2] + (3, 3), (1, 1), (1, 1)
+        assume(x_shape[2] + 2 * padding[0] >= 3 and x_shape[3] + 2 * padding[1] >= 3)
+    if path == "bands":
+        stride, chunk = (1, 1), 1
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape)
+    if path != "winograd":
+        x.flat[rng.integers(x.size)] = np.nan  # one NaN input: NaN outputs where its windows reach
+    w = rng.standard_normal(w_shape)
+    b = rng.standard_normal(w_shape[0])
+    geometry = (stride, padding, dilation)
+    ref = K.conv2d_forward(x, w, b, *geometry, backend="reference", check_finite=False)
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "winograd":
+            always_winograd(mp, 3)
+        else:
+            pin(mp, "rows" if path == "bands" else path, chunk)
+        z_plain = cpu_conv.conv2d_forward(x, w, b, *geometry, np.empty(ref.shape))
+        z, a = np.empty(ref.shape), np.empty(ref.shape)
+        cpu_conv.conv2d_forward(x, w, b, *geometry, z, a)
+        only = np.empty(ref.shape)
+        cpu_conv.conv2d_forward(x, w, b, *geometry, only, only)
+    assert z.tobytes() == z_plain.tobytes()
+    assert a.tobytes() == np.maximum(z_plain, 0).tobytes() and only.tobytes() == a.tobytes()
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(ref))
+    ok = ~np.isnan(ref)
+    np.testing.assert_allclose(a[ok], np.maximum(ref, 0)[ok], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 5), i=st.integers(1, 40), j=st.integers(1, 70), threads=st.sampled_from([2, 3]),
+       seed=st.integers(0, 2**32 - 1))
+def test_dense_column_blocks_match_reference(dtype, n, i, j, threads, seed):
+    """Small batches are cut into blocks of output columns (the forward) and input columns (the VJP),
+    one per thread, at multiples of 16 columns: widths that do not tile, one block, batch 1."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, i)).astype(dtype)
+    w = rng.standard_normal((j, i)).astype(dtype)
+    b = rng.standard_normal(j).astype(dtype)
+    g = rng.standard_normal((n, j)).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", threads)
+        mp.setattr(config, "DENSE_MIN_ROWS", 16)  # n <= 5 < 32: column blocks
+        z = K.dense_forward(x, w, b, backend="cpu")
+        gx = K.dense_vjp(g, w, backend="cpu")
+    assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=i)
+    assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=j)

@@ -133,6 +133,32 @@ def test_winograd_on_strided_views_and_deterministic(rng):
     assert_close(z1, K.conv2d_forward(x, w, None, 1, 2, 1, backend="reference"), reduction_len=27)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@given(n=st.integers(1, 3), c=st.integers(1, 5), k=st.sampled_from([1, 17, 40, 70]), hw=st.integers(2, 14),
+       padding=st.integers(0, 2), seed=st.integers(0, 2**32 - 1))
+def test_winograd_schedules_agree(threads, n, c, k, hw, padding, seed):
+    """Both schedules (chunks of tiles per thread; few tiles: shared buffers, GEMMs split by blocks of
+    output channels, K not a multiple of the 16-channel blocks) against the reference, and each one
+    bitwise reproducible."""
+    rng = np.random.default_rng(seed)
+    h = max(hw, 3 - 2 * padding)
+    x = rng.standard_normal((n, c, h, h + 1)).astype(np.float32)
+    w = rng.standard_normal((k, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(k).astype(np.float32)
+    u = wg.transformed_filters(w)
+    ho, wo = h + 2 * padding - 2, h + 1 + 2 * padding - 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", threads)
+        few = []
+        real = wg._few_tiles
+        mp.setattr(wg, "_few_tiles", lambda *a: few.append(1) or real(*a))
+        outs = [wg.conv3x3_winograd(x, u, b, (padding, padding), np.empty((n, k, ho, wo), np.float32), cpu_conv._gemm)
+                for _ in range(2)]
+    assert bool(few) == (threads > 1)  # these problems are one chunk: the few-tiles schedule when threaded
+    assert outs[0].tobytes() == outs[1].tobytes()
+    assert_close(outs[0], K.conv2d_forward(x, w, b, 1, padding, 1, backend="reference"), reduction_len=c * 9)
+
+
 def test_winograd_vjp_is_the_adjoint(rng):
     """<conv(x), g> == <x, conv_vjp(g)> in float64 through the Winograd path (padding 0 and 2 swap)."""
     x = rng.standard_normal((2, 5, 10, 9))

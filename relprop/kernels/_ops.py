@@ -43,6 +43,20 @@ def conv2d_forward(x, w, b, stride, padding, dilation, backend):
     return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, out)
 
 
+def conv2d_forward_relu(x, w, b, stride, padding, dilation, backend, keep_z=True):
+    """A conv2d followed by a ReLU in one kernel call: ``(z, relu(z))``, or ``(None, relu(z))``
+    without ``keep_z`` (then z is never written: the CPU kernels apply the ReLU in the pass that
+    would write it; with ``keep_z`` they write both in that pass)."""
+    xp = _xp(x)
+    shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
+    if b is None:
+        b = xp.zeros(w.shape[0], dtype=x.dtype)
+    a = xp.empty(shape, dtype=x.dtype)
+    z = xp.empty(shape, dtype=x.dtype) if keep_z else a
+    kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z, a)
+    return (z if keep_z else None), a
+
+
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
     out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _validate as V
 from .._backend import array_namespace, resolve_backend
-from .layers import BatchNorm, Layer
+from .layers import BatchNorm, Conv2d, Layer, ReLU
 
 INPUT = -1  # parent index of the net input
 
@@ -203,10 +203,13 @@ class Graph:
         """The logits f(x).  ``backend``: None (by array type) | "reference" | "cpu" | "cuda"."""
         return self.trace(x, backend=backend, keep=False).output
 
-    def trace(self, x, backend=None, keep=True, check=True, upto=None):
+    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True):
         """Forward pass recording every layer output and the max-pool switches (see :class:`Trace`).
 
         ``keep=False`` releases each output once its last reader has run (a forward only).
+        ``preactivations=False`` does not record the output z of a convolution read only by the
+        ReLU after it (``outputs[i]`` is None there; the ReLU's output is recorded): for sweeps
+        whose rules gate by relu(z) > 0, which is z > 0, and never read z itself.
         ``upto=k`` stops after layer k (``trace.output`` is then layer k's output).
         Non-finite logits raise a ValueError naming the first layer whose output overflowed.
         """
@@ -218,13 +221,23 @@ class Graph:
         last = len(self.layers) - 1 if upto is None else int(upto)
         outputs, aux = [None] * len(self.layers), {}
         remaining = [len(r) for r in self._readers]
+        fused = False
         for i in range(last + 1):
             layer, ps = self.layers[i], self._parents[i]
-            got = [x if p == INPUT else outputs[p] for p in ps]
-            y, a = layer.forward(got if layer.n_inputs is None else got[0], backend)
-            outputs[i] = y
-            if a is not None:
-                aux[i] = a
+            if fused:  # this ReLU ran with the convolution before it
+                fused = False
+            elif i < last and self._conv_relu(i):
+                # a conv whose only reader is the ReLU after it: one call, the ReLU fused into the
+                # convolution's write-out; its z is kept only when the trace keeps every output
+                outputs[i], outputs[i + 1] = layer.forward_relu(x if ps[0] == INPUT else outputs[ps[0]], backend,
+                                                                keep_z=keep and preactivations)
+                fused = True
+            else:
+                got = [x if p == INPUT else outputs[p] for p in ps]
+                y, a = layer.forward(got if layer.n_inputs is None else got[0], backend)
+                outputs[i] = y
+                if a is not None:
+                    aux[i] = a
             if not keep:
                 for p in ps:
                     if p != INPUT:
@@ -235,6 +248,12 @@ class Graph:
         if not bool(xp.isfinite(out).all()):
             self._raise_overflow(x, backend, last)
         return Trace(x=x, outputs=outputs, output=out, parents=self._parents, aux=aux, backend=backend)
+
+    def _conv_relu(self, i):
+        """Is layer i a convolution read only by the ReLU right after it (a pair the trace fuses)?"""
+        layers = self.layers
+        return (type(layers[i]) is Conv2d and i + 1 < len(layers) and type(layers[i + 1]) is ReLU
+                and self._parents[i + 1] == (i,) and self._readers[i] == (i + 1,))
 
     def _raise_overflow(self, x, backend, last):
         """Locate the first layer with a non-finite output and say so (the input is finite)."""

@@ -164,6 +164,12 @@ class Conv2d(_Parametric):
     def forward_with(self, a, w, b, backend):
         return _ops.conv2d_forward(a, w, b, self.stride, self.padding, self.dilation, backend)
 
+    def forward_relu(self, x, backend, keep_z=True):
+        """This layer and a ReLU after it in one call: ``(z, relu(z))`` (z None without ``keep_z``);
+        the graph uses it for a conv whose only reader is a ReLU (the CPU kernels fuse the two)."""
+        w, b = self.params(x)
+        return _ops.conv2d_forward_relu(x, w, b, self.stride, self.padding, self.dilation, backend, keep_z)
+
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
 
@@ -181,7 +187,8 @@ class ReLU(Layer):
         return _ops.relu_forward(x, backend), None
 
     def vjp(self, g, x, y, aux, backend):
-        return _ops.relu_backward_gradient(g, x, backend)
+        # gate by z > 0, or by relu(z) > 0 (the same gate) where the trace did not keep z
+        return _ops.relu_backward_gradient(g, y if x is None else x, backend)
 
 
 class _Pool(Layer):

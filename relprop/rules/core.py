@@ -130,6 +130,9 @@ class Rule:
     """
 
     kinds: tuple = LINEAR_KINDS
+    #: does the rule read a convolution's pre-activation z where only a ReLU reads it?  Sweeps whose
+    #: rules all say no trace without keeping those z (:meth:`relprop.nets.Graph.trace`)
+    needs_preactivations = True
 
     def backward(self, layer, rec, r, state):
         raise NotImplementedError

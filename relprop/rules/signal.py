@@ -45,6 +45,8 @@ class Gradient(Rule):
     """
 
     kinds = _ALL_KINDS
+    #: reads no pre-activation z of a conv + ReLU pair (its ReLU gates by relu(z) > 0, the same as z > 0)
+    needs_preactivations = False
 
     def backward(self, layer, rec, r, state):
         return layer.vjp(r, rec.a, rec.z, rec.aux, rec.backend)
@@ -68,7 +70,7 @@ class GuidedBackprop(Gradient):
 
     def backward(self, layer, rec, r, state):
         if layer.kind == "relu":
-            return _ops.relu_backward_guided(r, rec.a, rec.backend)
+            return _ops.relu_backward_guided(r, rec.z if rec.a is None else rec.a, rec.backend)  # z > 0 iff relu(z) > 0
         return super().backward(layer, rec, r, state)
 
 

@@ -232,41 +232,54 @@ def _shifted_rows(src, n0, nb, kw, off0, doff, hg, wg, margin, dst):
     return dst
 
 
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def emit(d, a, s, bk, mode):
+    """The epilogue of every forward path, one output row: d = s + bk (``mode`` 0); and a = relu(d)
+    as well (1); or d = relu(s + bk) (2: the ReLU fused in place).  One store stream per loop (each
+    vectorises); mode 1 reads d back while it is in L1.  relu(v) = 0 if v < 0 else v: NaN passes,
+    as :func:`relprop.kernels.cpu.elementwise.relu_forward`."""
+    if mode == 2:
+        for q in range(d.size):
+            v = s[q] + bk
+            d[q] = 0 if v < 0 else v
+    else:
+        for q in range(d.size):
+            d[q] = s[q] + bk
+        if mode == 1:
+            for q in range(d.size):
+                v = d[q]
+                a[q] = 0 if v < 0 else v
+
+
 @_jit
-def _crop(src, n0, nb, hg, wg, bias, out):
-    """out[n0 + n, k, i, j] = src[k, n*hg*wg + i*wg + j] + bias[k]: the grid back to NCHW."""
+def _crop(src, n0, nb, hg, wg, bias, out, a_out, mode):
+    """out[n0 + n, k, i, j] = src[k, n*hg*wg + i*wg + j] + bias[k]: the grid back to NCHW (with the
+    ReLU's output too, or instead: :func:`emit`)."""
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     plane = hg * wg
     for n in range(nb):
         for k in range(k_):
             bk = bias[k]
             s = src[k, n * plane:(n + 1) * plane]
-            o = out[n0 + n, k]
+            o, r = out[n0 + n, k], a_out[n0 + n, k]
             if wg == wo:
-                d = o.ravel()
-                for q in range(ho * wo):
-                    d[q] = s[q] + bk
+                emit(o.ravel(), r.ravel(), s, bk, mode)
             else:
                 for i in range(ho):
-                    d = o[i]
-                    si = s[i * wg:i * wg + wo]
-                    for j in range(wo):
-                        d[j] = si[j] + bk
+                    emit(o[i], r[i], s[i * wg:i * wg + wo], bk, mode)
     return out
 
 
 @_jit
-def _crop_band(src, n, i0, rows, wg, bias, out):
-    """out[n, k, i0 + i, j] = src[k, i*wg + j] + bias[k] for i < rows, j < Wo: one band of rows back to NCHW."""
+def _crop_band(src, n, i0, rows, wg, bias, out, a_out, mode):
+    """out[n, k, i0 + i, j] = src[k, i*wg + j] + bias[k] for i < rows, j < Wo: one band of rows back to NCHW
+    (:func:`emit`)."""
     k_, wo = out.shape[1], out.shape[3]
     for k in range(k_):
         bk = bias[k]
-        o = out[n, k]
+        o, r = out[n, k], a_out[n, k]
         for i in range(rows):
-            d = o[i0 + i]
-            si = src[k, i * wg:i * wg + wo]
-            for j in range(wo):
-                d[j] = si[j] + bk
+            emit(o[i0 + i], r[i0 + i], src[k, i * wg:i * wg + wo], bk, mode)
     return out
 
 
@@ -404,14 +417,20 @@ def _rows_path(transposed, stride, channels):
     return not transposed or channels >= _config.CONV_VJP_ROWS_MIN_CHANNELS
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out):
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.  Shapes: x (N,C,H,W),
-    w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
+    w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo).
+
+    ``a_out``: the ReLU that follows, fused into the pass that writes the output (one pass over
+    z less): ``a_out`` (N,K,Ho,Wo) receives relu(z) as well, or, if it *is* ``out``, ``out``
+    receives relu(z) instead of z (the forward of a conv + ReLU pair that needs no z)."""
+    mode = 0 if a_out is None else (2 if a_out is out else 1)
+    a_out = out if a_out is None else a_out
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):
-        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm)
+        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm, a_out, mode)
     if _rows_path(False, tuple(stride), x.shape[1]):
-        return _forward_rows(x, w, b, padding, dilation, out)
-    return _forward_im2col(x, w, b, stride, padding, dilation, out)
+        return _forward_rows(x, w, b, padding, dilation, out, a_out, mode)
+    return _forward_im2col(x, w, b, stride, padding, dilation, out, a_out, mode)
 
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
@@ -421,7 +440,7 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
         # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
         # weights w[k, c, 2-a, 2-b] and padding 2 - p
         return conv3x3_winograd(g, transformed_filters(w, flipped=True), np.zeros(w.shape[1], g.dtype),
-                                (2 - padding[0], 2 - padding[1]), out, _gemm)
+                                (2 - padding[0], 2 - padding[1]), out, _gemm, out, 0)
     if _rows_path(True, tuple(stride), out.shape[1]):
         if _vjp_as_bands(g, w, padding, dilation, out):
             # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
@@ -430,7 +449,7 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
             wt = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]
             taps = np.ascontiguousarray(wt.transpose(2, 0, 3, 1)).reshape(kh, c_, kw * k_)
             pad = ((kh - 1) * dilation[0] - padding[0], (kw - 1) * dilation[1] - padding[1])
-            return _forward_rows_bands(g, taps, np.zeros(c_, g.dtype), kh, kw, pad, dilation, out)
+            return _forward_rows_bands(g, taps, np.zeros(c_, g.dtype), kh, kw, pad, dilation, out, out, 0)
         if w.shape[0] > w.shape[1]:
             return _vjp_rows_shift_out(g, w, padding, dilation, out)
         return _vjp_rows(g, w, padding, dilation, out)
@@ -445,7 +464,7 @@ def _vjp_as_bands(g, w, padding, dilation, out):
     return (kw * k_ + c_) * out.shape[2] * out.shape[3] * g.itemsize > _config.CONV_CHUNK_BYTES
 
 
-def _forward_rows(x, w, b, padding, dilation, out):
+def _forward_rows(x, w, b, padding, dilation, out, a_out, mode):
     """z[:, grid] = sum_a W[:, :, a, :] @ X3[:, grid + (a*dh - ph)*Wo], X3 = the kw column shifts of x."""
     (ph, pw), (dh, dw) = padding, dilation
     n_, c_, h_, _ = x.shape
@@ -456,7 +475,7 @@ def _forward_rows(x, w, b, padding, dilation, out):
     nb = _samples_per_chunk((inner + k_) * plane, n_, x.itemsize)
     taps = np.ascontiguousarray(w.transpose(2, 0, 3, 1)).reshape(kh, k_, inner)  # [a, k, (b, c)]
     if (inner + k_) * plane * x.itemsize > _config.CONV_CHUNK_BYTES and out.shape[2] > 1:
-        return _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out)
+        return _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out, a_out, mode)
 
     def scratch():
         return np.empty((inner, nb * plane + 2 * margin), x.dtype), np.empty((k_, nb * plane), x.dtype)
@@ -467,13 +486,13 @@ def _forward_rows(x, w, b, padding, dilation, out):
         for a in range(kh):
             _gemm(k_, nc * plane, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg, xs.shape[1],
                   z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
-        _crop(z, n0, nc, hg, wg, b, out)
+        _crop(z, n0, nc, hg, wg, b, out, a_out, mode)
 
     run_chunks(n_, nb, scratch, work)
     return out
 
 
-def _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out):
+def _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out, a_out, mode):
     """The row-shift forward for samples too large for one chunk: bands of output rows of one sample.
 
     A band of output rows [i0, i0 + rows) reads the input rows [i0 - ph, i0 - ph + rows + (kh-1)*dh):
@@ -502,7 +521,7 @@ def _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out):
             for a in range(kh):
                 _gemm(k_, rows * wg, inner, taps, a * k_ * inner, inner, xs, a * dh * wg, xs.shape[1],
                       z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
-            _crop_band(z, n, i0, rows, wg, b, out)
+            _crop_band(z, n, i0, rows, wg, b, out, a_out, mode)
 
     run_chunks(len(bands), 1, scratch, work)
     return out
@@ -529,7 +548,7 @@ def _vjp_rows(g, w, padding, dilation, out):
         for a in range(kh):
             _gemm(c_, nc * plane, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg, gs.shape[1],
                   gin, 0, gin.shape[1], 0.0 if a == 0 else 1.0)
-        _crop(gin, n0, nc, hg, wg, zero, out)
+        _crop(gin, n0, nc, hg, wg, zero, out, out, 0)
 
     run_chunks(n_, nb, scratch, work)
     return out
@@ -565,7 +584,7 @@ def _vjp_rows_shift_out(g, w, padding, dilation, out):
     return out
 
 
-def _forward_im2col(x, w, b, stride, padding, dilation, out):
+def _forward_im2col(x, w, b, stride, padding, dilation, out, a_out, mode):
     """z = W (K, C*kh*kw) @ cols (C*kh*kw, chunk columns)."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n_, c_ = x.shape[:2]
@@ -582,7 +601,7 @@ def _forward_im2col(x, w, b, stride, padding, dilation, out):
         cols, z = buffers
         im2col_chunk(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
         _gemm(k_, nc * plane, rows, w2, 0, rows, cols, 0, cols.shape[1], z, 0, z.shape[1], 0.0)
-        _crop(z, n0, nc, ho, wo, b, out)
+        _crop(z, n0, nc, ho, wo, b, out, a_out, mode)
 
     run_chunks(n_, nb, scratch, work)
     return out

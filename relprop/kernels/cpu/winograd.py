@@ -198,10 +198,11 @@ def _input_transform(x, segs, ph, pw, tw, cst, v):
 
 
 @_jit
-def _output_transform(m, segs, tw, cst, bias, out):
+def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
     """out[n, :, 4i + a, 4j + b] = (A^T M A)[a, b] + bias for M[x, y] = m[x*6 + y, t*K : (t+1)*K], the
     t-th tile (n, i, j) of the chunk (order as in :func:`_input_transform`); rows and columns past
-    the output's edge (the last tiles' overhang) are dropped."""
+    the output's edge (the last tiles' overhang) are dropped.  ``a_out``, ``mode``: the ReLU that
+    follows, fused into the write-out (:func:`relprop.kernels.cpu.conv2d.emit`)."""
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     c2, c4, c8 = cst[0], cst[1], cst[3]
     s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
@@ -223,12 +224,22 @@ def _output_transform(m, segs, tw, cst, bias, out):
                               s[5, b, kl:kh], o[0, J + b], o[1, J + b], o[2, J + b], o[3, J + b], c2, c4, c8)
             for a in range(min(4, ho - 4 * i)):  # back to NCHW, adding the bias
                 oa = o[a]
-                d = out[n, :, 4 * i + a]
+                d, r = out[n, :, 4 * i + a], a_out[n, :, 4 * i + a]
                 for k in range(k_):
                     bk = bias[k]
                     dk = d[k]
-                    for w in range(wo):
-                        dk[w] = oa[w, k] + bk
+                    if mode == 2:
+                        for w in range(wo):
+                            v = oa[w, k] + bk
+                            dk[w] = 0 if v < 0 else v
+                    else:
+                        for w in range(wo):
+                            dk[w] = oa[w, k] + bk
+                        if mode == 1:
+                            rk = r[k]
+                            for w in range(wo):
+                                v = dk[w]
+                                rk[w] = 0 if v < 0 else v
     return out
 
 
@@ -348,12 +359,25 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, u, b, padding, out, gemm):
+def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
     """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
     the filters' transform ``u`` = :func:`transformed_filters` of w.
 
     ``gemm`` is the BLAS call of :mod:`relprop.kernels.cpu.conv2d` (row-major, on windows of flat
-    buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo)."""
+    buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo).  ``a_out``, ``mode``:
+    the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (mode 0: none).
+
+    Two schedules, both with every thread's BLAS held to one thread:
+
+    * by chunks of tiles (enough tiles for two chunks per thread, or one thread): each thread
+      transforms, multiplies and transforms back whole chunks in its own scratch;
+    * few tiles (VGG-16 at batch 4 past its third block: 64-196 tiles): the whole problem is one
+      chunk, in three phases over shared buffers: input transform by tile rows, the 36 GEMMs by
+      blocks of output channels (each thread reads its columns of U once: U is 38 MB at 512
+      channels, so splitting the tiles instead would read it once per thread), output transform
+      by tile rows.  Before, a single chunk ran with BLAS's own threads, whose workers then kept
+      spinning and took a core from the next convolution (33 ms instead of 18 ms).
+    """
     ph, pw = padding
     n_, c_ = x.shape[:2]
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
@@ -368,6 +392,9 @@ def conv3x3_winograd(x, u, b, padding, out, gemm):
     if threads > 1:
         max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-_config.WINOGRAD_CHUNK_TILES // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
+    a_out = out if a_out is None else a_out
+    if threads > 1 and -(-len(segs) // per_chunk) < threads:
+        return _few_tiles(x, u, b, padding, out, gemm, threads, a_out, mode)
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
@@ -380,7 +407,39 @@ def conv3x3_winograd(x, u, b, padding, out, gemm):
         v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_))
         for xi in range(36):  # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K)
             gemm(t, k_, c_, v, xi * t * c_, c_, u, xi * c_ * k_, k_, mf, xi * t * k_, k_, 0.0)
-        _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b, out)
+        _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b, out, a_out, mode)
 
     run_chunks(len(segs), per_chunk, scratch, work)
+    return out
+
+
+def _few_tiles(x, u, b, padding, out, gemm, threads, a_out, mode):
+    """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads."""
+    ph, pw = padding
+    n_, c_ = x.shape[:2]
+    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    th, tw = -(-ho // 4), -(-wo // 4)
+    cst = np.array([2, 4, 5, 8], x.dtype)
+    rows = np.array([(n, i, 1) for n in range(n_) for i in range(th)], dtype=np.int64)  # one tile row each
+    t = len(rows) * tw
+    # shared between the threads, so not the per-thread scratch (slots 2, 3 of the calling thread)
+    v = _scratch(2, 36 * t * c_, x.dtype).reshape(36, t * c_)
+    m = _scratch(3, 36 * t * k_, x.dtype).reshape(36, t * k_)
+    per_rows = -(-len(rows) // threads)
+
+    def transform_in(r0, count, _):
+        _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_])
+
+    def multiply(k0, count, _):  # M[xi][:, k0:k0+count] = V[xi] @ U[xi][:, k0:k0+count]
+        for xi in range(36):
+            gemm(t, count, c_, v, xi * t * c_, c_, u, xi * c_ * k_ + k0, k_, m, xi * t * k_ + k0, k_, 0.0)
+
+    def transform_out(r0, count, _):
+        _output_transform(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out, a_out,
+                          mode)
+
+    run_chunks(len(rows), per_rows, lambda: None, transform_in)
+    per_k = -(-k_ // threads)
+    run_chunks(k_, -(-per_k // 16) * 16, lambda: None, multiply)  # blocks of whole cache lines of U
+    run_chunks(len(rows), per_rows, lambda: None, transform_out)
     return out

@@ -21,6 +21,7 @@ from numba import cuda, int32, uint32
 
 from ... import _config
 from ._launch import check_index_range, empty, launch_grid, matmul, scalar
+from .elementwise import relu_forward
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
@@ -101,12 +102,13 @@ def chunk_samples(n, rows, n_pos, itemsize):
     return max(1, min(n, int(_config.CUDA_SCRATCH_BYTES) // per_sample))
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out):
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.
 
     Per chunk of samples: im2col (one thread per column entry, zero padding written
     explicitly, a last row of ones) and one batched GEMM ``[W | b] @ cols[n]`` that writes
-    ``out[n]`` (K, Ho·Wo) for every sample n of the chunk.
+    ``out[n]`` (K, Ho·Wo) for every sample n of the chunk.  ``a_out``: the ReLU kernel after
+    it (in place when ``a_out is out``).
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n = x.shape[0]
@@ -127,6 +129,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
         cols = cols_buf[:nc * (rows + 1) * n_pos].reshape(nc, rows + 1, n_pos)
         launch_grid(im2col_kernel, cols.shape, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, False, cols)
         matmul(wb, cols, out3[n0:n0 + nc])
+    if a_out is not None:
+        relu_forward(out, a_out)  # one thread per element: in place is safe
     return out
 
 

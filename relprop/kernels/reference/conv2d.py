@@ -28,8 +28,12 @@ def _tap(offset, step, count, dil):
     return slice(start, start + step * (count - 1) + 1, step)
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out):
-    """Convolution forward.  Shapes: x (N,C,H,W), w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo)."""
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
+    """Convolution forward.  Shapes: x (N,C,H,W), w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo).
+
+    ``a_out`` (N,K,Ho,Wo): the ReLU after the convolution in the same call, a_out = max(z, 0);
+    when ``a_out`` *is* ``out``, out receives max(z, 0) instead of z (a conv + ReLU pair whose z
+    is not needed; the CPU kernels fuse the ReLU into the pass that writes z)."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = w.shape[2:]
     ho, wo = out.shape[2:]
@@ -40,6 +44,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out):
             patch = x_pad[:, :, _tap(a, sh, ho, dh), _tap(e, sw, wo, dw)]  # (N, C, Ho, Wo)
             z += np.einsum("kc,nchw->nkhw", w[:, :, a, e], patch)
     out[...] = z
+    if a_out is not None:
+        np.maximum(z, 0, out=a_out)  # relu_forward: NaN passes
     return out
 
 
