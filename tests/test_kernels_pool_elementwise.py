@@ -85,6 +85,26 @@ def test_maxpool2d_2x2_nan_plane_takes_the_nan_aware_scan():
     assert out[0, 1, 0, 0] == 4.0 and sw[0, 1, 0, 0] == 1
 
 
+@pytest.mark.parametrize("twin", ["serial", "parallel"])
+def test_maxpool2d_2x2_rows_path_is_taken_and_falls_back_on_inf(twin, monkeypatch):
+    """Even H and W take the branch-free row kernel (both compiled twins); an infinite input (x*0 is
+    NaN) sends the call to the plane scan, which gives the reference's answer."""
+    rng = np.random.default_rng(0)
+    x = np.round(rng.standard_normal((2, 3, 6, 8)), 1)  # ties
+    calls = []
+    kernel = getattr(cpu_pool._maxpool_2x2_rows, twin)
+    monkeypatch.setattr(cpu_pool, "_maxpool_2x2_rows", lambda *a: calls.append(1) or kernel(*a))
+    for v in (None, np.inf, -np.inf):
+        if v is not None:
+            x[1, 2, 3, 5] = v
+        out, sw = K.maxpool2d_forward(x, 2, 2, 0, backend="cpu", check_finite=False)
+        out_ref, sw_ref = K.maxpool2d_forward(x, 2, 2, 0, backend="reference", check_finite=False)
+        np.testing.assert_array_equal(sw, sw_ref)
+        assert out.tobytes() == out_ref.tobytes()
+    assert len(calls) == 3
+    assert kernel(x.reshape(18, 16), np.empty((18, 4)), np.empty((18, 4), np.int64), 3, 8) == 1  # the row of the -inf
+
+
 def test_maxpool2d_ties_pick_first_in_row_major_order():
     x = np.array([[[[1.0, 2.0, 2.0],
                     [2.0, 0.0, 1.0],

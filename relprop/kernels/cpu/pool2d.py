@@ -88,9 +88,60 @@ def _maxpool_plane_2x2(xp, op, sp):
             sp[i, j] = best_k
 
 
-@parallel_above()
+@parallel_above("maxpool2d_forward")
+def _maxpool_2x2_rows(x2, out2, sw2, ho, wd):
+    """The 2x2 stride-2 unpadded max-pool of an input with even H and W, by output rows: ``x2``
+    (Q, 2W) is x (N, C, H, W) with Q = N*C*Ho rows, each its two input rows; prange over the rows.
+    Branch-free: the maximum first (selects, ties to the earlier element), then the switch by
+    selects in reverse order, so the first of the four in row-major order that equals the
+    maximum wins, which is the first maximum.  Returns the number of rows whose inputs hold a
+    NaN or an infinity (x*0 is then NaN): the caller redoes those pools with the NaN-aware scan."""
+    bad = 0
+    wo = out2.shape[1]
+    for q in prange(x2.shape[0]):
+        r0, r1, o, s = x2[q, :wd], x2[q, wd:], out2[q], sw2[q]
+        for j in range(wo):
+            m0, m1, m2, m3 = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
+            ma = m1 if m1 > m0 else m0
+            mb = m3 if m3 > m2 else m2
+            o[j] = mb if mb > ma else ma
+        base = (q % ho) * 2 * wd
+        for j in range(wo):
+            m = o[j]
+            k = wd + 1
+            k = wd if r1[2 * j] == m else k
+            k = 1 if r0[2 * j + 1] == m else k
+            k = 0 if r0[2 * j] == m else k
+            s[j] = base + 2 * j + k
+        finite = 0.0
+        for j in range(2 * wd):
+            finite += x2[q, j] * 0.0
+        bad += finite != finite
+    return bad
+
+
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_forward`.
+
+    The common 2x2 stride-2 unpadded pool of a C-contiguous input with even H and W runs as
+    rows (:func:`_maxpool_2x2_rows`, branch-free: 1.1-1.3x the plane scan's branches on LeNet's
+    and CIFAR-VGG's pools, where the plane scan is near memory speed already); the rest, and
+    any input holding a NaN or an infinity, as planes (:func:`_maxpool_planes`)."""
+    n_, c_, h_, w_ = x.shape
+    if tuple(kernel) == (2, 2) and tuple(stride) == (2, 2) and tuple(padding) == (0, 0) and h_ % 2 == 0 \
+            and w_ % 2 == 0 and x.size and x.flags.c_contiguous and out.flags.c_contiguous \
+            and switches.flags.c_contiguous:
+        q_ = n_ * c_ * (h_ // 2)
+        bad = _maxpool_2x2_rows(x.reshape(q_, 2 * w_), out.reshape(q_, w_ // 2), switches.reshape(q_, w_ // 2),
+                                h_ // 2, w_)
+        if bad == 0:
+            return out, switches
+    return _maxpool_planes(x, kernel, stride, padding, out, switches)
+
+
+@parallel_above("maxpool2d_forward")
+def _maxpool_planes(x, kernel, stride, padding, out, switches):
+    """The max-pool by planes (any geometry).
 
     Parallel over (n, c) planes, one thread per plane.  Each window is scanned in row-major
     order over its real (unpadded) inputs with a strict ``>``, so ties go to the first
