@@ -164,6 +164,55 @@ def test_maxpool2d_with_switches(benchmark, record_rate, name, x_shape, backend)
            label=f"{name} {'x'.join(map(str, x_shape))}")
 
 
+def _alternating_medians(fns, rounds):
+    """Median seconds of each callable, timed round-robin so that all see the same machine load, the
+    order reversed every other round (whichever runs first after another finds its memory cold)."""
+    times = [[] for _ in fns]
+    for r in range(rounds):
+        order = list(enumerate(fns))
+        for k, fn in (order[::-1] if r % 2 else order):
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
+
+@pytest.mark.benchmark(group="maxpool2d_rows")
+@pytest.mark.parametrize("name,x_shape", POOLS, ids=_ids(POOLS))
+def test_maxpool2d_rows_vs_planes(benchmark, request, name, x_shape):
+    """The CPU 2x2 max-pool's branch-free row kernel against its plane scan, alternating:
+    ``extra_info["planes_over_rows"]`` (> 1: the rows are faster); both give the same bits."""
+    from relprop.kernels.cpu import pool2d
+
+    x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
+    shape = x_shape[:2] + (x_shape[2] // 2, x_shape[3] // 2)
+    out, sw = np.empty(shape, np.float32), np.empty(shape, np.int64)
+    out_p, sw_p = np.empty(shape, np.float32), np.empty(shape, np.int64)
+    rows = lambda: pool2d.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), out, sw)  # noqa: E731
+    planes = lambda: pool2d._maxpool_planes(x, (2, 2), (2, 2), (0, 0), out_p, sw_p)  # noqa: E731
+    rows(), planes()
+    assert out.tobytes() == out_p.tobytes() and np.array_equal(sw, sw_p)
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_rows, t_planes = _alternating_medians((rows, planes), 1 if smoke else 20)
+    benchmark.pedantic(rows, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(planes_over_rows=t_planes / t_rows)
+
+
+@pytest.mark.benchmark(group="conv2d_relu")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONVS, ids=_ids(CONVS))
+def test_conv2d_relu_fused_vs_separate(benchmark, request, name, x_shape, w_shape, padding):
+    """A conv + ReLU pair as one call (the ReLU in the write-out; z not kept, as in a forward) against
+    the conv and then the ReLU kernel, alternating: ``extra_info["separate_over_fused"]``."""
+    x, w, b, geometry, _, _ = _conv_case(x_shape, w_shape, padding)
+    fused = lambda: _ops.conv2d_forward_relu(x, w, b, *geometry, "cpu", keep_z=False)[1]  # noqa: E731
+    separate = lambda: _ops.relu_forward(_ops.conv2d_forward(x, w, b, *geometry, "cpu"), "cpu")  # noqa: E731
+    assert fused().tobytes() == separate().tobytes()
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
+    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)
