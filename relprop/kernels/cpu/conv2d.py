@@ -54,7 +54,7 @@ from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
-from .winograd import conv3x3_winograd, transformed_filters, winograd_applies
+from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp"]
 
@@ -230,25 +230,6 @@ def _shifted_rows(src, n0, nb, kw, off0, doff, hg, wg, margin, dst):
                         _fill0(dr[j1:])
                     _fill0(d[hs * wg:])
     return dst
-
-
-@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
-def emit(d, a, s, bk, mode):
-    """The epilogue of every forward path, one output row: d = s + bk (``mode`` 0); and a = relu(d)
-    as well (1); or d = relu(s + bk) (2: the ReLU fused in place).  One store stream per loop (each
-    vectorises); mode 1 reads d back while it is in L1.  relu(v) = 0 if v < 0 else v: NaN passes,
-    as :func:`relprop.kernels.cpu.elementwise.relu_forward`."""
-    if mode == 2:
-        for q in range(d.size):
-            v = s[q] + bk
-            d[q] = 0 if v < 0 else v
-    else:
-        for q in range(d.size):
-            d[q] = s[q] + bk
-        if mode == 1:
-            for q in range(d.size):
-                v = d[q]
-                a[q] = 0 if v < 0 else v
 
 
 @_jit

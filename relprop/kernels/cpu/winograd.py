@@ -150,6 +150,26 @@ def _at_lanes(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3, c2, c4, c8):
         o3[q] = m1[q] - m2[q] + c8 * (m3[q] - m4[q]) + m5[q]
 
 
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def emit(d, a, s, bk, mode):
+    """The epilogue of every CPU forward convolution path (this module's and
+    :mod:`relprop.kernels.cpu.conv2d`'s), one output row: d = s + bk (``mode`` 0); and a = relu(d)
+    as well (1); or d = relu(s + bk) (2: the ReLU fused in place).  One store stream per loop (each
+    vectorises); mode 1 reads d back while it is in L1.  relu(v) = 0 if v < 0 else v: NaN passes,
+    as :func:`relprop.kernels.cpu.elementwise.relu_forward`."""
+    if mode == 2:
+        for q in range(d.size):
+            v = s[q] + bk
+            d[q] = 0 if v < 0 else v
+    else:
+        for q in range(d.size):
+            d[q] = s[q] + bk
+        if mode == 1:
+            for q in range(d.size):
+                v = d[q]
+                a[q] = 0 if v < 0 else v
+
+
 # ============================================================================================
 # Into and out of the transform domain, one chunk of tile rows at a time
 # ============================================================================================
@@ -202,7 +222,7 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
     """out[n, :, 4i + a, 4j + b] = (A^T M A)[a, b] + bias for M[x, y] = m[x*6 + y, t*K : (t+1)*K], the
     t-th tile (n, i, j) of the chunk (order as in :func:`_input_transform`); rows and columns past
     the output's edge (the last tiles' overhang) are dropped.  ``a_out``, ``mode``: the ReLU that
-    follows, fused into the write-out (:func:`relprop.kernels.cpu.conv2d.emit`)."""
+    follows, fused into the write-out (:func:`emit`)."""
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     c2, c4, c8 = cst[0], cst[1], cst[3]
     s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
@@ -226,20 +246,7 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
                 oa = o[a]
                 d, r = out[n, :, 4 * i + a], a_out[n, :, 4 * i + a]
                 for k in range(k_):
-                    bk = bias[k]
-                    dk = d[k]
-                    if mode == 2:
-                        for w in range(wo):
-                            v = oa[w, k] + bk
-                            dk[w] = 0 if v < 0 else v
-                    else:
-                        for w in range(wo):
-                            dk[w] = oa[w, k] + bk
-                        if mode == 1:
-                            rk = r[k]
-                            for w in range(wo):
-                                v = dk[w]
-                                rk[w] = 0 if v < 0 else v
+                    emit(d[k], r[k], oa[:wo, k], bias[k], mode)
     return out
 
 
@@ -365,7 +372,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
 
     ``gemm`` is the BLAS call of :mod:`relprop.kernels.cpu.conv2d` (row-major, on windows of flat
     buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo).  ``a_out``, ``mode``:
-    the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (mode 0: none).
+    the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (:func:`emit`; mode 0: none).
 
     Two schedules, both with every thread's BLAS held to one thread:
 
@@ -394,7 +401,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
     segs, per_chunk = _segments(n_, th, max_rows)
     a_out = out if a_out is None else a_out
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        return _few_tiles(x, u, b, padding, out, gemm, threads, a_out, mode)
+        return _few_tiles(x, u, b, (ph, pw, th, tw), cst, out, gemm, threads, a_out, mode)
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
@@ -413,13 +420,11 @@ def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
     return out
 
 
-def _few_tiles(x, u, b, padding, out, gemm, threads, a_out, mode):
-    """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads."""
-    ph, pw = padding
-    n_, c_ = x.shape[:2]
-    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
-    th, tw = -(-ho // 4), -(-wo // 4)
-    cst = np.array([2, 4, 5, 8], x.dtype)
+def _few_tiles(x, u, b, tiling, cst, out, gemm, threads, a_out, mode):
+    """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
+    ``tiling`` = (ph, pw, tile rows, tile columns)."""
+    ph, pw, th, tw = tiling
+    n_, c_, k_ = x.shape[0], x.shape[1], out.shape[1]
     rows = np.array([(n, i, 1) for n in range(n_) for i in range(th)], dtype=np.int64)  # one tile row each
     t = len(rows) * tw
     # shared between the threads, so not the per-thread scratch (slots 2, 3 of the calling thread)
