@@ -204,7 +204,7 @@ def test_conv2d_relu_fused_vs_separate(benchmark, request, name, x_shape, w_shap
     """A conv + ReLU pair as one call (the ReLU in the write-out; z not kept, as in a forward) against
     the conv and then the ReLU kernel, alternating: ``extra_info["separate_over_fused"]``."""
     x, w, b, geometry, _, _ = _conv_case(x_shape, w_shape, padding)
-    fused = lambda: _ops.conv2d_forward_relu(x, w, b, *geometry, "cpu", keep_z=False)[1]  # noqa: E731
+    fused = lambda: _ops.conv2d_forward(x, w, b, *geometry, "cpu", relu=True, keep_z=False)[1]  # noqa: E731
     separate = lambda: _ops.relu_forward(_ops.conv2d_forward(x, w, b, *geometry, "cpu"), "cpu")  # noqa: E731
     assert fused().tobytes() == separate().tobytes()
     smoke = bool(request.config.getoption("benchmark_disable", False))

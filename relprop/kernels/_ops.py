@@ -35,24 +35,18 @@ def conv2d_output_shape(x_shape, w_shape, stride, padding, dilation):
             conv_output_size(wd, kw, stride[1], padding[1], dilation[1]))
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, backend):
-    xp = _xp(x)
-    out = xp.empty(conv2d_output_shape(x.shape, w.shape, stride, padding, dilation), dtype=x.dtype)
-    if b is None:
-        b = xp.zeros(w.shape[0], dtype=x.dtype)
-    return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, out)
-
-
-def conv2d_forward_relu(x, w, b, stride, padding, dilation, backend, keep_z=True):
-    """A conv2d followed by a ReLU in one kernel call: ``(z, relu(z))``, or ``(None, relu(z))``
-    without ``keep_z`` (then z is never written: the CPU kernels apply the ReLU in the pass that
+def conv2d_forward(x, w, b, stride, padding, dilation, backend, relu=False, keep_z=True):
+    """z = conv2d(x), or with ``relu`` the pair ``(z, relu(z))`` in one kernel call (``(None, relu(z))``
+    without ``keep_z``: z is then never written, the CPU kernels apply the ReLU in the pass that
     would write it; with ``keep_z`` they write both in that pass)."""
     xp = _xp(x)
     shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
     if b is None:
         b = xp.zeros(w.shape[0], dtype=x.dtype)
-    a = xp.empty(shape, dtype=x.dtype)
-    z = xp.empty(shape, dtype=x.dtype) if keep_z else a
+    z = xp.empty(shape, dtype=x.dtype)
+    if not relu:
+        return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z)
+    a = xp.empty(shape, dtype=x.dtype) if keep_z else z
     kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z, a)
     return (z if keep_z else None), a
 

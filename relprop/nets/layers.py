@@ -168,7 +168,7 @@ class Conv2d(_Parametric):
         """This layer and a ReLU after it in one call: ``(z, relu(z))`` (z None without ``keep_z``);
         the graph uses it for a conv whose only reader is a ReLU (the CPU kernels fuse the two)."""
         w, b = self.params(x)
-        return _ops.conv2d_forward_relu(x, w, b, self.stride, self.padding, self.dilation, backend, keep_z)
+        return _ops.conv2d_forward(x, w, b, self.stride, self.padding, self.dilation, backend, relu=True, keep_z=keep_z)
 
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
