@@ -100,11 +100,13 @@ def _maxpool_2x2_rows(x2, out2, sw2, ho, wd):
     wo = out2.shape[1]
     for q in prange(x2.shape[0]):
         r0, r1, o, s = x2[q, :wd], x2[q, wd:], out2[q], sw2[q]
+        finite = r0[0] * 0  # stays 0 unless an input is NaN or infinite
         for j in range(wo):
             m0, m1, m2, m3 = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
             ma = m1 if m1 > m0 else m0
             mb = m3 if m3 > m2 else m2
             o[j] = mb if mb > ma else ma
+            finite += (m0 + m1 + m2 + m3) * 0
         base = (q % ho) * 2 * wd
         for j in range(wo):
             m = o[j]
@@ -113,9 +115,6 @@ def _maxpool_2x2_rows(x2, out2, sw2, ho, wd):
             k = 1 if r0[2 * j + 1] == m else k
             k = 0 if r0[2 * j] == m else k
             s[j] = base + 2 * j + k
-        finite = 0.0
-        for j in range(2 * wd):
-            finite += x2[q, j] * 0.0
         bad += finite != finite
     return bad
 
@@ -124,8 +123,9 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_forward`.
 
     The common 2x2 stride-2 unpadded pool of a C-contiguous input with even H and W runs as
-    rows (:func:`_maxpool_2x2_rows`, branch-free: 1.1-1.3x the plane scan's branches on LeNet's
-    and CIFAR-VGG's pools, where the plane scan is near memory speed already); the rest, and
+    rows (:func:`_maxpool_2x2_rows`, branch-free: 1.08-1.81x the plane scan's branches on LeNet's
+    and CIFAR-VGG's pools, bench/test_bench_kernels.py; the plane scan is near memory speed on
+    the largest); the rest, and
     any input holding a NaN or an infinity, as planes (:func:`_maxpool_planes`)."""
     n_, c_, h_, w_ = x.shape
     if tuple(kernel) == (2, 2) and tuple(stride) == (2, 2) and tuple(padding) == (0, 0) and h_ % 2 == 0 \
