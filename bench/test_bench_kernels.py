@@ -309,3 +309,40 @@ def test_vgg_forward_cpu(benchmark, record_rate):
     logits = benchmark.pedantic(vgg_forward, args=(x, params, "cpu"), rounds=15, warmup_rounds=1)
     assert logits.shape == (64, 10)
     record_rate(benchmark, flops=vgg_flops(64), backend="cpu", label="vgg forward 64x3x32x32")
+
+
+@pytest.mark.benchmark(group="conv2d_lanes")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONVS[:3], ids=_ids(CONVS[:3]))
+def test_conv2d_lanes_vs_gemm(benchmark, request, name, x_shape, w_shape, padding):
+    """The narrow layers' direct convolution with the batch in lanes (forward with its ReLU, and the
+    input-VJP) against the GEMM paths (``_config.CONV_LANES = 0``), alternating:
+    ``extra_info["gemm_over_lanes"]`` for the forward and ``vjp_gemm_over_lanes``.  vgg.conv1 is the
+    control: 64 output channels, no lanes either way (its VJP measured 0.76x in lanes)."""
+    from relprop import _config
+
+    x, w, b, geometry, _, _ = _conv_case(x_shape, w_shape, padding)
+    g = np.random.default_rng(1).standard_normal(_ops.conv2d_forward(x, w, b, *geometry, "cpu").shape)
+    g = g.astype(np.float32)
+
+    def with_lanes(lanes, fn):
+        def run():
+            saved, _config.CONV_LANES = _config.CONV_LANES, lanes
+            try:
+                return fn()
+            finally:
+                _config.CONV_LANES = saved
+        return run
+
+    fwd = lambda: _ops.conv2d_forward(x, w, b, *geometry, "cpu", relu=True, keep_z=False)[1]  # noqa: E731
+    vjp = lambda: _ops.conv2d_vjp(g, w, x.shape, *geometry, "cpu")  # noqa: E731
+    on = _config.CONV_LANES
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    rounds = 1 if smoke else 20
+    ratios = {}
+    for key, fn in (("gemm_over_lanes", fwd), ("vjp_gemm_over_lanes", vjp)):
+        lanes, gemm = with_lanes(on, fn), with_lanes(0, fn)
+        np.testing.assert_allclose(lanes(), gemm(), rtol=1e-4, atol=1e-4 * float(np.abs(gemm()).max()))
+        t_lanes, t_gemm = _alternating_medians((lanes, gemm), rounds)
+        ratios[key] = t_gemm / t_lanes
+    benchmark.pedantic(with_lanes(on, fwd), rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(ratios)

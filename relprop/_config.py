@@ -37,6 +37,18 @@ CONV_CHUNK_BYTES = 16 * 1024 * 1024
 #: (C*kh*kw result rows) and a col2im feed BLAS better (3 channels: 3x faster).
 CONV_VJP_ROWS_MIN_CHANNELS = 8
 
+#: Narrow stride-1 CPU convolutions (at most CONV_LANES_MAX_CHANNELS input and output channels:
+#: LeNet's 1->6 and 6->16 5x5 layers, and their input-VJPs) run direct, the batch laid out as the
+#: fastest-varying index in blocks of up to CONV_LANES samples whose scratch stays within
+#: CONV_LANES_BYTES (relprop.kernels.cpu.conv2d, "lanes"): every tap is then one long vector
+#: multiply-add, where the row-shift GEMMs with 1-16 result rows feed BLAS badly.  Measured on an
+#: idle 2-core machine, two threads, interleaved, LeNet-5's layers at batch 256: forward 1.1-1.25x,
+#: input-VJP 1.2-2.4x the GEMM paths; on CIFAR-VGG's 3->64 first layer the VJP ran 0.76x, hence
+#: the bound on both channel counts.  0: never.
+CONV_LANES = 64
+CONV_LANES_BYTES = 512 * 1024
+CONV_LANES_MAX_CHANNELS = 16
+
 #: Default bound on how many modified inputs go through the net at once
 #: (input-level methods: SmoothGrad, Integrated Gradients, occlusion, perturbation).
 DEFAULT_BATCH_SIZE = 64

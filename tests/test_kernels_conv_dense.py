@@ -1,9 +1,10 @@
 """Numba CPU dense and conv2d kernels against their NumPy references.
 
 Everything goes through the public entry points in :mod:`relprop.kernels` with
-``backend="cpu"`` vs ``backend="reference"``.  The cpu convolution has two paths (row-shift
-GEMMs for stride 1 with enough channels, explicit im2col otherwise) and works in chunks of
-samples; the tests pin each path and force several chunks by patching ``relprop._config``.
+``backend="cpu"`` vs ``backend="reference"``.  The cpu convolution has three paths (direct
+"lanes" for narrow stride-1 layers, row-shift GEMMs for other stride-1 layers with enough channels,
+explicit im2col otherwise) and works in chunks of samples; the tests pin each path and force
+several chunks (and short blocks of lanes) by patching ``relprop._config``.
 """
 import numpy as np
 import pytest
@@ -18,15 +19,20 @@ from relprop.kernels.cpu import conv2d as cpu_conv
 from test_kernels_winograd import always_winograd
 
 DTYPES = [np.float32, np.float64]
-PATHS = ["rows", "im2col"]
+PATHS = ["rows", "im2col", "lanes"]
 
 
 def pin(mp, path, chunk_bytes):
     """Route every cpu convolution through ``path`` (where its stride allows; "auto": the
-    module's own choice) with chunks of ``chunk_bytes``."""
+    module's own choice) with chunks of ``chunk_bytes``.  For "lanes" the chunk size picks the
+    samples per block instead: 1 (1 byte), 2 (a batch of 3 ends in a short block) or 16 (one short
+    block for every batch drawn here)."""
     if path != "auto":
-        rows = path == "rows"
+        rows, lanes = path == "rows", path == "lanes"
         mp.setattr(cpu_conv, "_rows_path", lambda transposed, stride, channels: rows and stride == (1, 1))
+        mp.setattr(cpu_conv, "_lanes_path", lambda stride, c, k: lanes and stride == (1, 1))
+        if lanes:
+            mp.setattr(config, "CONV_LANES", {1: 1, 2000: 2}.get(chunk_bytes, 16))
     mp.setattr(config, "CONV_CHUNK_BYTES", chunk_bytes)
 
 
@@ -257,6 +263,7 @@ def test_conv2d_bands_of_rows_match_reference(dtype, problem):
     b = rng.standard_normal(w_shape[0]).astype(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "CONV_CHUNK_BYTES", chunk)
+        mp.setattr(config, "CONV_LANES", 0)  # narrow layers would take the lanes instead
         z = K.conv2d_forward(x, w, b, 1, padding, dilation, backend="cpu")
         assert_close(z, K.conv2d_forward(x, w, b, 1, padding, dilation, backend="reference"),
                      reduction_len=w_shape[1] * w_shape[2] * w_shape[3])
@@ -324,3 +331,53 @@ def test_dense_column_blocks_match_reference(dtype, n, i, j, threads, seed):
         gx = K.dense_vjp(g, w, backend="cpu")
     assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=i)
     assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=j)
+
+
+# ---------------------------------------------------------------- direct convolution in lanes
+
+def test_conv2d_lanes_dispatch(monkeypatch, rng):
+    """Stride-1 layers with at most CONV_LANES_MAX_CHANNELS input and output channels take the lanes
+    (the input-VJP where its flipped padding is >= 0); wider or strided layers do not."""
+    taken = []
+    real = cpu_conv._forward_lanes
+    monkeypatch.setattr(cpu_conv, "_forward_lanes", lambda *a: taken.append(a[1].shape) or real(*a))
+    x = rng.standard_normal((3, 6, 12, 12)).astype(np.float32)
+    for w_shape, stride, padding, fwd, vjp in [
+        ((16, 6, 5, 5), 1, 0, True, True),     # LeNet-5's second layer
+        ((17, 6, 5, 5), 1, 0, False, False),   # K = 17: both go to the GEMMs
+        ((4, 6, 1, 1), 1, 0, True, True),
+        ((16, 6, 3, 3), 2, 1, False, False),   # stride 2
+        ((4, 6, 1, 1), 1, 1, True, False),     # the VJP's flipped padding would be -1
+    ]:
+        w = rng.standard_normal(w_shape).astype(np.float32)
+        taken.clear()
+        z = K.conv2d_forward(x, w, None, stride, padding, backend="cpu")
+        assert bool(taken) == fwd
+        taken.clear()
+        K.conv2d_vjp(np.ones_like(z), w, x.shape, stride, padding, backend="cpu")
+        assert bool(taken) == vjp
+    monkeypatch.setattr(config, "CONV_LANES", 0)
+    taken.clear()
+    K.conv2d_forward(x, rng.standard_normal((6, 6, 5, 5)).astype(np.float32), None, 1, 0, backend="cpu")
+    assert not taken
+
+
+@pytest.mark.parametrize("lanes", [1, 5, 16])
+@pytest.mark.parametrize("kernel", [(5, 3), (3, 5), (2, 4)])  # the unrolled kw = 3 and 5, and the generic loop
+def test_conv2d_lanes_are_bitwise_deterministic_and_threads_agree(lanes, kernel, rng):
+    """Blocks of lanes shared out to 1, 2 or 3 threads (a short last block: 37 samples) give the same
+    bits, and match the reference (forward and input-VJP)."""
+    x = rng.standard_normal((37, 6, 12, 11)).astype(np.float32)
+    w = rng.standard_normal((16, 6) + kernel).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    got = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        for threads in (1, 2, 3):
+            mp.setattr(config, "CONV_THREADS", threads)
+            z = K.conv2d_forward(x, w, b, 1, (1, 2), backend="cpu")
+            gx = K.conv2d_vjp(z, w, x.shape, 1, (1, 2), backend="cpu")
+            got.append(z.tobytes() + gx.tobytes())
+    assert got[0] == got[1] == got[2]
+    assert_close(z, K.conv2d_forward(x, w, b, 1, (1, 2), backend="reference"), reduction_len=6 * kernel[0] * kernel[1])
+    assert_close(gx, K.conv2d_vjp(z, w, x.shape, 1, (1, 2), backend="reference"), reduction_len=16 * kernel[0] * kernel[1])
