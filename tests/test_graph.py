@@ -440,3 +440,28 @@ def test_a_conv_read_by_more_than_its_relu_is_not_fused():
     x = np.random.default_rng(1).normal(size=(2, 1, 5, 5))
     z = net.trace(x, "cpu", preactivations=False).outputs[0]
     np.testing.assert_allclose(net.forward(x), z + np.maximum(z, 0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("ceil", [False, True])
+def test_a_forward_records_no_max_pool_switches(backend, ceil, monkeypatch):
+    """``trace(keep=False)`` (``net.forward`` and the input-level methods' forwards) asks every max-pool
+    for its maxima only: no switches recorded, the same output bit for bit as a full trace (ceil mode's
+    -inf extension included)."""
+    from relprop.kernels import _ops
+
+    spec = [{"type": "conv2d", "in": 2, "out": 3, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2, "ceil_mode": ceil}, {"type": "conv2d", "in": 3, "out": 2, "kernel": 2},
+            {"type": "relu"}, {"type": "maxpool2d", "kernel": 3, "stride": 2, "padding": 1}, {"type": "flatten"}]
+    rng = np.random.default_rng(3)
+    net = relprop.from_spec(spec, graph_weights(spec, rng))
+    x = np.round(rng.normal(size=(3, 2, 9, 9)), 1)  # ties
+    asked = []
+    real = _ops.maxpool2d_forward
+    monkeypatch.setattr(_ops, "maxpool2d_forward", lambda *a, **k: asked.append(a[5:] + tuple(k.values())) or real(*a, **k))
+    lean = net.trace(x, backend, keep=False)
+    assert asked == [(False,), (False,)] and lean.aux == {}
+    asked.clear()
+    full = net.trace(x, backend)
+    assert asked == [(True,), (True,)] and sorted(full.aux) == [2, 5]
+    assert lean.output.tobytes() == full.output.tobytes()

@@ -77,6 +77,29 @@ def test_maxpool2d_2x2_fast_path_matches_reference(dtype, n, c, h, w, fill, seed
     assert out.tobytes() == out_ref.tobytes()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=pool_problem(), two=st.booleans(), plant=st.sampled_from([None, np.nan, np.inf, -np.inf]))
+def test_maxpool2d_values_match_reference(dtype, problem, two, plant):
+    """The maxima without switches (forward passes that keep no record): any geometry, and the 2x2
+    stride-2 row kernel without its switch pass (``two``), ties, zeros, and a planted NaN or
+    infinity (the row falls back to the NaN-aware scan): bitwise the reference's maxima."""
+    shape, kernel, stride, padding, fill, seed = problem
+    if two:
+        kernel, stride, padding = (2, 2), (2, 2), (0, 0)
+        shape = shape[:2] + (max(2, shape[2]), max(2, shape[3]))
+    rng = np.random.default_rng(seed)
+    x = make_array(shape, fill, rng, dtype)
+    if plant is not None:
+        x.flat[rng.integers(x.size)] = plant
+    out_ref, _ = K.maxpool2d_forward(x, kernel, stride, padding, backend="reference", check_finite=False)
+    for twin in ("serial", "parallel"):
+        with pytest.MonkeyPatch.context() as mp:
+            rows = getattr(cpu_pool._maxpool_2x2_rows, twin)
+            mp.setattr(cpu_pool, "_maxpool_2x2_rows", rows)
+            out = cpu_pool.maxpool2d_values(x, kernel, stride, padding, np.full(out_ref.shape, 7, dtype))
+        assert out.tobytes() == out_ref.tobytes()
+
+
 def test_maxpool2d_2x2_nan_plane_takes_the_nan_aware_scan():
     x = np.array([[[[1.0, np.nan], [3.0, 2.0]], [[1.0, 4.0], [3.0, 2.0]]]])
     out, sw = cpu_pool.maxpool2d_forward(x, (2, 2), (2, 2), (0, 0), np.empty((1, 2, 1, 1)),

@@ -62,12 +62,18 @@ def pool_output_shape(x_shape, kernel, stride, padding):
             conv_output_size(wd, kernel[1], stride[1], padding[1]))
 
 
-def maxpool2d_forward(x, kernel, stride, padding, backend):
+def maxpool2d_forward(x, kernel, stride, padding, backend, switches=True):
+    """``(y, switches)``; with ``switches=False``, ``(y, None)``: where the backend has a kernel for the
+    maxima alone (CPU), the switches are never computed."""
     xp = _xp(x)
     shape = pool_output_shape(x.shape, kernel, stride, padding)
     out = xp.empty(shape, dtype=x.dtype)
-    switches = xp.empty(shape, dtype=np.int64)
-    return kernels(backend).maxpool2d_forward(x, kernel, stride, padding, out, switches)
+    K = kernels(backend)
+    if not switches and hasattr(K, "maxpool2d_values"):
+        return K.maxpool2d_values(x, kernel, stride, padding, out), None
+    sw = xp.empty(shape, dtype=np.int64)
+    y, sw = K.maxpool2d_forward(x, kernel, stride, padding, out, sw)
+    return y, (sw if switches else None)
 
 
 def maxunpool2d(g, switches, input_shape, backend):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import _validate as V
 from .._backend import array_namespace, resolve_backend
-from .layers import BatchNorm, Conv2d, Layer, ReLU
+from .layers import BatchNorm, Conv2d, Layer, MaxPool2d, ReLU
 
 INPUT = -1  # parent index of the net input
 
@@ -206,7 +206,8 @@ class Graph:
     def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True):
         """Forward pass recording every layer output and the max-pool switches (see :class:`Trace`).
 
-        ``keep=False`` releases each output once its last reader has run (a forward only).
+        ``keep=False`` releases each output once its last reader has run and records no max-pool
+        switches (a forward only).
         ``preactivations=False`` does not record the output z of a convolution read only by the
         ReLU after it (``outputs[i]`` is None there; the ReLU's output is recorded): for sweeps
         whose rules gate by relu(z) > 0, which is z > 0, and never read z itself.
@@ -232,6 +233,8 @@ class Graph:
                 outputs[i], outputs[i + 1] = layer.forward_relu(x if ps[0] == INPUT else outputs[ps[0]], backend,
                                                                 keep_z=keep and preactivations)
                 fused = True
+            elif not keep and type(layer) is MaxPool2d:  # no record kept: the maxima without switches
+                outputs[i], _ = layer.forward(x if ps[0] == INPUT else outputs[ps[0]], backend, switches=False)
             else:
                 got = [x if p == INPUT else outputs[p] for p in ps]
                 y, a = layer.forward(got if layer.n_inputs is None else got[0], backend)

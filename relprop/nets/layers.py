@@ -231,12 +231,13 @@ class MaxPool2d(_Pool):
         return tuple(max(0, (o - 1) * s + k - (n + 2 * p))
                      for o, s, k, n, p in zip((ho, wo), self.stride, self.kernel, shape[2:], self.padding))
 
-    def forward(self, x, backend):
+    def forward(self, x, backend, switches=True):
+        """``(y, switches)``; ``switches=False`` (a forward that keeps no record): ``(y, None)``."""
         eh, ew = self._extension(x.shape) if self.ceil_mode else (0, 0)
         if eh or ew:
             xp = array_namespace(x)
             x = xp.pad(x, ((0, 0), (0, 0), (0, eh), (0, ew)), constant_values=-np.inf)
-        return _ops.maxpool2d_forward(x, self.kernel, self.stride, self.padding, backend)
+        return _ops.maxpool2d_forward(x, self.kernel, self.stride, self.padding, backend, switches)
 
     def vjp(self, g, x, y, aux, backend):
         eh, ew = self._extension(x.shape) if self.ceil_mode else (0, 0)
