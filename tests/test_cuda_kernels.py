@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import relprop.kernels as K
+from relprop.kernels import _ops
 from helpers import assert_close
 from relprop import _backend, _config
 from relprop.kernels import _ops
@@ -245,6 +246,8 @@ def test_maxpool2d_and_unpool(problem):
     assert sw.dtype == np.int64
     np.testing.assert_array_equal(sw, sw_ref)  # exact: one tie-break rule
     assert out.tobytes() == out_ref.tobytes()
+    values, none = _ops.maxpool2d_forward(dev(x), kernel, stride, padding, "cuda", switches=False)
+    assert none is None and host(values).tobytes() == out_ref.tobytes()  # the maxima alone (a plain forward)
     g = normal(rng, out.shape, np.float32)
     un = cuda_call("maxunpool2d", g, sw_ref, shape)
     expected = ref_call("maxunpool2d", g, sw_ref, shape)

@@ -63,17 +63,14 @@ def pool_output_shape(x_shape, kernel, stride, padding):
 
 
 def maxpool2d_forward(x, kernel, stride, padding, backend, switches=True):
-    """``(y, switches)``; with ``switches=False``, ``(y, None)``: where the backend has a kernel for the
-    maxima alone (CPU), the switches are never computed."""
+    """``(y, switches)``; with ``switches=False``, ``(y, None)`` by the backend's kernel for the maxima
+    alone (on the CPU it never computes the switches)."""
     xp = _xp(x)
     shape = pool_output_shape(x.shape, kernel, stride, padding)
     out = xp.empty(shape, dtype=x.dtype)
-    K = kernels(backend)
-    if not switches and hasattr(K, "maxpool2d_values"):
-        return K.maxpool2d_values(x, kernel, stride, padding, out), None
-    sw = xp.empty(shape, dtype=np.int64)
-    y, sw = K.maxpool2d_forward(x, kernel, stride, padding, out, sw)
-    return y, (sw if switches else None)
+    if not switches:
+        return kernels(backend).maxpool2d_values(x, kernel, stride, padding, out), None
+    return kernels(backend).maxpool2d_forward(x, kernel, stride, padding, out, xp.empty(shape, dtype=np.int64))
 
 
 def maxunpool2d(g, switches, input_shape, backend):

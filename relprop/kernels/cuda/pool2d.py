@@ -12,7 +12,7 @@ from numba import cuda
 from ... import _config
 from ._launch import empty, launch, scalar
 
-__all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
+__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
 
 _NO_WINDOW = np.iinfo(np.int32).max
 
@@ -139,6 +139,12 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     launch(_maxpool2d_forward_kernel, out.size, _planes(x), kh, kw, sh, sw, ph, pw, _planes(out), _planes(switches))
     return out, switches
+
+
+def maxpool2d_values(x, kernel, stride, padding, out):
+    """Same math as :func:`relprop.kernels.reference.pool2d.maxpool2d_values`: the forward kernel
+    with scratch switches (one int64 write per window; the scan dominates on the GPU)."""
+    return maxpool2d_forward(x, kernel, stride, padding, out, empty(out, out.shape, np.int64))[0]
 
 
 def maxunpool2d(g, switches, out):

@@ -15,7 +15,7 @@ zero-padded input.
 """
 import numpy as np
 
-__all__ = ["maxpool2d_forward", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
+__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
 
 
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
@@ -33,6 +33,11 @@ def maxpool2d_forward(x, kernel, stride, padding, out, switches):
             col = j * sw + k % kw - pw
             switches[:, :, i, j] = row * wd + col
     return out, switches
+
+
+def maxpool2d_values(x, kernel, stride, padding, out):
+    """The maxima of :func:`maxpool2d_forward` alone (a forward pass that records no switches)."""
+    return maxpool2d_forward(x, kernel, stride, padding, out, np.empty(out.shape, np.int64))[0]
 
 
 def maxunpool2d(g, switches, out):
