@@ -259,7 +259,10 @@ class Sweep:
         self._source_versions = None if self.source is None else self.source.versions()
         self._nonneg = nonneg_inputs(net)
         self._state = [{} for _ in net.layers]
-        self.preactivations = any(getattr(rule, "needs_preactivations", True) for rule in self.rules)
+        # the layers whose recorded output z some rule reads: its own rule, or the rule of the ReLU
+        # that reads it (a ReLU's rule gets z as its input); the trace keeps z only there
+        needs = [getattr(rule, "needs_preactivations", True) for rule in self.rules]
+        self.preactivations = frozenset(i for i in range(len(needs)) if needs[i] or (i + 1 < len(needs) and needs[i + 1]))
 
     def _refresh(self):
         """Re-fold the user's net if its parameters changed since the canonical net was made."""

@@ -465,3 +465,32 @@ def test_a_forward_records_no_max_pool_switches(backend, ceil, monkeypatch):
     full = net.trace(x, backend)
     assert asked == [(True,), (True,)] and sorted(full.aux) == [2, 5]
     assert lean.output.tobytes() == full.output.tobytes()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.alpha_beta", "lrp.epsilon", "lrp.zplus",
+                                    "lrp.epsilon_gamma_box", "lrp.wsquare", "lrp.flat"])
+def test_lrp_sweeps_keep_z_only_where_a_rule_reads_it(method, backend, monkeypatch):
+    """A sweep keeps a fused convolution's z only where its rule (a plain term: ε, LRP-0, z^B; or a
+    group gated by z's sign) or the rule of the ReLU after it reads z: z⁺, αβ, flat and w² compute
+    their own forward.  The relevance is the same bit for bit as with every z kept."""
+    from relprop.engine import Sweep
+
+    rng = np.random.default_rng(7)
+    net, x = relprop.from_spec(CHAIN, graph_weights(CHAIN, rng)), rng.normal(size=(3, 2, 9, 8))
+    seen, real_call = [], Sweep.__call__
+    monkeypatch.setattr(Sweep, "__call__", lambda self, *a, **k: seen.append(self) or real_call(self, *a, **k))
+    options = {"low": -4.0, "high": 4.0} if method == "lrp.epsilon_gamma_box" else {}
+    explainer = relprop.Explainer(net, method, backend=backend, **options)
+    lean = explainer(x)
+    sweep = seen[-1]
+    fused = [i for i in range(len(sweep.net.layers)) if sweep.net._conv_relu(i)]
+    assert fused
+    for i in fused:
+        assert (i in sweep.preactivations) == sweep.rules[i].needs_preactivations, (i, sweep.rules[i])
+    if method in ("lrp.epsilon_plus_flat", "lrp.zplus", "lrp.wsquare", "lrp.flat", "lrp.alpha_beta"):
+        assert not any(i in sweep.preactivations for i in fused)
+    if method == "lrp.epsilon":
+        assert all(i in sweep.preactivations for i in fused)
+    sweep.preactivations = True  # every z recorded
+    assert explainer(x).tobytes() == lean.tobytes()

@@ -210,7 +210,8 @@ class Graph:
         switches (a forward only).
         ``preactivations=False`` does not record the output z of a convolution read only by the
         ReLU after it (``outputs[i]`` is None there; the ReLU's output is recorded): for sweeps
-        whose rules gate by relu(z) > 0, which is z > 0, and never read z itself.
+        whose rules gate by relu(z) > 0, which is z > 0, and never read z itself.  A set of layer
+        indices records z at those convolutions only (a sweep whose rules read z at some layers).
         ``upto=k`` stops after layer k (``trace.output`` is then layer k's output).
         Non-finite logits raise a ValueError naming the first layer whose output overflowed.
         """
@@ -230,8 +231,9 @@ class Graph:
             elif i < last and self._conv_relu(i):
                 # a conv whose only reader is the ReLU after it: one call, the ReLU fused into the
                 # convolution's write-out; its z is kept only when the trace keeps every output
+                keep_z = keep and (preactivations if isinstance(preactivations, bool) else i in preactivations)
                 outputs[i], outputs[i + 1] = layer.forward_relu(x if ps[0] == INPUT else outputs[ps[0]], backend,
-                                                                keep_z=keep and preactivations)
+                                                                keep_z=keep_z)
                 fused = True
             elif not keep and type(layer) is MaxPool2d:  # no record kept: the maxima without switches
                 outputs[i], _ = layer.forward(x if ps[0] == INPUT else outputs[ps[0]], backend, switches=False)

@@ -192,6 +192,12 @@ class LinearRule(Rule):
     kinds = PARAMETRIC_KINDS
     groups: tuple = ()
 
+    @property
+    def needs_preactivations(self):
+        """Only a plain term (a, W) reads the recorded z, and a group's ``where`` its sign: z⁺, w²,
+        flat and αβ compute their own forward, so a sweep of them need not keep z."""
+        return any(g.where is not None or any(t.plain for t in g.terms) for g in self.groups)
+
     #: ε of stab(); the ε rule names it ``epsilon``, every other rule ``stabilizer``
     @property
     def eps(self):
@@ -206,6 +212,7 @@ class Pass(Rule):
     """ReLU (and identity, dropout) under LRP: relevance passes unchanged, R_in = R."""
 
     kinds = ("relu", "identity", "dropout")
+    needs_preactivations = False
 
     def backward(self, layer, rec, r, state):
         return r
@@ -319,7 +326,7 @@ def relevance(rule, layer, rec, r, state):
                 inputs.append(None)  # a⁻ = 0: only its bias (if any) reaches z, nothing goes down
                 if b is None:
                     continue
-                zk, k_owned = xp.broadcast_to(_bias_shape(b, rec.z), rec.z.shape), False
+                zk, k_owned = xp.broadcast_to(_bias_shape(b, r), r.shape), False  # r: z's shape
             elif term.constant:
                 ckey = ("const", gi, ti) + dkey
                 hit = state.get(ckey)
