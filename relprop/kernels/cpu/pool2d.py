@@ -151,8 +151,8 @@ def maxpool2d_values(x, kernel, stride, padding, out):
     if tuple(kernel) == (2, 2) and tuple(stride) == (2, 2) and tuple(padding) == (0, 0) and h_ % 2 == 0 \
             and w_ % 2 == 0 and x.size and x.flags.c_contiguous and out.flags.c_contiguous:
         q_ = n_ * c_ * (h_ // 2)
-        out2 = out.reshape(q_, w_ // 2)
-        if _maxpool_2x2_rows(x.reshape(q_, 2 * w_), out2, out2[:0].astype(np.int64), h_ // 2, w_, False) == 0:
+        no_switches = np.empty((0, w_ // 2), np.int64)  # the kernel's switch argument, never written here
+        if _maxpool_2x2_rows(x.reshape(q_, 2 * w_), out.reshape(q_, w_ // 2), no_switches, h_ // 2, w_, False) == 0:
             return out
     return maxpool2d_forward(x, kernel, stride, padding, out, np.empty(out.shape, np.int64))[0]
 
