@@ -101,7 +101,15 @@ WINOGRAD_MIN_WORK = 1 << 22
 WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
-WINOGRAD_CHUNK_TILES = 512
+#: Small, so that a chunk's transformed tiles and products stay in cache between the transforms
+#: and the GEMMs (36 BLAS calls per chunk, issued from compiled code); but WINOGRAD_CHUNK_TILES_WIDE
+#: where the filters' transform U is larger than WINOGRAD_WIDE_FILTER_BYTES (256 channels in and
+#: out: 9.4 MB), as U is re-read for every chunk.  Measured (2-core EPYC, two threads, medians of
+#: 15 alternating calls): 128 tiles against 512, 64->64 at 32x32 1.39x, at 224x224 1.39x, 128->128
+#: at 16x16 and 112x112 1.09x and 1.03x; 256->256 at 8x8 and 56x56 512 tiles 1.06x and 1.13x.
+WINOGRAD_CHUNK_TILES = 128
+WINOGRAD_CHUNK_TILES_WIDE = 512
+WINOGRAD_WIDE_FILTER_BYTES = 4 * 1024 * 1024
 
 #: metrics.perturbation_curve on NumPy arrays recomputes each layer only where the step's
 #: replaced patch reaches (relprop.nets.incremental); a layer whose changed box covers more

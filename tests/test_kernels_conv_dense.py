@@ -181,18 +181,46 @@ def test_conv2d_blas_is_found():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gemm_batch_is_compiled_and_matches_one_call_per_product(dtype, rng):
+    """The Winograd GEMMs go through one compiled loop of BLAS calls where NumPy's CBLAS is the BLAS;
+    it gives the same bits as one ctypes call per product, operands at offsets and steps (a column
+    block of B, as the few-tiles schedule multiplies), and touches nothing outside the products."""
+    if cpu_conv.BLAS_SOURCE == "numpy":
+        assert np.dtype(dtype) in cpu_conv._GEMM_BATCH
+    count, m, n, k, ldb = 5, 7, 6, 9, 11  # C_i (7 x 6) = A_i (7 x 9) @ B_i[:, 3:9] of a 9 x 11 block
+    a = rng.standard_normal(3 + count * m * k + 4).astype(dtype)
+    b = rng.standard_normal(count * k * ldb).astype(dtype)
+    outs = []
+    for batch in (cpu_conv._GEMM_BATCH, {}):
+        c = np.full(2 + count * m * n + 3, 7.0, dtype)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cpu_conv, "_GEMM_BATCH", batch)
+            cpu_conv._gemm_batch(count, m, n, k, a, 3, m * k, k, b, 3, k * ldb, ldb, c, 2, m * n, n)
+        outs.append(c)
+    assert outs[0].tobytes() == outs[1].tobytes()
+    c = outs[0]
+    assert (c[:2] == 7).all() and (c[-3:] == 7).all()
+    for i in range(count):
+        want = a[3 + i * m * k:3 + (i + 1) * m * k].reshape(m, k) @ b[i * k * ldb:(i + 1) * k * ldb].reshape(k, ldb)[:, 3:9]
+        assert_close(c[2 + i * m * n:2 + (i + 1) * m * n].reshape(m, n), want, reduction_len=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv2d_on_the_scipy_blas_fallback(dtype, rng):
     x = rng.standard_normal((3, 9, 7, 6)).astype(dtype)
     w = rng.standard_normal((10, 9, 3, 2)).astype(dtype)
     b = rng.standard_normal(10).astype(dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_conv, "_GEMM", cpu_conv._scipy_blas())
-        for s in (1, 2):
-            z = K.conv2d_forward(x, w, b, s, 1, backend="cpu")
-            assert_close(z, K.conv2d_forward(x, w, b, s, 1, backend="reference"), reduction_len=9 * 6)
+        mp.setattr(cpu_conv, "_GEMM_BATCH", {})  # the Winograd GEMMs then go one by one through SciPy's
+        always_winograd(mp, 4)
+        w3 = rng.standard_normal((10, 9, 3, 3)).astype(dtype)  # stride 1: Winograd
+        for s, wt in ((1, w), (2, w), (1, w3)):
+            z = K.conv2d_forward(x, wt, b, s, 1, backend="cpu")
+            assert_close(z, K.conv2d_forward(x, wt, b, s, 1, backend="reference"), reduction_len=9 * 9)
             g = rng.standard_normal(z.shape).astype(dtype)
-            assert_close(K.conv2d_vjp(g, w, x.shape, s, 1, backend="cpu"),
-                         K.conv2d_vjp(g, w, x.shape, s, 1, backend="reference"), reduction_len=10 * 6)
+            assert_close(K.conv2d_vjp(g, wt, x.shape, s, 1, backend="cpu"),
+                         K.conv2d_vjp(g, wt, x.shape, s, 1, backend="reference"), reduction_len=10 * 9)
 
 
 def test_conv2d_kernels_accept_strided_views(rng):

@@ -27,6 +27,7 @@ def always_winograd(mp, chunk_tiles=512):
     mp.setattr(config, "WINOGRAD_MIN_CHANNELS", 1)
     mp.setattr(config, "WINOGRAD_MIN_WORK", 1)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
+    mp.setattr(config, "WINOGRAD_CHUNK_TILES_WIDE", chunk_tiles)
 
 
 def spy(mp):
@@ -149,10 +150,11 @@ def test_winograd_schedules_agree(threads, n, c, k, hw, padding, seed):
     ho, wo = h + 2 * padding - 2, h + 1 + 2 * padding - 2
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "CONV_THREADS", threads)
+        mp.setattr(config, "WINOGRAD_CHUNK_TILES", 512)  # one chunk of at most 3 * 4 * 4 tiles
         few = []
         real = wg._few_tiles
         mp.setattr(wg, "_few_tiles", lambda *a: few.append(1) or real(*a))
-        outs = [wg.conv3x3_winograd(x, u, b, (padding, padding), np.empty((n, k, ho, wo), np.float32), cpu_conv._gemm)
+        outs = [wg.conv3x3_winograd(x, u, b, (padding, padding), np.empty((n, k, ho, wo), np.float32), cpu_conv._gemm_batch)
                 for _ in range(2)]
     assert bool(few) == (threads > 1)  # these problems are one chunk: the few-tiles schedule when threaded
     assert outs[0].tobytes() == outs[1].tobytes()

@@ -55,8 +55,9 @@ its own samples, and a single-threaded GEMM's blocking is fixed by its shapes.
 """
 import ctypes
 
+import llvmlite.binding
 import numpy as np
-from numba import njit
+from numba import njit, types
 
 from ... import _config
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
@@ -101,6 +102,7 @@ def _numpy_cblas():
                 it = c.itemsize  # 101: CblasRowMajor; 111, 112: CblasNoTrans, CblasTrans
                 fn(101, 111, 112 if transb else 111, m, n, k, 1.0, a.ctypes.data + int(a_off) * it, lda,
                    b.ctypes.data + int(b_off) * it, ldb, beta, c.ctypes.data + int(c_off) * it, ldc)
+            gemm.address = ctypes.cast(fn, ctypes.c_void_p).value  # for compiled callers (_external_gemm)
             impls[np.dtype(dtype)] = gemm
         return impls
     return None
@@ -163,6 +165,63 @@ BLAS_SOURCE, _GEMM = _pick_blas()
 
 def _gemm(m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb=False):
     _GEMM[c.dtype](m, n, k, a, a_off, lda, b, b_off, ldb, c, c_off, ldc, beta, transb)
+
+
+# A batch of GEMMs (Winograd's 36 per chunk) called from compiled code: through ctypes each call
+# costs ~9 us of Python and holds the GIL meanwhile, as long as a 64-channel product of 128 tile
+# rows itself; from Numba, nothing.  NumPy's CBLAS gemm is registered with LLVM under a name of
+# ours and declared as an external function, so that cached compiled code links to it as well.
+_I32, _I64 = types.int32, types.int64
+
+
+def _external_gemm(dtype):
+    """Numba's handle on NumPy's CBLAS ILP64 gemm of ``dtype`` (pointers passed as int64), or None."""
+    impl = _GEMM.get(np.dtype(dtype)) if BLAS_SOURCE == "numpy" else None
+    if getattr(impl, "address", None) is None:  # pragma: no cover - SciPy's BLAS: the Python loop
+        return None
+    name = f"relprop_cblas_{np.dtype(dtype).char}gemm64"
+    llvmlite.binding.add_symbol(name, impl.address)
+    real = types.float32 if np.dtype(dtype) == np.float32 else types.float64
+    return types.ExternalFunction(name, types.void(_I32, _I32, _I32, _I64, _I64, _I64, real, _I64, _I64, _I64, _I64,
+                                                   real, _I64, _I64))
+
+
+_SGEMM, _DGEMM = _external_gemm(np.float32), _external_gemm(np.float64)
+
+
+@njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)
+def _sgemm_batch(count, m, n, k, a, a_off, a_step, lda, b, b_off, b_step, ldb, c, c_off, c_step, ldc):
+    it = np.int64(c.itemsize)
+    pa, pb, pc = np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(c.ctypes.data)
+    for i in range(count):  # 101, 111: CblasRowMajor, CblasNoTrans
+        _SGEMM(101, 111, 111, m, n, k, np.float32(1.0), pa + (a_off + i * a_step) * it, lda,
+               pb + (b_off + i * b_step) * it, ldb, np.float32(0.0), pc + (c_off + i * c_step) * it, ldc)
+
+
+@njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)
+def _dgemm_batch(count, m, n, k, a, a_off, a_step, lda, b, b_off, b_step, ldb, c, c_off, c_step, ldc):
+    it = np.int64(c.itemsize)
+    pa, pb, pc = np.int64(a.ctypes.data), np.int64(b.ctypes.data), np.int64(c.ctypes.data)
+    for i in range(count):
+        _DGEMM(101, 111, 111, m, n, k, 1.0, pa + (a_off + i * a_step) * it, lda,
+               pb + (b_off + i * b_step) * it, ldb, 0.0, pc + (c_off + i * c_step) * it, ldc)
+
+
+#: {dtype: compiled batch}; empty where the BLAS is SciPy's (Fortran ABI): the Python loop then
+_GEMM_BATCH = {np.dtype(d): f for d, f, ext in ((np.float32, _sgemm_batch, _SGEMM), (np.float64, _dgemm_batch, _DGEMM))
+               if ext is not None}
+
+
+def _gemm_batch(count, m, n, k, a, a_off, a_step, lda, b, b_off, b_step, ldb, c, c_off, c_step, ldc):
+    """C_i = A_i @ B_i (row-major, beta 0) for i < ``count``, operand i starting ``*_off + i * *_step``
+    elements into its array (leading dimensions ``ld*``): one compiled loop of BLAS calls that
+    releases the GIL, or :func:`_gemm` per product where that cannot be had."""
+    batch = _GEMM_BATCH.get(c.dtype)
+    if batch is not None:
+        batch(count, m, n, k, a, a_off, a_step, lda, b, b_off, b_step, ldb, c, c_off, c_step, ldc)
+        return
+    for i in range(count):
+        _gemm(m, n, k, a, a_off + i * a_step, lda, b, b_off + i * b_step, ldb, c, c_off + i * c_step, ldc, 0.0)
 
 
 # ============================================================================================
@@ -518,7 +577,7 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
     mode = 0 if a_out is None else (2 if a_out is out else 1)
     a_out = out if a_out is None else a_out
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):
-        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm, a_out, mode)
+        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch, a_out, mode)
     if _lanes_path(tuple(stride), x.shape[1], w.shape[0]):
         return _forward_lanes(x, w, b, padding, dilation, out, a_out, mode)
     if _rows_path(False, tuple(stride), x.shape[1]):
@@ -533,7 +592,7 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
         # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
         # weights w[k, c, 2-a, 2-b] and padding 2 - p
         return conv3x3_winograd(g, transformed_filters(w, flipped=True), np.zeros(w.shape[1], g.dtype),
-                                (2 - padding[0], 2 - padding[1]), out, _gemm, out, 0)
+                                (2 - padding[0], 2 - padding[1]), out, _gemm_batch, out, 0)
     k_, c_, kh, kw = w.shape
     if _lanes_path(tuple(stride), k_, c_) and (kh - 1) * dilation[0] >= padding[0] \
             and (kw - 1) * dilation[1] >= padding[1]:

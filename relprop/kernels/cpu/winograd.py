@@ -374,12 +374,12 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
+def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0):
     """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
     the filters' transform ``u`` = :func:`transformed_filters` of w.
 
-    ``gemm`` is the BLAS call of :mod:`relprop.kernels.cpu.conv2d` (row-major, on windows of flat
-    buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo).  ``a_out``, ``mode``:
+    ``gemm_batch`` is the batched BLAS call of :mod:`relprop.kernels.cpu.conv2d` (``_gemm_batch``: the
+    36 products of a chunk in one compiled loop, row-major, on windows of flat buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo).  ``a_out``, ``mode``:
     the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (:func:`emit`; mode 0: none).
 
     Two schedules, both with every thread's BLAS held to one thread:
@@ -398,18 +398,22 @@ def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     th, tw = -(-ho // 4), -(-wo // 4)
     cst = np.array([2, 4, 5, 8], x.dtype)
-    # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows (fewer feed
-    # BLAS badly), and the transformed tiles stay near the cache; with several threads, at least
-    # two chunks each where that keeps a quarter of that size
+    # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows, and a chunk's
+    # transformed tiles V and products M stay in cache between the transforms and the GEMMs; where
+    # U itself outgrows the cache it is re-read for every chunk, so fewer, larger chunks
+    # (WINOGRAD_CHUNK_TILES_WIDE); with several threads, at least two chunks each where that keeps
+    # a quarter of that size
+    tiles = _config.WINOGRAD_CHUNK_TILES if u.nbytes <= _config.WINOGRAD_WIDE_FILTER_BYTES \
+        else _config.WINOGRAD_CHUNK_TILES_WIDE
     rows_total = n_ * th
-    max_rows = max(1, _config.WINOGRAD_CHUNK_TILES // tw)
+    max_rows = max(1, tiles // tw)
     threads = conv_threads()
     if threads > 1:
-        max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-_config.WINOGRAD_CHUNK_TILES // (4 * tw))))
+        max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-tiles // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
     a_out = out if a_out is None else a_out
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        return _few_tiles(x, u, b, (ph, pw, th, tw), cst, out, gemm, threads, a_out, mode)
+        return _few_tiles(x, u, b, (ph, pw, th, tw), cst, out, gemm_batch, threads, a_out, mode)
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
@@ -420,15 +424,15 @@ def conv3x3_winograd(x, u, b, padding, out, gemm, a_out=None, mode=0):
         chunk = segs[s0:s0 + count]
         t = int(chunk[:, 2].sum()) * tw
         v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_))
-        for xi in range(36):  # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K)
-            gemm(t, k_, c_, v, xi * t * c_, c_, u, xi * c_ * k_, k_, mf, xi * t * k_, k_, 0.0)
+        # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K), xi < 36
+        gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u, 0, c_ * k_, k_, mf, 0, t * k_, k_)
         _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b, out, a_out, mode)
 
     run_chunks(len(segs), per_chunk, scratch, work)
     return out
 
 
-def _few_tiles(x, u, b, tiling, cst, out, gemm, threads, a_out, mode):
+def _few_tiles(x, u, b, tiling, cst, out, gemm_batch, threads, a_out, mode):
     """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
     ``tiling`` = (ph, pw, tile rows, tile columns)."""
     ph, pw, th, tw = tiling
@@ -444,8 +448,7 @@ def _few_tiles(x, u, b, tiling, cst, out, gemm, threads, a_out, mode):
         _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_])
 
     def multiply(k0, count, _):  # M[xi][:, k0:k0+count] = V[xi] @ U[xi][:, k0:k0+count]
-        for xi in range(36):
-            gemm(t, count, c_, v, xi * t * c_, c_, u, xi * c_ * k_ + k0, k_, m, xi * t * k_ + k0, k_, 0.0)
+        gemm_batch(36, t, count, c_, v, 0, t * c_, c_, u, k0, c_ * k_, k_, m, k0, t * k_, k_)
 
     def transform_out(r0, count, _):
         _output_transform(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out, a_out,
