@@ -235,6 +235,12 @@ class Sweep:
     source : relprop.nets.Graph or None
         The user's net when ``net`` is its canonical form: if a parameter of ``source``
         changes, the canonical net is rebuilt before the next call (no stale folded weights).
+    whole_rules : list of Rule or None
+        Rules with the same result at the net input, used instead of ``rules`` when the sweep
+        runs whole (down to the input, no per-layer signals) from a layer outside every span
+        ``lo <= start < hi`` of ``whole_spans``: rewrites that change only the signal between
+        layers lo and hi, such as the gradient's ReLU gate moved below a max-pool
+        (:class:`relprop.rules.signal.GateBeforeUnpool`).
 
     Calling it as ``sweep(x, target, backend, return_layers)`` runs the traced forward (up
     to the start layer), places the start signal and runs the rules down to the input.  With
@@ -243,15 +249,23 @@ class Sweep:
     ``per_layer[-1]`` the start signal; in a chain ``per_layer[0] is R``.
     """
 
-    def __init__(self, net, rules, start="logit", times_input=False, name="sweep", source=None):
+    def __init__(self, net, rules, start="logit", times_input=False, name="sweep", source=None, whole_rules=None,
+                 whole_spans=()):
         if start not in ("logit", "onehot"):
             raise ValueError(f"output={start!r} is invalid; expected 'logit' or 'onehot'")
         if len(rules) != len(net.layers):
             raise ValueError(f"need one rule per layer ({len(net.layers)}), got {len(rules)}")
         for layer, rule in zip(net.layers, rules):
             rule.check_layer(layer)
+        if whole_rules is not None:
+            if len(whole_rules) != len(net.layers):
+                raise ValueError(f"need one whole-sweep rule per layer ({len(net.layers)}), got {len(whole_rules)}")
+            for layer, rule in zip(net.layers, whole_rules):
+                rule.check_layer(layer)
         self.net = net
         self.rules = list(rules)
+        self.whole_rules = None if whole_rules is None else list(whole_rules)
+        self.whole_spans = tuple(whole_spans)
         self.start = start
         self.times_input = times_input
         self.name = name
@@ -308,6 +322,9 @@ class Sweep:
         at_input, input_owned = None, False
         per_layer = [None] * n + [seed] if return_layers else None
         lowest = -1 if stop is None else stop
+        whole = stop is None and not return_layers and self.whole_rules is not None \
+            and not any(lo <= start < hi for lo, hi in self.whole_spans)
+        rules = self.whole_rules if whole else self.rules
         for i in range(start, lowest, -1):
             r = acc[i]
             if r is None:  # no signal reached this layer (not an ancestor of the start)
@@ -316,7 +333,7 @@ class Sweep:
             layer = net.layers[i]
             rec = Record(trace.layer_input(i), trace.outputs[i], trace.aux.get(i), trace.backend, self._nonneg[i],
                          r_scratch=owned[i])
-            r_in = self.rules[i].backward(layer, rec, r, self.state(i))
+            r_in = rules[i].backward(layer, rec, r, self.state(i))
             if return_layers:
                 per_layer[i] = r_in
             parts = r_in if layer.n_inputs is None else [r_in]

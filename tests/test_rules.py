@@ -355,6 +355,49 @@ def test_signal_methods_match_oracle(method, relu, kind):
     assert_close(got, expected, reduction_len=64, scale=1e3)
 
 
+def _pooled_net(overlap, dtype):
+    """conv -> relu -> maxpool -> conv -> relu -> maxpool (ceil mode, padded) -> flatten -> linear, every
+    ReLU read only by its pool; ``overlap``: the first pool's windows overlap (3x3, stride 2)."""
+    spec = [{"type": "conv2d", "in": 2, "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 3 if overlap else 2, "stride": 2},
+            {"type": "conv2d", "in": 4, "out": 5, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2, "stride": 2, "padding": 1, "ceil_mode": True}, {"type": "flatten"}]
+    net = make_net(spec, dtype=dtype)
+    flat = net.shapes((1, 2, 11, 10))[-1][1]
+    return make_net(spec + [{"type": "linear", "in": flat, "out": 3}], dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("relu", ["gradient", "deconvnet", "guided"])
+def test_gate_before_unpool_gives_the_same_bits(relu, overlap, dtype):
+    """The ReLU backward moved below its max-pool (GateBeforeUnpool) changes nothing at the input, ties
+    among zeros and overlapping windows included; with overlapping windows only the gradient's linear
+    gate moves (max(g, 0) of a sum is not the sum of the max(g, 0))."""
+    from relprop.rules.signal import GateBeforeUnpool, gradient_sweep
+
+    net = _pooled_net(overlap, dtype)
+    rng = np.random.default_rng(3)
+    x = rng.integers(-1, 2, size=(3, 2, 11, 10)).astype(dtype)  # many exact zeros: ties in the pools
+    sweep = gradient_sweep(net, relu)
+    moved = [i for i, r in enumerate(sweep.whole_rules or []) if isinstance(r, GateBeforeUnpool)]
+    assert moved == ([2, 5] if relu == "gradient" or not overlap else [5])
+    plain = gradient_sweep(net, relu)
+    plain.whole_rules = None
+    for backend in ("reference", "cpu"):
+        for target in ([0, 1, 2], relprop.Unit(layer=4, channel=1, position=(2, 3))):
+            got, want = sweep(x, target, backend), plain(x, target, backend)
+            assert got.tobytes() == want.tobytes()
+            assert np.abs(want).max() > 0
+    if relu == "deconvnet":
+        return  # its ReLU backward reads no gate
+    # from the ReLU of a pair (a unit there: its own gate must still apply) the plain rules run
+    trace = net.trace(x)
+    off = np.argwhere(trace.layer_output(3)[0] < 0)[0]  # a unit whose ReLU is off for sample 0
+    unit = relprop.Unit(layer=4, channel=int(off[0]), position=(int(off[1]), int(off[2])))
+    assert not sweep(x, unit, "cpu")[0].any()
+
+
 def _relu_probe():
     """x -> linear(I) -> relu -> linear(w2): the ReLU sees z = x, the signal above it is w2."""
     net = relprop.from_spec([{"type": "linear", "in": 3, "out": 3}, {"type": "relu"},

@@ -74,15 +74,69 @@ class GuidedBackprop(Gradient):
         return super().backward(layer, rec, r, state)
 
 
+@dataclass(frozen=True, eq=False)
+class GateBeforeUnpool(Rule):
+    r"""A max-pool whose only input is a ReLU, with that ReLU's backward moved below the pool:
+    the ReLU's rule applied to g at the pooled side (gated by the pooled maxima y), then the
+    unpooling; the ReLU itself then passes its signal on unchanged.
+
+    Exact: the unpooling sends :math:`g_w` of window w to its switch :math:`s_w` only, where the
+    ReLU's output is :math:`a_{s_w} = y_w`, so :math:`1[a_{s_w} > 0] = 1[y_w > 0]` and, windows
+    apart (stride ≥ kernel), :math:`\max(g_w, 0)` is the same on either side; every other input
+    position gets 0 both ways.  The gate then reads and writes the pooled arrays, a quarter of the
+    full-size pass it replaces (which read the unpooled g and the ReLU's output from memory).
+    """
+
+    relu_layer: object
+    relu_rule: Rule
+    pool_rule: Rule
+    kinds = ("maxpool2d",)
+    needs_preactivations = False
+
+    def backward(self, layer, rec, r, state):
+        from ..engine import Record
+
+        pooled = Record(None, rec.z, None, rec.backend)  # y stands in for the ReLU's output at the switches
+        return self.pool_rule.backward(layer, rec, self.relu_rule.backward(self.relu_layer, pooled, r, state), state)
+
+
+def gates_before_unpools(net, rules):
+    """``(rules', spans)``: ``rules`` with every ReLU → max-pool pair (the pool the ReLU's only
+    reader, both under gradient-type rules) rewritten as :class:`GateBeforeUnpool` on the pool and a
+    pass-through on the ReLU, and the (ReLU, pool) index pairs; ``(None, [])`` if there is no such
+    pair.  For sweeps run down to the input without per-layer signals, from a layer not between the
+    two of a pair (the signal between them changes: gated before the ReLU instead of after it)."""
+    from .core import Pass
+
+    out, spans = list(rules), []
+    for i, layer in enumerate(net.layers):
+        readers = net.readers(i)
+        if layer.kind != "relu" or len(readers) != 1 or type(rules[i]) not in (Gradient, DeconvNet, GuidedBackprop):
+            continue
+        j = readers[0]
+        pool = net.layers[j]
+        if pool.kind != "maxpool2d" or net.parents(j) != (i,) or type(rules[j]) not in (Gradient, DeconvNet, GuidedBackprop):
+            continue
+        overlap = any(s < k for s, k in zip(pool.stride, pool.kernel))
+        if overlap and type(rules[i]) is not Gradient:  # max(Σ g, 0) ≠ Σ max(g, 0) where windows share a switch
+            continue
+        out[i], out[j] = Pass(), GateBeforeUnpool(layer, rules[i], rules[j])
+        spans.append((i, j))
+    return (out, spans) if spans else (None, [])
+
+
 def gradient_sweep(net, relu="gradient", times_input=False, name="gradient"):
     """The gradient-type sweep of ``net``: every layer's VJP, the ReLU backward chosen by ``relu``
-    ("gradient": g·1[z > 0], "deconvnet": max(g, 0), "guided": max(g, 0)·1[z > 0])."""
+    ("gradient": g·1[z > 0], "deconvnet": max(g, 0), "guided": max(g, 0)·1[z > 0]).  A ReLU
+    read only by a max-pool gates below it (:class:`GateBeforeUnpool`) where the sweep runs whole."""
     from ..engine import Sweep
 
     rules = {"gradient": Gradient, "deconvnet": DeconvNet, "guided": GuidedBackprop}
     if relu not in rules:
         raise ValueError(f"relu={relu!r} is invalid; expected 'gradient', 'deconvnet' or 'guided'")
-    return Sweep(net, [rules[relu]()] * len(net.layers), start="onehot", times_input=times_input, name=name)
+    plain = [rules[relu]()] * len(net.layers)
+    whole, spans = gates_before_unpools(net, plain)
+    return Sweep(net, plain, start="onehot", times_input=times_input, name=name, whole_rules=whole, whole_spans=spans)
 
 
 @dataclass(frozen=True, eq=False)
