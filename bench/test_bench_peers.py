@@ -25,11 +25,13 @@ the timing (a relprop :class:`~relprop.Explainer`; Zennit's composite registered
 
 Relevance starts from R_c = f_c(x) on both sides.  ``torch.set_num_threads`` = the CPUs this
 process may use (relprop uses them all).  The two sides run alternately (A B A B ..., with
-relprop's own forward as a third member for the relevance tasks), ``ROUNDS`` times, and
-``extra_info`` records the median of each and ``peer_over_relprop`` = peer median / relprop
-median (the issue's targets: forward >= 1.2 (LeNet-5 >= 1.5), gradient >= 1.2,
-lrp.epsilon_plus_flat >= 2) and ``x_own_forward`` = relprop median / relprop forward median
-(target for lrp.epsilon_plus_flat: <= 2.5).  The machine is shared and noisy, so only these
+relprop's own forward as a third member for the relevance tasks), for as many rounds as fit in
+``ROUND_SECONDS`` (from ``ROUNDS`` to ``MAX_ROUNDS``: a LeNet-5 round takes milliseconds and one
+machine hiccup moves a median of 5), and ``extra_info`` records the median of each and
+``peer_over_relprop`` = the median over the rounds of peer time / relprop time in that round
+(the issue's targets: forward >= 1.2 (LeNet-5 >= 1.5), gradient >= 1.2,
+lrp.epsilon_plus_flat >= 2), with its interquartile range, and ``x_own_forward`` likewise
+relprop / relprop forward per round (target for lrp.epsilon_plus_flat: <= 2.5).  The machine is shared and noisy, so only these
 same-moment ratios mean anything; a table of them is printed at the end of the run.  Before
 timing, the two outputs are compared: ``max_rel_err`` = max |ours − theirs| / max |theirs|
 over the batch, ``samples_agreeing`` the fraction of samples within the task's tolerance
@@ -59,13 +61,15 @@ from zennit import rules as zr  # noqa: E402
 from zennit import types as zt  # noqa: E402
 from zennit.attribution import Gradient as ZennitGradient  # noqa: E402
 
-ROUNDS = 5  # alternating rounds for the medians
+ROUNDS = 5  # alternating rounds for the medians: at least these ...
+MAX_ROUNDS = 41  # ... at most these ...
+ROUND_SECONDS = 20.0  # ... as many as the warm-up round's time says fit in this
 
 #: the issue's targets: peer time / relprop time at least this (None: no target)
 TARGETS = {("forward", "lenet5"): 1.5, "forward": 1.2, "gradient": 1.2, "lrp.epsilon_plus_flat": 2.0}
 #: relprop's lrp.epsilon_plus_flat over its own forward: at most this
 OWN_FORWARD_TARGET = 2.5
-_PEER_ROWS = []  # (net, task, relprop ms, peer ms, peer/relprop, x own forward)
+_PEER_ROWS = []  # (net, task, relprop ms, peer ms, peer/relprop, x own forward, target, of GEMM, IQR, rounds)
 
 
 def _cpus():
@@ -142,14 +146,21 @@ def _agreement(ours, theirs):
 
 
 def _alternate(fns, rounds):
-    """Median time of each of ``fns``, timed round-robin (a b c a b c ...) so all see the same machine load."""
-    times = [[] for _ in fns]
-    for _ in range(rounds):
+    """Times of each of ``fns`` (an array (len(fns), rounds)), timed round-robin (a b c a b c ...) so that
+    the members of a round see the same machine load."""
+    times = np.empty((len(fns), rounds))
+    for r in range(rounds):
         for k, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+            times[k, r] = time.perf_counter() - t0
+    return times
+
+
+def _rounds(seconds_per_round):
+    """Rounds for :func:`_alternate`: as many as fit in ``ROUND_SECONDS``, from ``ROUNDS`` to ``MAX_ROUNDS``, odd."""
+    n = int(min(MAX_ROUNDS, max(ROUNDS, ROUND_SECONDS // max(seconds_per_round, 1e-9))))
+    return n - 1 + n % 2
 
 
 TASKS = ["forward", "gradient", "lrp.epsilon", "lrp.epsilon_plus_flat"]
@@ -180,6 +191,9 @@ def test_peer(benchmark, peer_net, task, request):
     try:
         benchmark.group = f"peers-{name}"
         err, per_sample = _agreement(ours(), theirs())  # also the warm-up: compiles, fills the caches
+        t0 = time.perf_counter()
+        ours(), theirs(), net.forward(x)
+        seconds_per_round = time.perf_counter() - t0
         tolerance = (TOLERANCE_VGG16 if name == "vgg16" else TOLERANCE)[task]
         agreeing = float(np.mean(per_sample < tolerance))
         from relprop.kernels.cpu._threads import openmp_binding
@@ -196,19 +210,22 @@ def test_peer(benchmark, peer_net, task, request):
         gemm = request.getfixturevalue("gemm_gflops")
         own_forward = task not in ("forward",)
         fns = (ours, theirs, lambda: net.forward(x)) if own_forward else (ours, theirs)
-        medians = _alternate(fns, ROUNDS)
-        t_ours, t_theirs = medians[:2]
-        info = dict(relprop_s=t_ours, peer_s=t_theirs, peer_over_relprop=t_theirs / t_ours,
+        times = _alternate(fns, _rounds(seconds_per_round))
+        t_ours, t_theirs = np.median(times[:2], axis=1)
+        ratios = times[1] / times[0]  # per round: the same moment's load on both sides
+        info = dict(relprop_s=t_ours, peer_s=t_theirs, rounds=times.shape[1], peer_over_relprop=float(np.median(ratios)),
+                    peer_over_relprop_iqr=[float(q) for q in np.percentile(ratios, [25, 75])],
                     target=TARGETS.get((task, name), TARGETS.get(task)))
         if own_forward:
-            info["x_own_forward"] = t_ours / medians[2]
+            info["x_own_forward"] = float(np.median(times[0] / times[2]))
         else:  # the forward's FLOP rate against the session's GEMM rate
             spec, shape, _ = PEER_NETS[name]
             rate = forward_flops(spec, shape, len(x)) / t_ours / 1e9
             info.update(gflops=rate, frac_of_gemm=rate / gemm, peer_frac_of_gemm=rate * t_ours / t_theirs / gemm)
         benchmark.extra_info.update(info)
-        _PEER_ROWS.append((name, task, t_ours * 1e3, t_theirs * 1e3, t_theirs / t_ours, info.get("x_own_forward"),
-                           info["target"], info.get("frac_of_gemm")))
+        _PEER_ROWS.append((name, task, t_ours * 1e3, t_theirs * 1e3, info["peer_over_relprop"],
+                           info.get("x_own_forward"), info["target"], info.get("frac_of_gemm"),
+                           info["peer_over_relprop_iqr"], info["rounds"]))
     finally:
         if teardown is not None:
             teardown()
