@@ -80,6 +80,11 @@ CONV_SPLIT_MIN_SAMPLES = 32
 #: although the dense layer alone ran 2.2 ms against 2.9 ms).
 DENSE_MIN_ROWS = 16
 
+#: ... and a dense GEMM of fewer multiply-adds than this runs whole on the calling thread (BLAS
+#: held to one thread): handing half of it to a second thread costs more than it saves (LeNet-5's
+#: 256x256 -> 120 layer: 0.16 ms on one thread, 0.28 ms shared out to two).
+DENSE_MIN_THREADED_MACS = 1 << 24
+
 #: 3x3 stride-1 CPU convolutions (forward and input-VJP) by Winograd F(4x4, 3x3)
 #: (relprop.kernels.cpu.winograd): 4x fewer multiplies, float32 results within ~1e-5 of the
 #: output's range of the direct sum.  False: always the direct convolution.

@@ -202,6 +202,7 @@ def test_threaded_chunks_match_one_thread(dtype, problem, threads):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "CONV_CHUNK_BYTES", 1)  # one sample per chunk
         mp.setattr(config, "DENSE_MIN_ROWS", 1)
+        mp.setattr(config, "DENSE_MIN_THREADED_MACS", 0)  # tiny, yet shared out
         for t in (1, threads, threads):
             mp.setattr(config, "CONV_THREADS", t)
             z = K.conv2d_forward(x, w, None, stride, padding, backend="cpu")
@@ -213,6 +214,30 @@ def test_threaded_chunks_match_one_thread(dtype, problem, threads):
     for a, b, c in zip(one, first, second):
         np.testing.assert_allclose(b, a, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
         np.testing.assert_array_equal(b, c)
+
+
+@pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")
+def test_small_dense_gemms_run_here_on_one_blas_thread(monkeypatch, rng):
+    """Below DENSE_MIN_THREADED_MACS a dense GEMM is not shared out (no chunk threads), and BLAS is held to
+    one thread while it runs (its own threads would spin afterwards); above, it is shared out."""
+    from relprop.kernels.cpu import dense as cpu_dense
+
+    get = _chunks._BLAS_THREADS[1]
+    before = get()
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    seen, shared = [], []
+    real_matmul, real_run = np.matmul, cpu_dense.run_chunks
+    monkeypatch.setattr(cpu_dense.np, "matmul", lambda *a, **k: seen.append(get()) or real_matmul(*a, **k))
+    monkeypatch.setattr(cpu_dense, "run_chunks", lambda *a: shared.append(1) or real_run(*a))
+    x, w, g = rng.standard_normal((64, 30)), rng.standard_normal((20, 30)), rng.standard_normal((64, 20))
+    want = (x @ w.T, g @ w)
+    for macs, expect_shared in ((64 * 30 * 20 + 1, False), (0, True)):
+        monkeypatch.setattr(config, "DENSE_MIN_THREADED_MACS", macs)
+        seen.clear(), shared.clear()
+        got = (K.dense_forward(x, w, backend="cpu"), K.dense_vjp(g, w, backend="cpu"))
+        assert bool(shared) == expect_shared and set(seen) == {1} and get() == before
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 @pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")

@@ -114,6 +114,19 @@ def _pool(size):
         return _STATE["pool"]
 
 
+def run_here(fn):
+    """``fn()`` on the calling thread with NumPy's BLAS held to one thread: for work too small to
+    share out, without waking BLAS's own threads (they keep spinning after a threaded GEMM and take
+    the cores from what follows)."""
+    if _BLAS_THREADS is None:  # pragma: no cover - BLAS thread count not settable
+        return fn()
+    _enter()
+    try:
+        return fn()
+    finally:
+        _exit()
+
+
 def run_chunks(n, nb, scratch, work):
     """Call ``work(n0, count, buffers)`` for the chunks ``[n0, n0 + count)`` of ``range(0, n, nb)``.
 

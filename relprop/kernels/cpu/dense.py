@@ -27,7 +27,7 @@ one threaded GEMM; VGG-16 b4: the 512-channel convolution VJPs after the dense l
 import numpy as np
 
 from ... import _config
-from ._chunks import conv_threads, run_chunks
+from ._chunks import conv_threads, run_chunks, run_here
 
 __all__ = ["dense_forward", "dense_vjp"]
 
@@ -47,8 +47,13 @@ def _blocks(n, cols):
     return n, min(cols, -(-per // _COL_ALIGN) * _COL_ALIGN)
 
 
-def _run(n, cols, gemm):
-    """gemm(rows slice, columns slice) over the blocks of :func:`_blocks`, one per thread."""
+def _run(n, cols, inner, gemm):
+    """gemm(rows slice, columns slice) over the blocks of :func:`_blocks`, one per thread; a GEMM of
+    fewer than ``_config.DENSE_MIN_THREADED_MACS`` multiply-adds (``inner``: the summed dimension) in
+    one block on the calling thread, BLAS held to one thread all the same."""
+    if n * cols * inner < _config.DENSE_MIN_THREADED_MACS:
+        run_here(lambda: gemm(slice(None), slice(None)))
+        return
     rows, width = _blocks(n, cols)
     if rows < n:
         run_chunks(n, rows, lambda: None, lambda n0, nc, _: gemm(slice(n0, n0 + nc), slice(None)))
@@ -63,7 +68,7 @@ def dense_forward(x, w, b, out):
         np.matmul(x[r], w[c].T, out=o)
         o += b[c]
 
-    _run(x.shape[0], w.shape[0], gemm)
+    _run(x.shape[0], w.shape[0], w.shape[1], gemm)
     return out
 
 
@@ -72,5 +77,5 @@ def dense_vjp(g, w, out):
     def gemm(r, c):
         np.matmul(g[r], w[:, c], out=out[r, c])
 
-    _run(g.shape[0], w.shape[1], gemm)
+    _run(g.shape[0], w.shape[1], w.shape[0], gemm)
     return out
