@@ -41,3 +41,5 @@ from . import concepts, visualize  # noqa: E402  (numpy-only at import; scikit-l
 __all__ += ["zoo", "viz", "metrics", "visualize", "concepts"]
 from .io import from_onnx, from_torch  # noqa: E402  (onnx / torch load inside these functions)
 __all__ += ["from_onnx", "from_torch"]
+from .kernels._pool import clear as release_buffers  # noqa: E402
+__all__ += ["release_buffers"]

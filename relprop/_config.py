@@ -120,3 +120,10 @@ WINOGRAD_WIDE_FILTER_BYTES = 4 * 1024 * 1024
 #: replaced patch reaches (relprop.nets.incremental); a layer whose changed box covers more
 #: than this fraction of its output runs whole.
 INCREMENTAL_FULL_FRACTION = 0.6
+
+#: Large NumPy outputs of the kernels (at least BUFFER_POOL_MIN_BYTES) are views of recycled
+#: buffers (relprop.kernels._pool): a freed array's buffer is kept, up to BUFFER_POOL_BYTES in
+#: all, and handed out again, instead of a fresh allocation whose pages the OS faults in and
+#: zeroes on first touch.  0: plain np.empty every time.
+BUFFER_POOL_BYTES = 1024 * 1024 * 1024
+BUFFER_POOL_MIN_BYTES = 1 << 20

@@ -1,5 +1,7 @@
 """Unchecked kernel calls: allocate ``out`` with the input's namespace, run ``backend``.
 
+Large NumPy outputs come from :mod:`relprop.kernels._pool` (recycled buffers, no fresh pages).
+
 Used inside sweeps (nets, rules, patterns), where the input was validated once at the
 public boundary.  ``backend`` is a resolved name ("reference", "cpu" or "cuda").
 Geometry arguments are already normalised pairs.
@@ -10,6 +12,7 @@ import numpy as np
 
 from .._backend import array_namespace, kernels
 from .._validate import conv_output_size
+from . import _pool
 
 
 def _xp(x):
@@ -17,14 +20,14 @@ def _xp(x):
 
 
 def dense_forward(x, w, b, backend):
-    out = _xp(x).empty((x.shape[0], w.shape[0]), dtype=x.dtype)
+    out = _pool.empty((x.shape[0], w.shape[0]), x.dtype, _xp(x))
     if b is None:
         b = _xp(x).zeros(w.shape[0], dtype=x.dtype)
     return kernels(backend).dense_forward(x, w, b, out)
 
 
 def dense_vjp(g, w, backend):
-    out = _xp(g).empty((g.shape[0], w.shape[1]), dtype=g.dtype)
+    out = _pool.empty((g.shape[0], w.shape[1]), g.dtype, _xp(g))
     return kernels(backend).dense_vjp(g, w, out)
 
 
@@ -43,16 +46,16 @@ def conv2d_forward(x, w, b, stride, padding, dilation, backend, relu=False, keep
     shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
     if b is None:
         b = xp.zeros(w.shape[0], dtype=x.dtype)
-    z = xp.empty(shape, dtype=x.dtype)
+    z = _pool.empty(shape, x.dtype, xp)
     if not relu:
         return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z)
-    a = xp.empty(shape, dtype=x.dtype) if keep_z else z
+    a = _pool.empty(shape, x.dtype, xp) if keep_z else z
     kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z, a)
     return (z if keep_z else None), a
 
 
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
-    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)
 
 
@@ -67,58 +70,58 @@ def maxpool2d_forward(x, kernel, stride, padding, backend, switches=True):
     alone (on the CPU it never computes the switches)."""
     xp = _xp(x)
     shape = pool_output_shape(x.shape, kernel, stride, padding)
-    out = xp.empty(shape, dtype=x.dtype)
+    out = _pool.empty(shape, x.dtype, xp)
     if not switches:
         return kernels(backend).maxpool2d_values(x, kernel, stride, padding, out), None
-    return kernels(backend).maxpool2d_forward(x, kernel, stride, padding, out, xp.empty(shape, dtype=np.int64))
+    return kernels(backend).maxpool2d_forward(x, kernel, stride, padding, out, _pool.empty(shape, np.int64, xp))
 
 
 def maxunpool2d(g, switches, input_shape, backend):
-    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).maxunpool2d(g, switches, out)
 
 
 def avgpool2d_forward(x, kernel, stride, padding, backend):
-    out = _xp(x).empty(pool_output_shape(x.shape, kernel, stride, padding), dtype=x.dtype)
+    out = _pool.empty(pool_output_shape(x.shape, kernel, stride, padding), x.dtype, _xp(x))
     return kernels(backend).avgpool2d_forward(x, kernel, stride, padding, out)
 
 
 def avgpool2d_vjp(g, input_shape, kernel, stride, padding, backend):
-    out = _xp(g).empty(tuple(input_shape), dtype=g.dtype)
+    out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).avgpool2d_vjp(g, kernel, stride, padding, out)
 
 
 def relu_forward(x, backend):
-    return kernels(backend).relu_forward(x, _xp(x).empty_like(x))
+    return kernels(backend).relu_forward(x, _pool.empty_like(x))
 
 
 def relu_backward_gradient(g, z, backend):
-    return kernels(backend).relu_backward_gradient(g, z, _xp(g).empty_like(g))
+    return kernels(backend).relu_backward_gradient(g, z, _pool.empty_like(g))
 
 
 def relu_backward_deconvnet(g, backend):
-    return kernels(backend).relu_backward_deconvnet(g, _xp(g).empty_like(g))
+    return kernels(backend).relu_backward_deconvnet(g, _pool.empty_like(g))
 
 
 def relu_backward_guided(g, z, backend):
-    return kernels(backend).relu_backward_guided(g, z, _xp(g).empty_like(g))
+    return kernels(backend).relu_backward_guided(g, z, _pool.empty_like(g))
 
 
 def stabilized_divide(r, z, epsilon, backend):
-    return kernels(backend).stabilized_divide(r, z, float(epsilon), _xp(r).empty_like(r))
+    return kernels(backend).stabilized_divide(r, z, float(epsilon), _pool.empty_like(r))
 
 
 def dense_weight_vjp(x, g, backend):
     xp = _xp(x)
-    out_w = xp.empty((g.shape[1], x.shape[1]), dtype=x.dtype)
-    out_b = xp.empty((g.shape[1],), dtype=x.dtype)
+    out_w = _pool.empty((g.shape[1], x.shape[1]), x.dtype, xp)
+    out_b = _pool.empty((g.shape[1],), x.dtype, xp)
     return kernels(backend).dense_weight_vjp(x, g, out_w, out_b)
 
 
 def conv2d_weight_vjp(x, g, w_shape, stride, padding, dilation, backend):
     xp = _xp(x)
-    out_w = xp.empty(tuple(w_shape), dtype=x.dtype)
-    out_b = xp.empty((w_shape[0],), dtype=x.dtype)
+    out_w = _pool.empty(tuple(w_shape), x.dtype, xp)
+    out_b = _pool.empty((w_shape[0],), x.dtype, xp)
     return kernels(backend).conv2d_weight_vjp(x, g, stride, padding, dilation, out_w, out_b)
 
 
