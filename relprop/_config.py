@@ -105,6 +105,14 @@ WINOGRAD_MIN_WORK = 1 << 22
 #: for the gradient and 820 MB for z+ rules (the z+ weights W+ are a second set).
 WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 
+#: LRP sweeps have the traced forward compute, in the same kernel call as a convolution's own
+#: forward, the modified forwards its rule reads from a itself (z+'s W+a + b+ behind a ReLU, the
+#: gamma rule's, alpha-beta's two): the Winograd path transforms the input once for all of them
+#: (CIFAR-VGG's 3x3 layers: the pair in 0.80 of the time of two calls; whole sweeps, alternating:
+#: CIFAR-VGG b64 eps+flat 1.06-1.08x, alpha-beta 1.07x, VGG-16 b4 eps+flat 1.05x).  The trace then
+#: holds those outputs until the rule takes them.  False: each rule runs its own.
+TRACE_MODIFIED_FORWARDS = True
+
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 #: Small, so that a chunk's transformed tiles and products stay in cache between the transforms
 #: and the GEMMs (36 BLAS calls per chunk, issued from compiled code); but WINOGRAD_CHUNK_TILES_WIDE

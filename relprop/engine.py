@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _config
 from ._backend import array_namespace
 
 __all__ = ["Unit", "Record", "Sweep", "resolve_target", "output_signal", "start_layer"]
@@ -184,6 +185,8 @@ class Record:
     backend: str
     known_nonneg: bool = False
     r_scratch: bool = False
+    #: {(group, term): z⁽ᵏ⁾} the rule's modified forwards computed by the trace, its to take
+    also: dict | None = None
 
     @property
     def switches(self):
@@ -277,6 +280,13 @@ class Sweep:
         # that reads it (a ReLU's rule gets z as its input); the trace keeps z only there
         needs = [getattr(rule, "needs_preactivations", True) for rule in self.rules]
         self.preactivations = frozenset(i for i in range(len(needs)) if needs[i] or (i + 1 < len(needs) and needs[i + 1]))
+        # the rules' modified forwards the trace computes with the layer's own (one input transform)
+        self._traced_terms = {}
+        if _config.TRACE_MODIFIED_FORWARDS:
+            for i, (layer, rule) in enumerate(zip(net.layers, self.rules)):
+                terms = rule.traced_terms(layer, self._nonneg[i]) if hasattr(rule, "traced_terms") else []
+                if terms:
+                    self._traced_terms[i] = terms
 
     def _refresh(self):
         """Re-fold the user's net if its parameters changed since the canonical net was made."""
@@ -290,7 +300,9 @@ class Sweep:
     def __call__(self, x, target, backend, return_layers=False):
         self._refresh()
         k = start_layer(self.net, target, x.shape)
-        trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations)
+        also = {i: self.rules[i].term_params(self.net.layers[i], x, self.state(i), terms)
+                for i, terms in self._traced_terms.items() if i <= k}
+        trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations, also=also)
         r = self.backward(trace, start_signal(trace, k, target, self.start), k, return_layers=return_layers)
         if self.times_input:
             if return_layers:
@@ -331,8 +343,9 @@ class Sweep:
                 continue
             acc[i] = None
             layer = net.layers[i]
+            extra = trace.also.pop(i, None)
             rec = Record(trace.layer_input(i), trace.outputs[i], trace.aux.get(i), trace.backend, self._nonneg[i],
-                         r_scratch=owned[i])
+                         r_scratch=owned[i], also=None if extra is None else dict(zip(self._traced_terms[i], extra)))
             r_in = rules[i].backward(layer, rec, r, self.state(i))
             if return_layers:
                 per_layer[i] = r_in

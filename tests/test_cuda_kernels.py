@@ -519,3 +519,18 @@ def test_conv2d_with_tf32_agrees_to_tf32_precision(rng):
     # TF32 rounds the GEMM inputs to 10 mantissa bits (unit roundoff 2^-11 ~ 4.9e-4), accumulates in FP32
     for got, want in ((out, want_out), (vjp, want_vjp)):
         np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_conv2d_forward_with_further_weights_shares_the_columns(relu, rng):
+    """``also``: further weight sets multiplied with the same im2col columns, each the same as a
+    convolution of its own (an LRP rule's W⁺ forward traced beside W)."""
+    x, w, b, geo, out_shape = _conv_problem(CONV_CASES[1], np.float64, rng)
+    w2 = np.maximum(w, 0)
+    b2 = np.maximum(b, 0)
+    args = (geo["stride"], geo["padding"], geo["dilation"])
+    z, a, (z2,) = _ops.conv2d_forward_also(dev(x), dev(w), dev(b), *args, "cuda", [(dev(w2), dev(b2))], relu=relu)
+    assert_close(host(z), ref_call("conv2d_forward", x, w, b, **geo), reduction_len=w[0].size)
+    assert_close(host(z2), ref_call("conv2d_forward", x, w2, b2, **geo), reduction_len=w[0].size)
+    if relu:
+        np.testing.assert_array_equal(host(a), np.maximum(host(z), 0))

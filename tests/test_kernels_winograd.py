@@ -230,3 +230,38 @@ def test_filter_cache_is_bounded_and_forgets_collected_weights(rng):
         assert len(wg._CACHE) == 1  # the collected array's entry went with it
         mp.setattr(config, "WINOGRAD_CACHE_BYTES", 0)
         assert wg.transformed_filters(w) is not wg.transformed_filters(w)  # no cache
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk_tiles", [2, 512])  # many chunks; one chunk (the few-tiles schedule when threaded)
+@pytest.mark.parametrize("shape", [(3, 6, 9, 10), (1, 4, 5, 5)])
+def test_further_weight_sets_share_the_input_transform(threads, chunk_tiles, shape, rng):
+    """``also``: the same convolution with further weights in the same call, each bit for bit what a call
+    of its own gives (Winograd transforms x once for all), with and without the fused ReLU; the direct
+    paths run them one after another."""
+    from relprop.kernels import _ops
+
+    x = rng.standard_normal(shape).astype(np.float32)
+    c = shape[1]
+    w = rng.standard_normal((7, c, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(7).astype(np.float32)
+    sets = [(np.maximum(w, 0), np.maximum(b, 0)), (np.minimum(w, 0), None)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", threads)
+        for winograd in (True, False):
+            if winograd:
+                always_winograd(mp, chunk_tiles)
+            else:
+                mp.setattr(config, "WINOGRAD", False)
+            for relu, keep_z in ((False, True), (True, True), (True, False)):
+                z, a, extra = _ops.conv2d_forward_also(x, w, b, (1, 1), (1, 1), (1, 1), "cpu", sets, relu=relu,
+                                                       keep_z=keep_z)
+                alone = _ops.conv2d_forward(x, w, b, (1, 1), (1, 1), (1, 1), "cpu", relu=relu, keep_z=keep_z)
+                if relu:
+                    assert (z is None) == (not keep_z) and a.tobytes() == alone[1].tobytes()
+                    if keep_z:
+                        assert z.tobytes() == alone[0].tobytes()
+                else:
+                    assert a is None and z.tobytes() == alone.tobytes()
+                for (w2, b2), z2 in zip(sets, extra):
+                    assert z2.tobytes() == _ops.conv2d_forward(x, w2, b2, (1, 1), (1, 1), (1, 1), "cpu").tobytes()

@@ -398,6 +398,38 @@ def test_gate_before_unpool_gives_the_same_bits(relu, overlap, dtype):
     assert not sweep(x, unit, "cpu")[0].any()
 
 
+@pytest.mark.parametrize("method", ["lrp.epsilon_plus_flat", "lrp.alpha_beta", "gamma"])
+def test_traced_modified_forwards_give_the_same_bits(method, monkeypatch):
+    """z⁺ = W⁺a + b⁺ (αβ's two, γ's (W + γW⁺)a) computed by the trace beside Wa, in the same kernel
+    call, instead of by the rule: the same relevance bit for bit, and no forward of its own left in
+    the rules at those convolutions."""
+    import relprop._config as config
+    from relprop.nets.layers import Conv2d
+
+    spec = [{"type": "conv2d", "in": 3, "out": 8, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2}, {"type": "conv2d", "in": 8, "out": 8, "kernel": 3, "padding": 1},
+            {"type": "relu"}, {"type": "conv2d", "in": 8, "out": 8, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "flatten"}, {"type": "linear", "in": 8 * 4 * 4, "out": 3}]
+    net = make_net(spec, dtype=np.float32)
+    x = np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)
+    method_ = everywhere(net, rules.Gamma(0.25)) if method == "gamma" else method
+    calls = []
+    real = Conv2d.forward_with
+    monkeypatch.setattr(Conv2d, "forward_with", lambda self, *a: calls.append(self) or real(self, *a))
+    monkeypatch.setattr(config, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(config, "WINOGRAD_MIN_WORK", 1)  # the shared input transform itself
+    traced = relprop.Explainer(net, method_)
+    got = [traced(x, t) for t in (0, 2)]
+    traced_layers = traced._method._traced_terms
+    assert set(traced_layers) >= {3, 5}  # behind a ReLU: every conv but the first (a ≥ 0 known)
+    assert not [c for c in calls if net.layers.index(c) in traced_layers]
+    monkeypatch.setattr(config, "TRACE_MODIFIED_FORWARDS", False)
+    own = relprop.Explainer(net, method_)
+    assert not own._method._traced_terms
+    for t, a in zip((0, 2), got):
+        assert a.tobytes() == own(x, t).tobytes()
+
+
 def _relu_probe():
     """x -> linear(I) -> relu -> linear(w2): the ReLU sees z = x, the signal above it is w2."""
     net = relprop.from_spec([{"type": "linear", "in": 3, "out": 3}, {"type": "relu"},

@@ -54,6 +54,20 @@ def conv2d_forward(x, w, b, stride, padding, dilation, backend, relu=False, keep
     return (z if keep_z else None), a
 
 
+def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=False, keep_z=True):
+    """:func:`conv2d_forward` and, in the same kernel call, z' = conv2d(x, w') + b' for every
+    ``(w', b')`` of ``also`` (weights of w's shape; b' None: no bias).  Returns ``(z, a, [z', ...])``,
+    ``a`` = relu(z) with ``relu`` (else None), z None with ``relu`` and not ``keep_z``."""
+    xp = _xp(x)
+    shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
+    zeros = xp.zeros(w.shape[0], dtype=x.dtype)
+    extra = [(w2, zeros if b2 is None else b2, _pool.empty(shape, x.dtype, xp)) for w2, b2 in also]
+    z = _pool.empty(shape, x.dtype, xp)
+    a = (_pool.empty(shape, x.dtype, xp) if keep_z else z) if relu else None
+    kernels(backend).conv2d_forward(x, w, zeros if b is None else b, stride, padding, dilation, z, a, extra)
+    return (None if relu and not keep_z else z), a, [e[2] for e in extra]
+
+
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
     out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)

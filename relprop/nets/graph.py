@@ -39,6 +39,9 @@ class Trace:
     parents: tuple
     aux: dict = field(default_factory=dict)
     backend: str = "cpu"
+    #: ``also[i]``: the forwards of conv layer i with the other parameters the trace was asked for
+    #: (``trace(also=...)``), a list in that order; a sweep takes (pops) them as its rules use them
+    also: dict = field(default_factory=dict)
 
     def layer_output(self, i):
         """Output of layer i."""
@@ -203,7 +206,7 @@ class Graph:
         """The logits f(x).  ``backend``: None (by array type) | "reference" | "cpu" | "cuda"."""
         return self.trace(x, backend=backend, keep=False).output
 
-    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True):
+    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None):
         """Forward pass recording every layer output and the max-pool switches (see :class:`Trace`).
 
         ``keep=False`` releases each output once its last reader has run and records no max-pool
@@ -213,6 +216,9 @@ class Graph:
         whose rules gate by relu(z) > 0, which is z > 0, and never read z itself.  A set of layer
         indices records z at those convolutions only (a sweep whose rules read z at some layers).
         ``upto=k`` stops after layer k (``trace.output`` is then layer k's output).
+        ``also={i: [(w', b'), ...]}``: conv layer i's forward with those parameters as well, computed
+        in the same kernel call as its own (the CPU Winograd path transforms the input once for all),
+        recorded as ``trace.also[i]``: an LRP rule's modified forward such as z⁺ = W⁺a + b⁺.
         Non-finite logits raise a ValueError naming the first layer whose output overflowed.
         """
         xp = array_namespace(x)
@@ -221,7 +227,8 @@ class Graph:
             self.check_input(x)
         x = xp.ascontiguousarray(x)
         last = len(self.layers) - 1 if upto is None else int(upto)
-        outputs, aux = [None] * len(self.layers), {}
+        outputs, aux, extra = [None] * len(self.layers), {}, {}
+        also = also or {}
         remaining = [len(r) for r in self._readers]
         fused = False
         for i in range(last + 1):
@@ -232,9 +239,15 @@ class Graph:
                 # a conv whose only reader is the ReLU after it: one call, the ReLU fused into the
                 # convolution's write-out; its z is kept only when the trace keeps every output
                 keep_z = keep and (preactivations if isinstance(preactivations, bool) else i in preactivations)
-                outputs[i], outputs[i + 1] = layer.forward_relu(x if ps[0] == INPUT else outputs[ps[0]], backend,
-                                                                keep_z=keep_z)
+                x_in = x if ps[0] == INPUT else outputs[ps[0]]
+                if i in also:
+                    outputs[i], outputs[i + 1], extra[i] = layer.forward_also(x_in, backend, also[i], relu=True,
+                                                                              keep_z=keep_z)
+                else:
+                    outputs[i], outputs[i + 1] = layer.forward_relu(x_in, backend, keep_z=keep_z)
                 fused = True
+            elif i in also and type(layer) is Conv2d:
+                outputs[i], _, extra[i] = layer.forward_also(x if ps[0] == INPUT else outputs[ps[0]], backend, also[i])
             elif not keep and type(layer) is MaxPool2d:  # no record kept: the maxima without switches
                 outputs[i], _ = layer.forward(x if ps[0] == INPUT else outputs[ps[0]], backend, switches=False)
             else:
@@ -252,7 +265,7 @@ class Graph:
         out = outputs[last]
         if not bool(xp.isfinite(out).all()):
             self._raise_overflow(x, backend, last)
-        return Trace(x=x, outputs=outputs, output=out, parents=self._parents, aux=aux, backend=backend)
+        return Trace(x=x, outputs=outputs, output=out, parents=self._parents, aux=aux, backend=backend, also=extra)
 
     def _conv_relu(self, i):
         """Is layer i a convolution read only by the ReLU right after it (a pair the trace fuses)?"""

@@ -170,6 +170,14 @@ class Conv2d(_Parametric):
         w, b = self.params(x)
         return _ops.conv2d_forward(x, w, b, self.stride, self.padding, self.dilation, backend, relu=True, keep_z=keep_z)
 
+    def forward_also(self, x, backend, also, relu=False, keep_z=True):
+        """The forward (with ``relu``, :meth:`forward_relu`'s pair) and, in the same kernel call, the
+        layer's forward with other parameters, ``(w', b')`` per entry of ``also``: ``(z, a, [z', ...])``.
+        An LRP sweep gets its rules' modified forwards (z⁺ = W⁺a + b⁺) this way while it traces."""
+        w, b = self.params(x)
+        return _ops.conv2d_forward_also(x, w, b, self.stride, self.padding, self.dilation, backend, also, relu=relu,
+                                        keep_z=keep_z)
+
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
 

@@ -198,6 +198,21 @@ class LinearRule(Rule):
         flat and αβ compute their own forward, so a sweep of them need not keep z."""
         return any(g.where is not None or any(t.plain for t in g.terms) for g in self.groups)
 
+    def traced_terms(self, layer, nonneg):
+        """The (group, term) indices whose forward z⁽ᵏ⁾ = W⁽ᵏ⁾a + b⁽ᵏ⁾ a sweep has the trace compute
+        beside the layer's own (:meth:`relprop.nets.Graph.trace`'s ``also``): at a convolution, the
+        terms with modified weights that read a itself (input a, or a⁺ where the input is ≥ 0 by
+        construction, ``nonneg``), e.g. z⁺'s W⁺a + b⁺ behind a ReLU, γ's (W + γW⁺)a + b."""
+        if layer.kind != "conv2d":
+            return []
+        return [(gi, ti) for gi, g in enumerate(self.groups) if g.weight != 0 for ti, t in enumerate(g.terms)
+                if not t.plain and (t.input == "a" or (t.input == "pos" and nonneg))]
+
+    def term_params(self, layer, like, state, terms):
+        """(W⁽ᵏ⁾, b⁽ᵏ⁾) of the (group, term) indices ``terms``, in ``like``'s namespace and dtype (cached)."""
+        params = _params(self, layer, like, state)
+        return [params[gi][ti] for gi, ti in terms]
+
     #: ε of stab(); the ε rule names it ``epsilon``, every other rule ``stabilizer``
     @property
     def eps(self):
@@ -346,7 +361,8 @@ def relevance(rule, layer, rec, r, state):
                 x_k = a if (term.input == "a" or (term.input == "pos" and rec.nonneg())) else (
                     xp.maximum(a, 0) if term.input == "pos" else xp.minimum(a, 0))
                 inputs.append(x_k)
-                zk, k_owned = layer.forward_with(x_k, w, b, backend), True
+                zk = rec.also.pop((gi, ti), None) if rec.also else None  # computed by the trace
+                zk, k_owned = (layer.forward_with(x_k, w, b, backend) if zk is None else zk), True
             if z is None:
                 z, owned = (zk, k_owned) if term.sign > 0 else (-zk, True)
             else:

@@ -608,7 +608,7 @@ def _rows_path(transposed, stride, channels):
     return not transposed or channels >= _config.CONV_VJP_ROWS_MIN_CHANNELS
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=()):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.  Shapes: x (N,C,H,W),
     w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo).
 
@@ -618,7 +618,10 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
     mode = 0 if a_out is None else (2 if a_out is out else 1)
     a_out = out if a_out is None else a_out
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):
-        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch, a_out, mode)
+        return conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch, a_out, mode,
+                                [(transformed_filters(w2), b2, out2) for w2, b2, out2 in also])
+    for w2, b2, out2 in also:
+        conv2d_forward(x, w2, b2, stride, padding, dilation, out2)
     if _lanes_path(tuple(stride), x.shape[1], w.shape[0]):
         return _forward_lanes(x, w, b, padding, dilation, out, a_out, mode)
     if _rows_path(False, tuple(stride), x.shape[1]):

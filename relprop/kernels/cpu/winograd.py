@@ -374,7 +374,7 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0):
+def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also=()):
     """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
     the filters' transform ``u`` = :func:`transformed_filters` of w.
 
@@ -412,8 +412,9 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0):
         max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-tiles // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
     a_out = out if a_out is None else a_out
+    parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        return _few_tiles(x, u, b, (ph, pw, th, tw), cst, out, gemm_batch, threads, a_out, mode)
+        return _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts)
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
@@ -425,18 +426,19 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0):
         t = int(chunk[:, 2].sum()) * tw
         v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_))
         # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K), xi < 36
-        gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u, 0, c_ * k_, k_, mf, 0, t * k_, k_)
-        _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b, out, a_out, mode)
+        for u_, b_, out_, a_, mode_ in parts:  # V, while in cache, against every filter set
+            gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u_, 0, c_ * k_, k_, mf, 0, t * k_, k_)
+            _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b_, out_, a_, mode_)
 
     run_chunks(len(segs), per_chunk, scratch, work)
     return out
 
 
-def _few_tiles(x, u, b, tiling, cst, out, gemm_batch, threads, a_out, mode):
+def _few_tiles(x, tiling, cst, gemm_batch, threads, parts):
     """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
     ``tiling`` = (ph, pw, tile rows, tile columns)."""
     ph, pw, th, tw = tiling
-    n_, c_, k_ = x.shape[0], x.shape[1], out.shape[1]
+    n_, c_, k_ = x.shape[0], x.shape[1], parts[0][2].shape[1]
     rows = np.array([(n, i, 1) for n in range(n_) for i in range(th)], dtype=np.int64)  # one tile row each
     t = len(rows) * tw
     # shared between the threads, so not the per-thread scratch (slots 2, 3 of the calling thread)
@@ -447,15 +449,16 @@ def _few_tiles(x, u, b, tiling, cst, out, gemm_batch, threads, a_out, mode):
     def transform_in(r0, count, _):
         _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_])
 
-    def multiply(k0, count, _):  # M[xi][:, k0:k0+count] = V[xi] @ U[xi][:, k0:k0+count]
-        gemm_batch(36, t, count, c_, v, 0, t * c_, c_, u, k0, c_ * k_, k_, m, k0, t * k_, k_)
-
-    def transform_out(r0, count, _):
-        _output_transform(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out, a_out,
-                          mode)
-
     run_chunks(len(rows), per_rows, lambda: None, transform_in)
     per_k = -(-k_ // threads)
-    run_chunks(k_, -(-per_k // 16) * 16, lambda: None, multiply)  # blocks of whole cache lines of U
-    run_chunks(len(rows), per_rows, lambda: None, transform_out)
-    return out
+    for u, b, out, a_out, mode in parts:
+        def multiply(k0, count, _, u=u):  # M[xi][:, k0:k0+count] = V[xi] @ U[xi][:, k0:k0+count]
+            gemm_batch(36, t, count, c_, v, 0, t * c_, c_, u, k0, c_ * k_, k_, m, k0, t * k_, k_)
+
+        def transform_out(r0, count, _, b=b, out=out, a_out=a_out, mode=mode):
+            _output_transform(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out,
+                              a_out, mode)
+
+        run_chunks(k_, -(-per_k // 16) * 16, lambda: None, multiply)  # blocks of whole cache lines of U
+        run_chunks(len(rows), per_rows, lambda: None, transform_out)
+    return parts[0][2]

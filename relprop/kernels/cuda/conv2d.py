@@ -102,13 +102,14 @@ def chunk_samples(n, rows, n_pos, itemsize):
     return max(1, min(n, int(_config.CUDA_SCRATCH_BYTES) // per_sample))
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=()):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_forward`.
 
     Per chunk of samples: im2col (one thread per column entry, zero padding written
     explicitly, a last row of ones) and one batched GEMM ``[W | b] @ cols[n]`` that writes
     ``out[n]`` (K, Ho·Wo) for every sample n of the chunk.  ``a_out``: the ReLU kernel after
-    it (in place when ``a_out is out``).
+    it (in place when ``a_out is out``).  ``also``: ``(w', b', out')`` triples, further weights
+    multiplied with the same columns (im2col once for all).
     """
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     n = x.shape[0]
@@ -118,17 +119,20 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
     if n == 0 or n_pos == 0:
         return out
     check_index_range(n_pos, "the output plane Ho·Wo")
-    wb = empty(w, (n_out, rows + 1))  # [W | b]: the bias is the weight of the row of ones
-    wb[:, :rows] = w.reshape(n_out, rows)
-    wb[:, rows] = b
-    out3 = out.reshape(n, n_out, n_pos)
+    sets = []
+    for w_, b_, out_ in [(w, b, out)] + list(also):
+        wb = empty(w_, (n_out, rows + 1))  # [W | b]: the bias is the weight of the row of ones
+        wb[:, :rows] = w_.reshape(n_out, rows)
+        wb[:, rows] = b_
+        sets.append((wb, out_.reshape(n, n_out, n_pos)))
     chunk = chunk_samples(n, rows + 1, n_pos, x.dtype.itemsize)
     cols_buf = empty(x, chunk * (rows + 1) * n_pos)
     for n0 in range(0, n, chunk):
         nc = min(chunk, n - n0)
         cols = cols_buf[:nc * (rows + 1) * n_pos].reshape(nc, rows + 1, n_pos)
         launch_grid(im2col_kernel, cols.shape, x, n0, kh, kw, sh, sw, ph, pw, dh, dw, wo, False, cols)
-        matmul(wb, cols, out3[n0:n0 + nc])
+        for wb, out3 in sets:
+            matmul(wb, cols, out3[n0:n0 + nc])
     if a_out is not None:
         relu_forward(out, a_out)  # one thread per element: in place is safe
     return out

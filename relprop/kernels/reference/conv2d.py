@@ -28,12 +28,16 @@ def _tap(offset, step, count, dil):
     return slice(start, start + step * (count - 1) + 1, step)
 
 
-def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None):
+def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=()):
     """Convolution forward.  Shapes: x (N,C,H,W), w (K,C,kh,kw), b (K,), out (N,K,Ho,Wo).
 
     ``a_out`` (N,K,Ho,Wo): the ReLU after the convolution in the same call, a_out = max(z, 0);
     when ``a_out`` *is* ``out``, out receives max(z, 0) instead of z (a conv + ReLU pair whose z
-    is not needed; the CPU kernels fuse the ReLU into the pass that writes z)."""
+    is not needed; the CPU kernels fuse the ReLU into the pass that writes z).
+    ``also``: ``(w', b', out')`` triples, out' = conv2d(x, w') + b' in the same call (an LRP rule's
+    modified forward beside the traced one; the CPU Winograd path transforms x once for all)."""
+    for w2, b2, out2 in also:
+        conv2d_forward(x, w2, b2, stride, padding, dilation, out2)
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = w.shape[2:]
     ho, wo = out.shape[2:]
