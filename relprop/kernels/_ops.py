@@ -42,16 +42,8 @@ def conv2d_forward(x, w, b, stride, padding, dilation, backend, relu=False, keep
     """z = conv2d(x), or with ``relu`` the pair ``(z, relu(z))`` in one kernel call (``(None, relu(z))``
     without ``keep_z``: z is then never written, the CPU kernels apply the ReLU in the pass that
     would write it; with ``keep_z`` they write both in that pass)."""
-    xp = _xp(x)
-    shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
-    if b is None:
-        b = xp.zeros(w.shape[0], dtype=x.dtype)
-    z = _pool.empty(shape, x.dtype, xp)
-    if not relu:
-        return kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z)
-    a = _pool.empty(shape, x.dtype, xp) if keep_z else z
-    kernels(backend).conv2d_forward(x, w, b, stride, padding, dilation, z, a)
-    return (z if keep_z else None), a
+    z, a, _ = conv2d_forward_also(x, w, b, stride, padding, dilation, backend, (), relu=relu, keep_z=keep_z)
+    return (z, a) if relu else z
 
 
 def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=False, keep_z=True):
@@ -60,7 +52,7 @@ def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=
     ``a`` = relu(z) with ``relu`` (else None), z None with ``relu`` and not ``keep_z``."""
     xp = _xp(x)
     shape = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
-    zeros = xp.zeros(w.shape[0], dtype=x.dtype)
+    zeros = xp.zeros(w.shape[0], dtype=x.dtype) if b is None or any(b2 is None for _, b2 in also) else None
     extra = [(w2, zeros if b2 is None else b2, _pool.empty(shape, x.dtype, xp)) for w2, b2 in also]
     z = _pool.empty(shape, x.dtype, xp)
     a = (_pool.empty(shape, x.dtype, xp) if keep_z else z) if relu else None

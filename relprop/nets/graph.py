@@ -240,11 +240,8 @@ class Graph:
                 # convolution's write-out; its z is kept only when the trace keeps every output
                 keep_z = keep and (preactivations if isinstance(preactivations, bool) else i in preactivations)
                 x_in = x if ps[0] == INPUT else outputs[ps[0]]
-                if i in also:
-                    outputs[i], outputs[i + 1], extra[i] = layer.forward_also(x_in, backend, also[i], relu=True,
-                                                                              keep_z=keep_z)
-                else:
-                    outputs[i], outputs[i + 1] = layer.forward_relu(x_in, backend, keep_z=keep_z)
+                outputs[i], outputs[i + 1], extra[i] = layer.forward_also(x_in, backend, also.get(i, ()), relu=True,
+                                                                          keep_z=keep_z)
                 fused = True
             elif i in also and type(layer) is Conv2d:
                 outputs[i], _, extra[i] = layer.forward_also(x if ps[0] == INPUT else outputs[ps[0]], backend, also[i])
@@ -265,7 +262,8 @@ class Graph:
         out = outputs[last]
         if not bool(xp.isfinite(out).all()):
             self._raise_overflow(x, backend, last)
-        return Trace(x=x, outputs=outputs, output=out, parents=self._parents, aux=aux, backend=backend, also=extra)
+        return Trace(x=x, outputs=outputs, output=out, parents=self._parents, aux=aux, backend=backend,
+                     also={i: z for i, z in extra.items() if i in also})
 
     def _conv_relu(self, i):
         """Is layer i a convolution read only by the ReLU right after it (a pair the trace fuses)?"""

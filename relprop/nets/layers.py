@@ -167,8 +167,8 @@ class Conv2d(_Parametric):
     def forward_relu(self, x, backend, keep_z=True):
         """This layer and a ReLU after it in one call: ``(z, relu(z))`` (z None without ``keep_z``);
         the graph uses it for a conv whose only reader is a ReLU (the CPU kernels fuse the two)."""
-        w, b = self.params(x)
-        return _ops.conv2d_forward(x, w, b, self.stride, self.padding, self.dilation, backend, relu=True, keep_z=keep_z)
+        z, a, _ = self.forward_also(x, backend, (), relu=True, keep_z=keep_z)
+        return z, a
 
     def forward_also(self, x, backend, also, relu=False, keep_z=True):
         """The forward (with ``relu``, :meth:`forward_relu`'s pair) and, in the same kernel call, the

@@ -108,14 +108,15 @@ def gates_before_unpools(net, rules):
     two of a pair (the signal between them changes: gated before the ReLU instead of after it)."""
     from .core import Pass
 
+    signal_rules = (Gradient, DeconvNet, GuidedBackprop)
     out, spans = list(rules), []
     for i, layer in enumerate(net.layers):
         readers = net.readers(i)
-        if layer.kind != "relu" or len(readers) != 1 or type(rules[i]) not in (Gradient, DeconvNet, GuidedBackprop):
+        if layer.kind != "relu" or len(readers) != 1 or type(rules[i]) not in signal_rules:
             continue
         j = readers[0]
         pool = net.layers[j]
-        if pool.kind != "maxpool2d" or net.parents(j) != (i,) or type(rules[j]) not in (Gradient, DeconvNet, GuidedBackprop):
+        if pool.kind != "maxpool2d" or net.parents(j) != (i,) or type(rules[j]) not in signal_rules:
             continue
         overlap = any(s < k for s, k in zip(pool.stride, pool.kernel))
         if overlap and type(rules[i]) is not Gradient:  # max(Σ g, 0) ≠ Σ max(g, 0) where windows share a switch
