@@ -213,6 +213,30 @@ def test_conv2d_relu_fused_vs_separate(benchmark, request, name, x_shape, w_shap
     benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
 
 
+#: the convolutions a 2x2 max-pool follows in LeNet-5 and CIFAR-VGG
+CONV_POOLS = [c for c in CONVS if c[0] in ("lenet.conv1", "lenet.conv2", "vgg.conv2", "vgg.conv4", "vgg.conv6")]
+
+
+@pytest.mark.benchmark(group="conv2d_relu_maxpool")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONV_POOLS, ids=_ids(CONV_POOLS))
+def test_conv2d_relu_maxpool_fused_vs_separate(benchmark, request, name, x_shape, w_shape, padding):
+    """A conv + ReLU + 2x2 max-pool triple of a forward as one call (the pool in the write-out of the lanes
+    and Winograd paths) against the conv + ReLU pair and then the pool's maxima, alternating:
+    ``extra_info["separate_over_fused"]``."""
+    x, w, b, geometry, _, _ = _conv_case(x_shape, w_shape, padding)
+    fused = lambda: _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "cpu")  # noqa: E731
+
+    def separate():
+        a = _ops.conv2d_forward(x, w, b, *geometry, "cpu", relu=True, keep_z=False)[1]
+        return _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), "cpu", switches=False)[0]
+
+    assert fused().tobytes() == separate().tobytes()
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
+    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)

@@ -534,3 +534,17 @@ def test_conv2d_forward_with_further_weights_shares_the_columns(relu, rng):
     assert_close(host(z2), ref_call("conv2d_forward", x, w2, b2, **geo), reduction_len=w[0].size)
     if relu:
         np.testing.assert_array_equal(host(a), np.maximum(host(z), 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_relu_maxpool2x2_matches_reference(dtype, rng):
+    """The conv + ReLU + 2x2 max-pool triple of a forward that keeps no record (odd output sizes: the
+    floor-mode pool drops the last row and column)."""
+    x = normal(rng, (2, 3, 9, 7), dtype)
+    w = normal(rng, (4, 3, 3, 2), dtype)
+    b = normal(rng, (4,), dtype)
+    args = ((1, 1), (1, 0), (1, 1))
+    got = host(_ops.conv2d_relu_maxpool2x2(dev(x), dev(w), dev(b), *args, "cuda"))
+    want = _ops.conv2d_relu_maxpool2x2(x, w, b, *args, "reference")
+    assert got.shape == want.shape == (2, 4, 4, 3)
+    assert_close(got, want, reduction_len=w[0].size)

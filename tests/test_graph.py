@@ -460,7 +460,8 @@ def test_a_forward_records_no_max_pool_switches(backend, ceil, monkeypatch):
     real = _ops.maxpool2d_forward
     monkeypatch.setattr(_ops, "maxpool2d_forward", lambda *a, **k: asked.append(a[5:] + tuple(k.values())) or real(*a, **k))
     lean = net.trace(x, backend, keep=False)
-    assert asked == [(False,), (False,)] and lean.aux == {}
+    # the first pool without ceil mode runs inside its conv + ReLU (test_conv_relu_pool_triples_...)
+    assert asked == [(False,)] * (2 if ceil else 1) and lean.aux == {}
     asked.clear()
     full = net.trace(x, backend)
     assert asked == [(True,), (True,)] and sorted(full.aux) == [2, 5]
@@ -494,3 +495,34 @@ def test_lrp_sweeps_keep_z_only_where_a_rule_reads_it(method, backend, monkeypat
         assert all(i in sweep.preactivations for i in fused)
     sweep.preactivations = True  # every z recorded
     assert explainer(x).tobytes() == lean.tobytes()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_conv_relu_pool_triples_are_fused_in_a_forward(backend, monkeypatch):
+    """A forward that keeps no record runs a conv, the ReLU read only by a 2x2 stride-2 unpadded max-pool,
+    and that pool as one call (the CPU lanes kernels pool in their write-out), with the full trace's output
+    bit for bit; a ReLU read by another layer, another pool geometry, ceil mode, a trace that keeps its
+    outputs or one that stops at the ReLU are not fused."""
+    from relprop.nets import layers
+
+    spec = [{"type": "conv2d", "in": 1, "out": 6, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+            {"type": "conv2d", "in": 6, "out": 5, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2, "ceil_mode": True},
+            {"type": "conv2d", "in": 5, "out": 4, "kernel": 1}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 3},
+            {"type": "conv2d", "in": 4, "out": 3, "kernel": 1}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+            {"type": "maxpool2d", "kernel": 2, "inputs": [10]}, {"type": "add", "inputs": [11, 12]},
+            {"type": "flatten"}]
+    rng = np.random.default_rng(4)
+    net = relprop.from_spec(spec, graph_weights(spec, rng))
+    x = np.round(rng.normal(size=(3, 1, 29, 31)), 1)  # odd sizes: the pools drop a row and a column
+    assert [i for i in range(len(spec)) if net._conv_relu_pool(i)] == [0]
+    called = []
+    real = layers.Conv2d.forward_relu_pool
+    monkeypatch.setattr(layers.Conv2d, "forward_relu_pool", lambda self, *a: called.append(1) or real(self, *a))
+    out = net.forward(x, backend)
+    assert called == [1]
+    full = net.trace(x, backend)
+    assert called == [1]
+    assert out.tobytes() == full.output.tobytes()
+    np.testing.assert_array_equal(net.trace(x, backend, keep=False, upto=1).output, full.outputs[1])
+    assert called == [1]

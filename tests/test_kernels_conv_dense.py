@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import relprop._config as config
 import relprop.kernels as K
+from relprop.kernels import _ops
 from helpers import assert_close
 from relprop._validate import conv_output_size
 from relprop.kernels.cpu import conv2d as cpu_conv
@@ -409,3 +410,90 @@ def test_conv2d_lanes_are_bitwise_deterministic_and_threads_agree(lanes, kernel,
     assert got[0] == got[1] == got[2]
     assert_close(z, K.conv2d_forward(x, w, b, 1, (1, 2), backend="reference"), reduction_len=6 * kernel[0] * kernel[1])
     assert_close(gx, K.conv2d_vjp(z, w, x.shape, 1, (1, 2), backend="reference"), reduction_len=16 * kernel[0] * kernel[1])
+
+
+# ---------------------------------------------------------------- conv + ReLU + 2x2 max-pool, fused
+
+def _unfused(x, w, b, geometry, backend):
+    """The triple as three kernels: the convolution with its ReLU, then the max-pool's maxima."""
+    z = K.conv2d_forward(x, w, b, *geometry, backend=backend)
+    a = K.relu_forward(z, backend=backend)
+    return K.maxpool2d_forward(a, 2, 2, 0, backend=backend)[0]
+
+
+def _fused(x, w, b, geometry, backend):
+    return _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, backend)
+
+
+@st.composite
+def conv_pool_problem(draw):
+    """A convolution whose output is at least 2x2 (one pooled value), its inputs drawn either normal or
+    from a few small integers (exact ties in the windows, zeros after the ReLU), and the lanes per block."""
+    n, c, k = draw(st.integers(1, 5)), draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 2 - 2 * padding[0]), 14))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 2 - 2 * padding[1]), 14))
+    stride = draw(st.sampled_from([(1, 1), (1, 1), (2, 1)]))  # (2, 1): not a lanes layer, the unfused path
+    assume((h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1 >= 2)
+    return ((n, c, h, w), (k, c, kh, kw), stride, padding, dilation, draw(st.sampled_from([1, 2, 3, 16])),
+            draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_pool_problem())
+def test_conv2d_relu_maxpool_fused_matches_unfused_and_reference(dtype, problem):
+    """The fused triple (the pool in the lanes' write-out) gives the unfused kernels' values exactly (the
+    maximum taken before the bias and the ReLU: rounding is monotone) and the reference's; odd sizes drop
+    the last row/column as the floor-mode pool does; short last blocks, batch 1, ties and zeros."""
+    x_shape, w_shape, stride, padding, dilation, lanes, ties, seed = problem
+    rng = np.random.default_rng(seed)
+    if ties:
+        x = rng.integers(-2, 3, x_shape).astype(dtype)
+        w = rng.integers(-1, 2, w_shape).astype(dtype)
+        b = rng.integers(-2, 2, w_shape[0]).astype(dtype)
+    else:
+        x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))
+    geometry = (stride, padding, dilation)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        got = _fused(x, w, b, geometry, "cpu")
+        want = _unfused(x, w, b, geometry, "cpu")
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert_close(got, _fused(x, w, b, geometry, "reference"), reduction_len=int(np.prod(w_shape[1:])))
+    np.testing.assert_array_equal(_fused(x, w, b, geometry, "reference"), _unfused(x, w, b, geometry, "reference"))
+
+
+def test_conv2d_relu_maxpool_fused_takes_the_lanes_and_falls_back_on_nan(monkeypatch, rng):
+    """LeNet-5's layers pool in the lanes' write-out (and thread counts agree to the bit); a NaN or an
+    infinity in a pooled window sends the triple through the unfused kernels, so a NaN is not dropped by
+    the selects of the fused maximum (the pool's own rule: the first NaN of a window wins)."""
+    pooled = []
+    real = cpu_conv._from_lanes_pool
+    monkeypatch.setattr(cpu_conv, "_from_lanes_pool", lambda *a: pooled.append(a[5].shape) or real(*a))
+    x = rng.standard_normal((37, 6, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 6, 5, 5)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    geometry = ((1, 1), (0, 0), (1, 1))
+    got = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(config, "CONV_THREADS", threads)
+        got.append(_fused(x, w, b, geometry, "cpu").tobytes())
+    assert pooled and got[0] == got[1] == got[2]
+    np.testing.assert_array_equal(np.frombuffer(got[0], np.float32).reshape(37, 16, 4, 4),
+                                  _unfused(x, w, b, geometry, "cpu"))
+    pooled.clear()
+    _fused(x, rng.standard_normal((32, 6, 5, 5)).astype(np.float32), None, geometry, "cpu")  # K = 32: GEMMs
+    assert not pooled
+    for bad in (np.nan, np.inf):
+        x_bad = x.copy()
+        x_bad[3, 2, 5, 5] = bad  # inf - inf somewhere in the sums: NaN in the convolution's output
+        w_mixed = w.copy()
+        got = cpu_conv.conv2d_relu_maxpool2x2(x_bad, w_mixed, b, *geometry, np.empty((37, 16, 4, 4), np.float32))
+        z = np.empty((37, 16, 8, 8), np.float32)
+        cpu_conv.conv2d_forward(x_bad, w_mixed, b, *geometry, z, z)
+        want = K.maxpool2d_forward(z, 2, backend="reference", check_finite=False)[0]
+        assert not np.isfinite(want).all()
+        np.testing.assert_array_equal(got, want)

@@ -60,6 +60,17 @@ def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=
     return (None if relu and not keep_z else z), a, [e[2] for e in extra]
 
 
+
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend):
+    """The 2x2 stride-2 max-pool of relu(conv2d(x)) in one kernel call (its maxima only): the forward of a
+    conv, ReLU, max-pool triple that keeps no record; the CPU kernels fuse the pool into the write-out."""
+    xp = _xp(x)
+    n, k, ho, wo = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
+    out = _pool.empty((n, k, ho // 2, wo // 2), x.dtype, xp)
+    return kernels(backend).conv2d_relu_maxpool2x2(x, w, xp.zeros(k, dtype=x.dtype) if b is None else b, stride,
+                                                   padding, dilation, out)
+
+
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
     out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)

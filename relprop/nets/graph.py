@@ -230,11 +230,16 @@ class Graph:
         outputs, aux, extra = [None] * len(self.layers), {}, {}
         also = also or {}
         remaining = [len(r) for r in self._readers]
-        fused = False
+        fused = 0
         for i in range(last + 1):
             layer, ps = self.layers[i], self._parents[i]
-            if fused:  # this ReLU ran with the convolution before it
-                fused = False
+            if fused:  # this ReLU (and pool) ran with the convolution before it
+                fused -= 1
+            elif not keep and i + 2 <= last and not also.get(i) and self._conv_relu_pool(i):
+                # conv, ReLU, 2x2 max-pool, none read by another layer, and no record: the pooled
+                # maxima in one call (the CPU kernels pool in the convolution's write-out)
+                outputs[i + 2] = layer.forward_relu_pool(x if ps[0] == INPUT else outputs[ps[0]], backend)
+                fused = 2
             elif i < last and self._conv_relu(i):
                 # a conv whose only reader is the ReLU after it: one call, the ReLU fused into the
                 # convolution's write-out; its z is kept only when the trace keeps every output
@@ -242,7 +247,7 @@ class Graph:
                 x_in = x if ps[0] == INPUT else outputs[ps[0]]
                 outputs[i], outputs[i + 1], extra[i] = layer.forward_also(x_in, backend, also.get(i, ()), relu=True,
                                                                           keep_z=keep_z)
-                fused = True
+                fused = 1
             elif i in also and type(layer) is Conv2d:
                 outputs[i], _, extra[i] = layer.forward_also(x if ps[0] == INPUT else outputs[ps[0]], backend, also[i])
             elif not keep and type(layer) is MaxPool2d:  # no record kept: the maxima without switches
@@ -270,6 +275,16 @@ class Graph:
         layers = self.layers
         return (type(layers[i]) is Conv2d and i + 1 < len(layers) and type(layers[i + 1]) is ReLU
                 and self._parents[i + 1] == (i,) and self._readers[i] == (i + 1,))
+
+    def _conv_relu_pool(self, i):
+        """Is layer i a convolution, read only by a ReLU that only a 2x2 stride-2 unpadded max-pool reads
+        (floor mode) right after it?"""
+        layers = self.layers
+        if not (self._conv_relu(i) and i + 2 < len(layers) and type(layers[i + 2]) is MaxPool2d
+                and self._parents[i + 2] == (i + 1,) and self._readers[i + 1] == (i + 2,)):
+            return False
+        pool = layers[i + 2]
+        return pool.kernel == (2, 2) and pool.stride == (2, 2) and pool.padding == (0, 0) and not pool.ceil_mode
 
     def _raise_overflow(self, x, backend, last):
         """Locate the first layer with a non-finite output and say so (the input is finite)."""

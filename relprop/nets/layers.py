@@ -178,6 +178,13 @@ class Conv2d(_Parametric):
         return _ops.conv2d_forward_also(x, w, b, self.stride, self.padding, self.dilation, backend, also, relu=relu,
                                         keep_z=keep_z)
 
+    def forward_relu_pool(self, x, backend):
+        """This layer, a ReLU and a 2x2 stride-2 unpadded max-pool after it, the pooled maxima alone, in
+        one call: the graph's forward that keeps no record runs such a triple this way (the CPU kernels
+        then never write z)."""
+        w, b = self.params(x)
+        return _ops.conv2d_relu_maxpool2x2(x, w, b, self.stride, self.padding, self.dilation, backend)
+
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
 

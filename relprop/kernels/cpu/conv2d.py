@@ -60,10 +60,12 @@ import numpy as np
 from numba import njit, types
 
 from ... import _config
+from ..._validate import conv_output_size
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
+from .pool2d import maxpool2d_values
 from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
 
-__all__ = ["conv2d_forward", "conv2d_vjp"]
+__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
 
 
 # ============================================================================================
@@ -566,6 +568,40 @@ def _from_lanes(zb, n0, nb, lanes, bias, out, a_out, mode):
     return out
 
 
+@_jit
+def _from_lanes_pool(zb, n0, nb, lanes, bias, out, prow):
+    """out[n0 + l, k, i, j] = relu(bias[k] + max_{a,e<2} zb[k, 2i + a, (2j + e)*L + l]) for l < nb: the
+    write-out of a conv + ReLU + 2x2 stride-2 max-pool triple (floor mode: an odd last row or column
+    is dropped).  The maximum is taken in the lanes, whole vectors, before the bias and the ReLU, which
+    commute with it (rounding is monotone, so max_i fl(s_i + b) = fl(max_i s_i + b) to the bit; a
+    zero's sign aside); only the pooled quarter is gathered back to NCHW.  Returns False where a
+    window holds a NaN or an infinity (the selects would drop a NaN): the caller then runs the three
+    layers unfused."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    finite = zb[0, 0, 0] * 0  # stays 0 unless a pooled input is NaN or infinite
+    for k in range(k_):
+        bk = bias[k]
+        for i in range(hp):
+            r0, r1 = zb[k, 2 * i], zb[k, 2 * i + 1]
+            for j in range(wp):
+                q = 2 * j * lanes
+                a0, a1 = r0[q:q + lanes], r0[q + lanes:q + 2 * lanes]
+                b0, b1 = r1[q:q + lanes], r1[q + lanes:q + 2 * lanes]
+                p = prow[j * lanes:(j + 1) * lanes]
+                for l in range(lanes):
+                    m0, m1, m2, m3 = a0[l], a1[l], b0[l], b1[l]
+                    ma = m1 if m1 > m0 else m0
+                    mb = m3 if m3 > m2 else m2
+                    p[l] = mb if mb > ma else ma
+                    finite += (m0 + m1 + m2 + m3) * 0
+            for l in range(nb):
+                o = out[n0 + l, k, i]
+                for j in range(wp):
+                    v = prow[j * lanes + l] + bk
+                    o[j] = 0 if v < 0 else v
+    return finite == finite
+
+
 # ============================================================================================
 # The kernels
 # ============================================================================================
@@ -629,6 +665,28 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
     return _forward_im2col(x, w, b, stride, padding, dilation, out, a_out, mode)
 
 
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2`: out (N,K,Ho//2,Wo//2)
+    = the 2x2 stride-2 max-pool of relu(conv2d(x)).
+
+    Where the lanes path (narrow stride-1 layers: LeNet-5's) or the Winograd path (3x3 stride-1
+    layers of 64 channels and more: the VGG nets') runs the convolution, the pool is fused into its
+    write-out (:func:`_from_lanes_pool`, :func:`relprop.kernels.cpu.winograd._output_transform_pool`):
+    z is never written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled window holds a NaN or an infinity, the
+    convolution with its fused ReLU and then the pool's maxima, as unfused."""
+    k_, c_, kh, kw = w.shape
+    n_, _, h_, w_ = x.shape
+    if winograd_applies(x.shape, w.shape, stride, padding, dilation):
+        if conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch, out, 3) is not None:
+            return out
+    elif _lanes_path(tuple(stride), c_, k_) and _forward_lanes(x, w, b, padding, dilation, out, out, 3):
+        return out
+    z = np.empty((n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
+                  conv_output_size(w_, kw, stride[1], padding[1], dilation[1])), x.dtype)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z)
+    return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+
+
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.  Shapes: g (N,K,Ho,Wo),
     w (K,C,kh,kw), out (N,C,H,W)."""
@@ -684,24 +742,33 @@ def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode):
     (:func:`_to_lanes`), so each tap is a multiply-add over a whole output row of L samples
     (:func:`_lanes_conv`), and scattered back with the bias and the ReLU (:func:`_from_lanes`).
     No GEMM: for a few output channels BLAS gets too few result rows to run near its rate.
-    Blocks are shared out to threads like the chunks of the other paths."""
+    Blocks are shared out to threads like the chunks of the other paths.
+
+    ``mode`` 3: ``out`` is (N, K, Ho//2, Wo//2) and receives the 2x2 max-pool of relu(z)
+    (:func:`_from_lanes_pool`); returns whether every pooled window was finite (if not, ``out`` is
+    incomplete)."""
     (ph, pw), (dh, dw) = padding, dilation
     n_, c_, h_, w_ = x.shape
-    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    k_, _, kh, kw = w.shape
+    ho, wo = h_ + 2 * ph - dh * (kh - 1), w_ + 2 * pw - dw * (kw - 1)
     lanes = _lanes_per_block(n_, (c_ * (h_ + 2 * ph) * (w_ + 2 * pw) + k_ * ho * wo) * x.itemsize)
+    finite = []
 
     def scratch():
         return (np.empty((c_, h_ + 2 * ph, (w_ + 2 * pw) * lanes), x.dtype),
-                np.empty((k_, ho, wo * lanes), x.dtype))
+                np.empty((k_, ho, wo * lanes), x.dtype), np.empty(max(1, wo // 2) * lanes, x.dtype))
 
     def work(n0, nb, buffers):
-        xb, zb = buffers
+        xb, zb, prow = buffers
         _to_lanes(x, n0, nb, lanes, ph, pw, xb)
         _lanes_conv(xb, w, dh, dw, lanes, zb)
-        _from_lanes(zb, n0, nb, lanes, b, out, a_out, mode)
+        if mode == 3:
+            finite.append(_from_lanes_pool(zb, n0, nb, lanes, b, out, prow))
+        else:
+            _from_lanes(zb, n0, nb, lanes, b, out, a_out, mode)
 
     run_chunks(n_, lanes, scratch, work)
-    return out
+    return all(finite) if mode == 3 else out
 
 
 def _vjp_as_bands(g, w, padding, dilation, out):

@@ -258,6 +258,56 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
     return out
 
 
+@_jit
+def _output_transform_pool(m, segs, tw, cst, bias, out):
+    """:func:`_output_transform` for a conv + ReLU + 2x2 stride-2 max-pool triple: out (N, K, Ho//2, Wo//2)
+    receives relu(bias + the maximum of each 2x2 window of the tile outputs A^T M A).  A 4x4 tile holds
+    whole windows, so each tile row gives two pooled rows, the maxima taken over the channels (whole
+    vectors) before the bias and the ReLU, which commute with them (rounding is monotone, so the values
+    are the unfused ones; a zero's sign aside); only the pooled quarter goes back to NCHW.  Rows and
+    columns past Ho//2, Wo//2 (the tiles' overhang, an odd last row or column) are dropped.  Returns
+    False where a window holds a NaN or an infinity (the selects would drop a NaN): the caller then
+    runs the three layers unfused."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    c2, c4, c8 = cst[0], cst[1], cst[3]
+    s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
+    o = np.empty((4, 4 * tw, k_), m.dtype)  # one tile row of outputs, channels last
+    pm = np.empty((2 * tw, k_), m.dtype)  # one pooled row, channels last
+    finite = m[0, 0] * 0  # stays 0 unless a pooled value is NaN or infinite
+    q = -1
+    for sg in range(segs.shape[0]):
+        n, i0 = segs[sg, 0], segs[sg, 1]
+        for i in range(i0, i0 + segs[sg, 2]):
+            q += 1
+            lo, hi = q * tw * k_, (q + 1) * tw * k_
+            for x in range(6):
+                z = 6 * x
+                _at_lanes(m[z, lo:hi], m[z + 1, lo:hi], m[z + 2, lo:hi], m[z + 3, lo:hi], m[z + 4, lo:hi],
+                          m[z + 5, lo:hi], s[x, 0], s[x, 1], s[x, 2], s[x, 3], c2, c4, c8)
+            for j in range(tw):
+                J, kl, kh = 4 * j, j * k_, (j + 1) * k_
+                for b in range(4):
+                    _at_lanes(s[0, b, kl:kh], s[1, b, kl:kh], s[2, b, kl:kh], s[3, b, kl:kh], s[4, b, kl:kh],
+                              s[5, b, kl:kh], o[0, J + b], o[1, J + b], o[2, J + b], o[3, J + b], c2, c4, c8)
+            for a in range(min(2, hp - 2 * i)):
+                r0, r1 = o[2 * a], o[2 * a + 1]
+                for j in range(wp):
+                    x0, x1, y0, y1, p = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], pm[j]
+                    for k in range(k_):
+                        m0, m1, m2, m3 = x0[k], x1[k], y0[k], y1[k]
+                        ma = m1 if m1 > m0 else m0
+                        mb = m3 if m3 > m2 else m2
+                        p[k] = mb if mb > ma else ma
+                        finite += (m0 + m1 + m2 + m3) * 0
+                d = out[n, :, 2 * i + a]
+                for k in range(k_):  # back to NCHW, adding the bias, with the ReLU
+                    dk, bk = d[k], bias[k]
+                    for j in range(wp):
+                        v = pm[j, k] + bk
+                        dk[j] = 0 if v < 0 else v
+    return finite == finite
+
+
 # ============================================================================================
 # The convolution
 # ============================================================================================
@@ -381,6 +431,8 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     ``gemm_batch`` is the batched BLAS call of :mod:`relprop.kernels.cpu.conv2d` (``_gemm_batch``: the
     36 products of a chunk in one compiled loop, row-major, on windows of flat buffers).  Shapes: x (N, C, H, W), u (36, C, K), b (K,), out (N, K, Ho, Wo).  ``a_out``, ``mode``:
     the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (:func:`emit`; mode 0: none).
+    Mode 3: ``out`` is (N, K, Ho//2, Wo//2) and receives the 2x2 max-pool of relu(z)
+    (:func:`_output_transform_pool`); returns None instead if a pooled window held a NaN or an infinity.
 
     Two schedules, both with every thread's BLAS held to one thread:
 
@@ -395,7 +447,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     """
     ph, pw = padding
     n_, c_ = x.shape[:2]
-    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    k_, ho, wo = out.shape[1], x.shape[2] + 2 * ph - 2, x.shape[3] + 2 * pw - 2
     th, tw = -(-ho // 4), -(-wo // 4)
     cst = np.array([2, 4, 5, 8], x.dtype)
     # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows, and a chunk's
@@ -413,8 +465,10 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     segs, per_chunk = _segments(n_, th, max_rows)
     a_out = out if a_out is None else a_out
     parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, out2, 0) for u2, b2, out2 in also]
+    finite = []  # mode 3: per chunk, were its pooled windows finite?
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        return _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts)
+        _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite)
+        return out if all(finite) else None
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
     def scratch():
@@ -428,13 +482,21 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
         # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K), xi < 36
         for u_, b_, out_, a_, mode_ in parts:  # V, while in cache, against every filter set
             gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u_, 0, c_ * k_, k_, mf, 0, t * k_, k_)
-            _output_transform(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b_, out_, a_, mode_)
+            _transform_out(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b_, out_, a_, mode_, finite)
 
     run_chunks(len(segs), per_chunk, scratch, work)
-    return out
+    return out if all(finite) else None
 
 
-def _few_tiles(x, tiling, cst, gemm_batch, threads, parts):
+def _transform_out(m, segs, tw, cst, bias, out, a_out, mode, finite):
+    """The output transform of ``mode`` (3: with the max-pool, its finiteness appended to ``finite``)."""
+    if mode == 3:
+        finite.append(_output_transform_pool(m, segs, tw, cst, bias, out))
+    else:
+        _output_transform(m, segs, tw, cst, bias, out, a_out, mode)
+
+
+def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite):
     """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
     ``tiling`` = (ph, pw, tile rows, tile columns)."""
     ph, pw, th, tw = tiling
@@ -456,8 +518,8 @@ def _few_tiles(x, tiling, cst, gemm_batch, threads, parts):
             gemm_batch(36, t, count, c_, v, 0, t * c_, c_, u, k0, c_ * k_, k_, m, k0, t * k_, k_)
 
         def transform_out(r0, count, _, b=b, out=out, a_out=a_out, mode=mode):
-            _output_transform(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out,
-                              a_out, mode)
+            _transform_out(m[:, r0 * tw * k_:(r0 + count) * tw * k_], rows[r0:r0 + count], tw, cst, b, out,
+                           a_out, mode, finite)
 
         run_chunks(k_, -(-per_k // 16) * 16, lambda: None, multiply)  # blocks of whole cache lines of U
         run_chunks(len(rows), per_rows, lambda: None, transform_out)
