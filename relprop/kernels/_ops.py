@@ -60,7 +60,6 @@ def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=
     return (None if relu and not keep_z else z), a, [e[2] for e in extra]
 
 
-
 def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend):
     """The 2x2 stride-2 max-pool of relu(conv2d(x)) in one kernel call (its maxima only): the forward of a
     conv, ReLU, max-pool triple that keeps no record; the CPU kernels fuse the pool into the write-out."""

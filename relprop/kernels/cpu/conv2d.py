@@ -672,8 +672,9 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
     Where the lanes path (narrow stride-1 layers: LeNet-5's) or the Winograd path (3x3 stride-1
     layers of 64 channels and more: the VGG nets') runs the convolution, the pool is fused into its
     write-out (:func:`_from_lanes_pool`, :func:`relprop.kernels.cpu.winograd._output_transform_pool`):
-    z is never written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled window holds a NaN or an infinity, the
-    convolution with its fused ReLU and then the pool's maxima, as unfused."""
+    z is never written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled
+    window holds a NaN or an infinity, the convolution with its fused ReLU and then the pool's maxima,
+    as unfused."""
     k_, c_, kh, kw = w.shape
     n_, _, h_, w_ = x.shape
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):

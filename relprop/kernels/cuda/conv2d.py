@@ -139,7 +139,6 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
     return out
 
 
-
 def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2`: the convolution
     with its ReLU (one call), then the pool's maxima (no switches)."""
