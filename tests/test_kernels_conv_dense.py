@@ -489,7 +489,7 @@ def test_conv2d_relu_maxpool_fused_takes_the_lanes_and_falls_back_on_nan(monkeyp
     assert not pooled
     for bad in (np.nan, np.inf):
         x_bad = x.copy()
-        x_bad[3, 2, 5, 5] = bad  # inf * (w < 0) + inf * (w > 0) in the sums: NaN in the convolution's output
+        x_bad[3, 2, 5, 5] = bad  # the outputs around it become +-inf (or NaN): the kernel must fall back
         got = cpu_conv.conv2d_relu_maxpool2x2(x_bad, w, b, *geometry, np.empty((37, 16, 4, 4), np.float32))
         z = np.empty((37, 16, 8, 8), np.float32)
         cpu_conv.conv2d_forward(x_bad, w, b, *geometry, z, z)
