@@ -80,6 +80,13 @@ CONV_SPLIT_MIN_SAMPLES = 32
 #: although the dense layer alone ran 2.2 ms against 2.9 ms).
 DENSE_MIN_ROWS = 16
 
+#: ... but only while the weight matrix is at most this many bytes: every row block reads all of
+#: W, so for a larger W one block of columns per thread (each reading its half of W once, with
+#: every row) ran faster, measured alternating on the 2-core machine, medians: 4096 -> 512 at
+#: batch 32-64 forward 1.19-1.74x, VJP 1.52-1.56x; 4096 -> 4096 at batch 32-512 1.06-1.45x; a
+#: 512 x 512 W (1 MiB) level either way (0.80-1.08x), so it keeps its row blocks.
+DENSE_ROW_BLOCKS_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
+
 #: ... and a dense GEMM of fewer multiply-adds than this runs whole on the calling thread (BLAS
 #: held to one thread): handing half of it to a second thread costs more than it saves (LeNet-5's
 #: 256x256 -> 120 layer: 0.16 ms on one thread, 0.28 ms shared out to two).

@@ -362,6 +362,26 @@ def test_dense_column_blocks_match_reference(dtype, n, i, j, threads, seed):
     assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=j)
 
 
+@pytest.mark.parametrize("limit, by", [(1 << 30, "rows"), (0, "columns")])
+def test_dense_blocks_by_rows_only_for_small_weights(monkeypatch, rng, limit, by):
+    """A large batch is cut into row blocks only while W is at most DENSE_ROW_BLOCKS_MAX_WEIGHT_BYTES
+    (each row block reads all of W); above, into column blocks; the same values either way."""
+    from relprop.kernels.cpu import dense as cpu_dense
+
+    x, w, b = rng.standard_normal((70, 33)), rng.standard_normal((50, 33)), rng.standard_normal(50)
+    g = rng.standard_normal((70, 50))
+    cut = []
+    real = cpu_dense.run_chunks
+    monkeypatch.setattr(cpu_dense, "run_chunks", lambda n, nb, *a: cut.append(n) or real(n, nb, *a))
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    monkeypatch.setattr(config, "DENSE_MIN_THREADED_MACS", 0)
+    monkeypatch.setattr(config, "DENSE_ROW_BLOCKS_MAX_WEIGHT_BYTES", limit)
+    z, gx = K.dense_forward(x, w, b, backend="cpu"), K.dense_vjp(g, w, backend="cpu")
+    assert cut == ([70, 70] if by == "rows" else [50, 33])  # what was cut: the batch, or W's columns
+    assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=33)
+    assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=50)
+
+
 # ---------------------------------------------------------------- direct convolution in lanes
 
 def test_conv2d_lanes_dispatch(monkeypatch, rng):
