@@ -271,18 +271,19 @@ def test_further_weight_sets_share_the_input_transform(threads, chunk_tiles, sha
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("chunk_tiles", [2, 512])  # many chunks; one chunk (the few-tiles schedule when threaded)
 @given(n=st.integers(1, 3), c=st.integers(1, 5), k=st.sampled_from([1, 17, 40]), h=st.integers(2, 14),
-       w=st.integers(2, 14), padding=st.integers(0, 2), ties=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_winograd_pools_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, padding, ties, seed):
+       w=st.integers(2, 14), padding=st.integers(0, 2), ties=st.booleans(), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_winograd_pools_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, padding, ties, seed, dtype):
     """A conv + ReLU + 2x2 max-pool triple on the Winograd path (the pool in the output transform) gives
     the unfused kernels' values exactly and the reference's; odd sizes and the tiles' overhang are
     dropped; ties (small integers) and zeros; both schedules, bitwise reproducible."""
     rng = np.random.default_rng(seed)
     h, w = max(h, 4 - 2 * padding), max(w, 4 - 2 * padding)  # at least a 2x2 output
     if ties:
-        x, wt = rng.integers(-2, 3, (n, c, h, w)).astype(np.float32), rng.integers(-1, 2, (k, c, 3, 3)).astype(np.float32)
-        b = rng.integers(-2, 2, k).astype(np.float32)
+        x, wt = rng.integers(-2, 3, (n, c, h, w)).astype(dtype), rng.integers(-1, 2, (k, c, 3, 3)).astype(dtype)
+        b = rng.integers(-2, 2, k).astype(dtype)
     else:
-        x, wt, b = (rng.standard_normal(s).astype(np.float32) for s in ((n, c, h, w), (k, c, 3, 3), (k,)))
+        x, wt, b = (rng.standard_normal(s).astype(dtype) for s in ((n, c, h, w), (k, c, 3, 3), (k,)))
     geometry = ((1, 1), (padding, padding), (1, 1))
     pooled = []
     with pytest.MonkeyPatch.context() as mp:
@@ -293,7 +294,7 @@ def test_winograd_pools_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, pa
         got = [_ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "cpu") for _ in range(2)]
         z = K.conv2d_forward(x, wt, b, *geometry, backend="cpu")
         want = K.maxpool2d_forward(K.relu_forward(z, backend="cpu"), 2, backend="cpu")[0]
-    assert pooled and got[0].tobytes() == got[1].tobytes()
+    assert pooled and got[0].dtype == dtype and got[0].tobytes() == got[1].tobytes()
     np.testing.assert_array_equal(got[0], want)
     assert_close(got[0], _ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "reference"), reduction_len=c * 9)
 
