@@ -62,7 +62,7 @@ from numba import njit, types
 from ... import _config
 from ..._validate import conv_output_size
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
-from .pool2d import maxpool2d_values
+from .pool2d import max4, maxpool2d_values
 from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
@@ -590,9 +590,7 @@ def _from_lanes_pool(zb, n0, nb, lanes, bias, out, prow):
                 p = prow[j * lanes:(j + 1) * lanes]
                 for l in range(lanes):
                     m0, m1, m2, m3 = a0[l], a1[l], b0[l], b1[l]
-                    ma = m1 if m1 > m0 else m0
-                    mb = m3 if m3 > m2 else m2
-                    p[l] = mb if mb > ma else ma
+                    p[l] = max4(m0, m1, m2, m3)
                     finite += (m0 + m1 + m2 + m3) * 0
             for l in range(nb):
                 o = out[n0 + l, k, i]

@@ -26,6 +26,16 @@ from ._threads import parallel_above
 __all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
 
 
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def max4(m0, m1, m2, m3):
+    """The maximum of a 2x2 window (m0, m1 its top row, m2, m3 its bottom row) by selects, ties to the
+    earlier element: each row's first maximum, then the bottom one only if strictly larger.  A NaN may
+    be dropped: callers check the window's finiteness beside it."""
+    ma = m1 if m1 > m0 else m0
+    mb = m3 if m3 > m2 else m2
+    return mb if mb > ma else ma
+
+
 @njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
 def _has_nan(xp):
     """True when the 2-D plane ``xp`` holds a NaN (an OR reduction the compiler vectorises)."""
@@ -118,9 +128,7 @@ def _maxpool_2x2_rows(x2, out2, sw2, ho, wd, switches=True):
         else:
             for j in range(wo):
                 m0, m1, m2, m3 = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
-                ma = m1 if m1 > m0 else m0
-                mb = m3 if m3 > m2 else m2
-                o[j] = mb if mb > ma else ma
+                o[j] = max4(m0, m1, m2, m3)
                 finite += (m0 + m1 + m2 + m3) * 0
         bad += finite != finite
     return bad

@@ -45,6 +45,7 @@ from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
+from .pool2d import max4
 
 __all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filter_transform"]
 
@@ -225,6 +226,23 @@ def _input_transform(x, segs, ph, pw, tw, cst, v):
     return v
 
 
+@_inline
+def _tile_row_out(m, lo, tw, k_, c2, c4, c8, s, o):
+    """o[a, 4j + b, :] = (A^T M A)[a, b] of the tile row's tiles j (their M in m[:, lo : lo + tw*K]), channels
+    last: the 1-D transform of the columns into s (lanes (j, k)), then of the rows.  One body for every
+    output transform, so the pooled write-out sees the same bits as the plain one."""
+    hi = lo + tw * k_
+    for x in range(6):
+        z = 6 * x
+        _at_lanes(m[z, lo:hi], m[z + 1, lo:hi], m[z + 2, lo:hi], m[z + 3, lo:hi], m[z + 4, lo:hi],
+                  m[z + 5, lo:hi], s[x, 0], s[x, 1], s[x, 2], s[x, 3], c2, c4, c8)
+    for j in range(tw):
+        J, kl, kh = 4 * j, j * k_, (j + 1) * k_
+        for b in range(4):
+            _at_lanes(s[0, b, kl:kh], s[1, b, kl:kh], s[2, b, kl:kh], s[3, b, kl:kh], s[4, b, kl:kh],
+                      s[5, b, kl:kh], o[0, J + b], o[1, J + b], o[2, J + b], o[3, J + b], c2, c4, c8)
+
+
 @_jit
 def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
     """out[n, :, 4i + a, 4j + b] = (A^T M A)[a, b] + bias for M[x, y] = m[x*6 + y, t*K : (t+1)*K], the
@@ -240,16 +258,7 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
         n, i0 = segs[sg, 0], segs[sg, 1]
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
-            lo, hi = q * tw * k_, (q + 1) * tw * k_
-            for x in range(6):
-                z = 6 * x
-                _at_lanes(m[z, lo:hi], m[z + 1, lo:hi], m[z + 2, lo:hi], m[z + 3, lo:hi], m[z + 4, lo:hi],
-                          m[z + 5, lo:hi], s[x, 0], s[x, 1], s[x, 2], s[x, 3], c2, c4, c8)
-            for j in range(tw):
-                J, kl, kh = 4 * j, j * k_, (j + 1) * k_
-                for b in range(4):
-                    _at_lanes(s[0, b, kl:kh], s[1, b, kl:kh], s[2, b, kl:kh], s[3, b, kl:kh], s[4, b, kl:kh],
-                              s[5, b, kl:kh], o[0, J + b], o[1, J + b], o[2, J + b], o[3, J + b], c2, c4, c8)
+            _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
             for a in range(min(4, ho - 4 * i)):  # back to NCHW, adding the bias
                 oa = o[a]
                 d, r = out[n, :, 4 * i + a], a_out[n, :, 4 * i + a]
@@ -279,25 +288,14 @@ def _output_transform_pool(m, segs, tw, cst, bias, out):
         n, i0 = segs[sg, 0], segs[sg, 1]
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
-            lo, hi = q * tw * k_, (q + 1) * tw * k_
-            for x in range(6):
-                z = 6 * x
-                _at_lanes(m[z, lo:hi], m[z + 1, lo:hi], m[z + 2, lo:hi], m[z + 3, lo:hi], m[z + 4, lo:hi],
-                          m[z + 5, lo:hi], s[x, 0], s[x, 1], s[x, 2], s[x, 3], c2, c4, c8)
-            for j in range(tw):
-                J, kl, kh = 4 * j, j * k_, (j + 1) * k_
-                for b in range(4):
-                    _at_lanes(s[0, b, kl:kh], s[1, b, kl:kh], s[2, b, kl:kh], s[3, b, kl:kh], s[4, b, kl:kh],
-                              s[5, b, kl:kh], o[0, J + b], o[1, J + b], o[2, J + b], o[3, J + b], c2, c4, c8)
+            _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
             for a in range(min(2, hp - 2 * i)):
                 r0, r1 = o[2 * a], o[2 * a + 1]
                 for j in range(wp):
                     x0, x1, y0, y1, p = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], pm[j]
                     for k in range(k_):
                         m0, m1, m2, m3 = x0[k], x1[k], y0[k], y1[k]
-                        ma = m1 if m1 > m0 else m0
-                        mb = m3 if m3 > m2 else m2
-                        p[k] = mb if mb > ma else ma
+                        p[k] = max4(m0, m1, m2, m3)
                         finite += (m0 + m1 + m2 + m3) * 0
                 d = out[n, :, 2 * i + a]
                 for k in range(k_):  # back to NCHW, adding the bias, with the ReLU
