@@ -61,6 +61,7 @@ from numba import njit, types
 
 from ... import _config
 from ..._validate import conv_output_size
+from .. import _pool
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
 from .pool2d import max4, maxpool2d_values
 from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
@@ -680,8 +681,10 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
             return out
     elif _lanes_path(tuple(stride), c_, k_) and _forward_lanes(x, w, b, padding, dilation, out, out, 3):
         return out
-    z = np.empty((n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
-                  conv_output_size(w_, kw, stride[1], padding[1], dilation[1])), x.dtype)
+    # the full-size relu(z) from the recycled buffers (relprop.kernels._pool): a fresh one would fault in
+    # its pages on every forward
+    z = _pool.empty((n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
+                     conv_output_size(w_, kw, stride[1], padding[1], dilation[1])), x.dtype)
     conv2d_forward(x, w, b, stride, padding, dilation, z, z)
     return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
 
