@@ -42,7 +42,7 @@ def conv_problem(draw):
     """(x shape, w shape, stride, padding, dilation, chunk bytes, seed) of a valid convolution."""
     n, c, k = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 5))
     h, w = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))  # the lanes unroll kw = 3 and 5
     # stride (1, 1) half the time: it is the only stride the row-shift path takes
     stride = draw(st.just((1, 1)) | st.tuples(st.integers(1, 3), st.integers(1, 3)))
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
@@ -430,6 +430,29 @@ def test_conv2d_lanes_are_bitwise_deterministic_and_threads_agree(lanes, kernel,
     assert got[0] == got[1] == got[2]
     assert_close(z, K.conv2d_forward(x, w, b, 1, (1, 2), backend="reference"), reduction_len=6 * kernel[0] * kernel[1])
     assert_close(gx, K.conv2d_vjp(z, w, x.shape, 1, (1, 2), backend="reference"), reduction_len=16 * kernel[0] * kernel[1])
+
+
+@given(k=st.integers(1, 5), c=st.integers(1, 3), kh=st.integers(1, 5), kw=st.sampled_from([3, 5]),
+       ho=st.integers(1, 7), lanes=st.sampled_from([1, 8, 16]), seed=st.integers(0, 2**32 - 1))
+def test_conv2d_lanes_row_pairs_change_no_bit(k, c, kh, kw, ho, lanes, seed):
+    """The lanes kernel computes output rows in pairs (rows i and i + 1 from each input row they share)
+    and an odd last row alone: each sums its terms in the same order either way.  Row r of a convolution
+    equals, to the bit, the last row of the same convolution cut to r + 1 output rows, where r (even) is
+    computed alone; the rows match the reference."""
+    rng = np.random.default_rng(seed)
+    wo = 3
+    xb = rng.standard_normal((c, ho + kh - 1, (wo + kw - 1) * lanes)).astype(np.float32)
+    w = rng.standard_normal((k, c, kh, kw)).astype(np.float32)
+    zb = cpu_conv._lanes_conv(xb, w, 1, 1, lanes, np.empty((k, ho, wo * lanes), np.float32))
+    for r in range(0, ho, 2):  # r + 1 rows: row r is the odd one out
+        cut = cpu_conv._lanes_conv(np.ascontiguousarray(xb[:, :r + kh]), w, 1, 1, lanes,
+                                   np.empty((k, r + 1, wo * lanes), np.float32))
+        np.testing.assert_array_equal(cut[:, r], zb[:, r])
+    # the lanes layout undone: x[l, c, i, j] = xb[c, i, j*L + l], z likewise
+    x = xb.reshape(c, ho + kh - 1, wo + kw - 1, lanes).transpose(3, 0, 1, 2)
+    z = zb.reshape(k, ho, wo, lanes).transpose(3, 0, 1, 2)
+    assert_close(z, K.conv2d_forward(np.ascontiguousarray(x), w, None, 1, 0, backend="reference"),
+                 reduction_len=c * kh * kw)
 
 
 # ---------------------------------------------------------------- conv + ReLU + 2x2 max-pool, fused

@@ -495,6 +495,42 @@ def _lanes_row3x2(z0, z1, xr, w, k, c, a, step, m):
 
 
 @_jit
+def _lanes_row5x2x2(z0, z1, y0, y1, xr, w, k, c, a, step, m):
+    """:func:`_lanes_row5x2` for two output rows at once: the input row xr is kernel row ``a`` of the
+    output row i (z0, z1: channels k, k + 1) and kernel row ``a - 1`` of row i + 1 (y0, y1), so each x
+    value is loaded once for four rows of z (stride and dilation 1)."""
+    w00, w01, w02, w03, w04 = w[k, c, a, 0], w[k, c, a, 1], w[k, c, a, 2], w[k, c, a, 3], w[k, c, a, 4]
+    w10, w11, w12, w13, w14 = w[k + 1, c, a, 0], w[k + 1, c, a, 1], w[k + 1, c, a, 2], w[k + 1, c, a, 3], w[k + 1, c, a, 4]
+    v00, v01, v02, v03, v04 = w[k, c, a - 1, 0], w[k, c, a - 1, 1], w[k, c, a - 1, 2], w[k, c, a - 1, 3], w[k, c, a - 1, 4]
+    v10, v11, v12 = w[k + 1, c, a - 1, 0], w[k + 1, c, a - 1, 1], w[k + 1, c, a - 1, 2]
+    v13, v14 = w[k + 1, c, a - 1, 3], w[k + 1, c, a - 1, 4]
+    x0, x1, x2 = xr[:m], xr[step:step + m], xr[2 * step:2 * step + m]
+    x3, x4 = xr[3 * step:3 * step + m], xr[4 * step:4 * step + m]
+    for q in range(m):
+        a0, a1, a2, a3, a4 = x0[q], x1[q], x2[q], x3[q], x4[q]
+        z0[q] += w00 * a0 + w01 * a1 + w02 * a2 + w03 * a3 + w04 * a4
+        z1[q] += w10 * a0 + w11 * a1 + w12 * a2 + w13 * a3 + w14 * a4
+        y0[q] += v00 * a0 + v01 * a1 + v02 * a2 + v03 * a3 + v04 * a4
+        y1[q] += v10 * a0 + v11 * a1 + v12 * a2 + v13 * a3 + v14 * a4
+
+
+@_jit
+def _lanes_row3x2x2(z0, z1, y0, y1, xr, w, k, c, a, step, m):
+    """:func:`_lanes_row5x2x2` for kw = 3."""
+    w00, w01, w02 = w[k, c, a, 0], w[k, c, a, 1], w[k, c, a, 2]
+    w10, w11, w12 = w[k + 1, c, a, 0], w[k + 1, c, a, 1], w[k + 1, c, a, 2]
+    v00, v01, v02 = w[k, c, a - 1, 0], w[k, c, a - 1, 1], w[k, c, a - 1, 2]
+    v10, v11, v12 = w[k + 1, c, a - 1, 0], w[k + 1, c, a - 1, 1], w[k + 1, c, a - 1, 2]
+    x0, x1, x2 = xr[:m], xr[step:step + m], xr[2 * step:2 * step + m]
+    for q in range(m):
+        a0, a1, a2 = x0[q], x1[q], x2[q]
+        z0[q] += w00 * a0 + w01 * a1 + w02 * a2
+        z1[q] += w10 * a0 + w11 * a1 + w12 * a2
+        y0[q] += v00 * a0 + v01 * a1 + v02 * a2
+        y1[q] += v10 * a0 + v11 * a1 + v12 * a2
+
+
+@_jit
 def _lanes_row(z, xr, w, k, c, a, step, m):
     """:func:`_lanes_row5` for any kw: one pass per tap."""
     for b in range(w.shape[3]):
@@ -510,15 +546,37 @@ def _lanes_conv(xb, w, dh, dw, lanes, zb):
     With the lanes fastest, one tap of one output row is a single multiply-add over the Wo*L
     contiguous values of the row; the kw taps of a kernel row go in one pass (unrolled for kw = 3
     and 5, two output channels at a time: 1.2-1.4x one at a time on LeNet-5's layers), so the
-    output row is loaded and stored once per kernel row.  The row updates are separate functions:
-    written as branches of one loop body they ran 1.9-2.1x slower.  Each output sums its terms in
-    the same order either way, so the pairing does not change a bit."""
+    output row is loaded and stored once per kernel row.  With dilation 1, output rows go in pairs
+    too: input row i + a is kernel row a of output row i and kernel row a - 1 of row i + 1, so each
+    x value is loaded once for four rows of z (per layer 1.0-1.25x, LeNet-5 b256 forward, gradient and
+    LRP 1.05-1.07x).  The row updates are separate functions: written as branches of one loop body
+    they ran 1.9-2.1x slower.  Each output sums its terms in the same order either way, so the
+    pairings do not change a bit."""
     k_, c_, kh, kw = w.shape
     ho, m = zb.shape[1], zb.shape[2]
     step = dw * lanes
     paired = kw == 5 or kw == 3
+    rows2 = paired and dh == 1  # output rows i and i + 1 read the input rows i + 1 .. i + kh - 1 both
     for k in range(0, k_ - 1 if paired else 0, 2):
-        for i in range(ho):
+        for i in range(0, ho - 1 if rows2 else 0, 2):
+            z0, z1, y0, y1 = zb[k, i], zb[k + 1, i], zb[k, i + 1], zb[k + 1, i + 1]
+            _fill0(z0)
+            _fill0(z1)
+            _fill0(y0)
+            _fill0(y1)
+            for c in range(c_):
+                # input row i + a: kernel row a of output row i, a - 1 of row i + 1 (each in the order a = 0, 1, ..)
+                if kw == 5:
+                    _lanes_row5x2(z0, z1, xb[c, i], w, k, c, 0, step, m)
+                    for a in range(1, kh):
+                        _lanes_row5x2x2(z0, z1, y0, y1, xb[c, i + a], w, k, c, a, step, m)
+                    _lanes_row5x2(y0, y1, xb[c, i + kh], w, k, c, kh - 1, step, m)
+                else:
+                    _lanes_row3x2(z0, z1, xb[c, i], w, k, c, 0, step, m)
+                    for a in range(1, kh):
+                        _lanes_row3x2x2(z0, z1, y0, y1, xb[c, i + a], w, k, c, a, step, m)
+                    _lanes_row3x2(y0, y1, xb[c, i + kh], w, k, c, kh - 1, step, m)
+        for i in range(ho - ho % 2 if rows2 else 0, ho):  # the last row of an odd height (every row if not rows2)
             z0, z1 = zb[k, i], zb[k + 1, i]
             _fill0(z0)
             _fill0(z1)
