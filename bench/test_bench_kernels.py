@@ -237,6 +237,26 @@ def test_conv2d_relu_maxpool_fused_vs_separate(benchmark, request, name, x_shape
     benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
 
 
+@pytest.mark.benchmark(group="conv2d_relu_maxpool")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", CONV_POOLS, ids=_ids(CONV_POOLS))
+def test_conv2d_relu_maxpool_switches_fused_vs_separate(benchmark, request, name, x_shape, w_shape, padding):
+    """The same triple as a sweep's trace runs it (``switches=True``: the pool's switches recorded, z and
+    relu(z) never written) against the conv + ReLU pair and then the pool with its switches, alternating:
+    ``extra_info["separate_over_fused"]``."""
+    x, w, b, geometry, _, _ = _conv_case(x_shape, w_shape, padding)
+    fused = lambda: _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "cpu", switches=True)[:2]  # noqa: E731
+
+    def separate():
+        a = _ops.conv2d_forward(x, w, b, *geometry, "cpu", relu=True, keep_z=False)[1]
+        return _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), "cpu")
+
+    assert all(f.tobytes() == s.tobytes() for f, s in zip(fused(), separate()))
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
+    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)

@@ -120,6 +120,13 @@ WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 #: holds those outputs until the rule takes them.  False: each rule runs its own.
 TRACE_MODIFIED_FORWARDS = True
 
+#: Sweeps whose rules read neither a ReLU's output nor the pre-activation before it, where a conv,
+#: ReLU and 2x2 max-pool follow one another (the gradient-type sweeps, the LRP composites' pass-through
+#: ReLU and winner-takes-all pool), have the trace run the triple as one kernel call that records the
+#: pool's maxima and switches only (Graph.trace's ``pooled``): neither z nor the full-size relu(z) is
+#: written, and the separate pool pass is gone.  False: the trace records every output.
+TRACE_FUSED_POOLS = True
+
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 #: Small, so that a chunk's transformed tiles and products stay in cache between the transforms
 #: and the GEMMs (36 BLAS calls per chunk, issued from compiled code); but WINOGRAD_CHUNK_TILES_WIDE

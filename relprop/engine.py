@@ -6,7 +6,8 @@ methods that wrap them — is a :class:`Sweep`: one rule per layer (:mod:`relpro
 run in reverse topological order from a start signal:
 
 1. the traced forward pass (:meth:`relprop.nets.Graph.trace`) records every layer's
-   output and the max-pool switches, once;
+   output and the max-pool switches, once (except what no rule reads: a conv's z, and the
+   ReLU output inside a conv, ReLU, max-pool triple, which then runs as one kernel call);
 2. the start signal is placed at the output of the start layer: the net output for a class
    target (one-hot, or R_c = f_c(x) for relevance methods), or any layer for a
    :class:`Unit` target (1 at the unit for gradient-type methods, its activation for
@@ -281,6 +282,7 @@ class Sweep:
         needs = [getattr(rule, "needs_preactivations", True) for rule in self.rules]
         self.preactivations = frozenset(i for i in range(len(needs)) if needs[i] or (i + 1 < len(needs) and needs[i + 1]))
         # the rules' modified forwards the trace computes with the layer's own (one input transform)
+        self._pooled = {}  # whole -> the conv layers whose triple the trace fuses
         self._traced_terms = {}
         if _config.TRACE_MODIFIED_FORWARDS:
             for i, (layer, rule) in enumerate(zip(net.layers, self.rules)):
@@ -296,19 +298,43 @@ class Sweep:
             self.net = canonical(self.source)
             self._source_versions = self.source.versions()
             self._state = [{} for _ in self.net.layers]
+            self._pooled = {}
 
     def __call__(self, x, target, backend, return_layers=False):
         self._refresh()
         k = start_layer(self.net, target, x.shape)
         also = {i: self.rules[i].term_params(self.net.layers[i], x, self.state(i), terms)
                 for i, terms in self._traced_terms.items() if i <= k}
-        trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations, also=also)
+        trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations, also=also,
+                               pooled=self.pooled(self._whole(k, None, return_layers)))
         r = self.backward(trace, start_signal(trace, k, target, self.start), k, return_layers=return_layers)
         if self.times_input:
             if return_layers:
                 return x * r[0], r[1]
             return x * r
         return r
+
+    def _whole(self, start, stop, return_layers):
+        """Does a sweep from ``start`` run the whole rules (see the class doc)?"""
+        return stop is None and not return_layers and self.whole_rules is not None \
+            and not any(lo <= start < hi for lo, hi in self.whole_spans)
+
+    def pooled(self, whole):
+        """The conv layers i whose conv, ReLU, 2x2 max-pool triple the trace may run as one kernel call that
+        writes neither z nor relu(z) (:meth:`relprop.nets.Graph.trace`'s ``pooled``; it skips a triple the
+        trace stops inside): z read by no rule (:attr:`preactivations`), and the ReLU's and the pool's
+        rules (the whole sweep's with ``whole``) reading neither's values
+        (:meth:`relprop.rules.Rule.reads_records`)."""
+        if not _config.TRACE_FUSED_POOLS:
+            return frozenset()
+        hit = self._pooled.get(whole)
+        if hit is None:
+            net, rules = self.net, self.whole_rules if whole else self.rules
+            hit = self._pooled[whole] = frozenset(
+                i for i in range(len(net.layers) - 2) if i not in self.preactivations
+                and net._conv_relu_pool(i) and not rules[i + 1].reads_records(net.layers[i + 1])
+                and not rules[i + 2].reads_records(net.layers[i + 2]))
+        return hit
 
     def state(self, i):
         """Layer i's cache (modified weights, denominators), emptied when its parameters change."""
@@ -334,9 +360,7 @@ class Sweep:
         at_input, input_owned = None, False
         per_layer = [None] * n + [seed] if return_layers else None
         lowest = -1 if stop is None else stop
-        whole = stop is None and not return_layers and self.whole_rules is not None \
-            and not any(lo <= start < hi for lo, hi in self.whole_spans)
-        rules = self.whole_rules if whole else self.rules
+        rules = self.whole_rules if self._whole(start, stop, return_layers) else self.rules
         for i in range(start, lowest, -1):
             r = acc[i]
             if r is None:  # no signal reached this layer (not an ancestor of the start)

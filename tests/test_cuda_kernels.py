@@ -548,3 +548,20 @@ def test_conv2d_relu_maxpool2x2_matches_reference(dtype, rng):
     want = _ops.conv2d_relu_maxpool2x2(x, w, b, *args, "reference")
     assert got.shape == want.shape == (2, 4, 4, 3)
     assert_close(got, want, reduction_len=w[0].size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_relu_maxpool2x2_with_switches_matches_reference(dtype, rng):
+    """The triple as a sweep's trace runs it: the pool's switches (integer inputs: exact ties, zeros after
+    the ReLU, so the first maximum must win) and the ``also`` forward."""
+    x = rng.integers(-2, 3, (2, 3, 9, 7)).astype(dtype)
+    w = rng.integers(-1, 2, (4, 3, 3, 2)).astype(dtype)
+    b = rng.integers(-2, 2, 4).astype(dtype)
+    also = [(np.maximum(w, 0), np.maximum(b, 0))]
+    args = ((1, 1), (1, 0), (1, 1))
+    y, sw, extra = _ops.conv2d_relu_maxpool2x2(dev(x), dev(w), dev(b), *args, "cuda", switches=True,
+                                               also=[(dev(a), dev(c)) for a, c in also])
+    want_y, want_sw, want_extra = _ops.conv2d_relu_maxpool2x2(x, w, b, *args, "reference", switches=True, also=also)
+    np.testing.assert_array_equal(host(y), want_y)
+    np.testing.assert_array_equal(host(sw), want_sw)
+    np.testing.assert_array_equal(host(extra[0]), want_extra[0])

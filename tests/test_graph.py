@@ -526,3 +526,63 @@ def test_conv_relu_pool_triples_are_fused_in_a_forward(backend, monkeypatch):
     assert out.tobytes() == full.output.tobytes()
     np.testing.assert_array_equal(net.trace(x, backend, keep=False, upto=1).output, full.outputs[1])
     assert called == [1]
+
+
+POOLED_CHAIN = [{"type": "conv2d", "in": 1, "out": 4, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+                {"type": "conv2d", "in": 4, "out": 6, "kernel": 3, "padding": 1}, {"type": "relu"},
+                {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "in": 24, "out": 3}]
+#: the sweeps whose trace runs both conv + ReLU + 2x2 max-pool triples as one call, and those that cannot (ε reads z)
+POOLED_METHODS = ["gradient", "gradient_x_input", "deconvnet", "guided_backprop", "lrp.epsilon_plus_flat", "lrp.zplus",
+                  "lrp.alpha_beta", "lrp.flat", "lrp.wsquare"]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("method", POOLED_METHODS + ["lrp.epsilon", "lrp.zero"])
+def test_sweeps_trace_conv_relu_pool_triples_in_one_call(method, backend, monkeypatch):
+    """A sweep whose rules read neither the pre-activation nor the ReLU's output of a conv, ReLU, 2x2 max-pool
+    triple has its trace run the triple as one call recording the pool's maxima and switches only (z⁺ from
+    the same call); the explanation is bit for bit the one of a trace that writes every output, whole, with
+    per-layer signals, and from a Unit at the ReLU (not fused: the sweep starts there) or at the pool."""
+    rng = np.random.default_rng(11)
+    net = relprop.from_spec(POOLED_CHAIN, graph_weights(POOLED_CHAIN, rng))
+    x = np.round(rng.normal(size=(3, 1, 13, 15)), 1)  # odd sizes: the pools drop a row and a column
+    explainer = relprop.Explainer(net, method, backend=backend)
+    sweep = explainer._method
+    last = len(net.layers) - 1
+    pooled = sweep.pooled(sweep._whole(last, None, False))
+    assert pooled == (frozenset() if method in ("lrp.epsilon", "lrp.zero") else {0, 3})
+    got = [explainer(x), explainer(x, return_layers=True), explainer(x, Unit(layer=1, channel=2)),
+           explainer(x, Unit(layer=2, channel=1, position=(1, 2)))]
+    monkeypatch.setattr(relprop._config, "TRACE_FUSED_POOLS", False)
+    want = [explainer(x), explainer(x, return_layers=True), explainer(x, Unit(layer=1, channel=2)),
+            explainer(x, Unit(layer=2, channel=1, position=(1, 2)))]
+    for g, w in zip(got, want):
+        g_all, w_all = (list(g[1]) + [g[0]], list(w[1]) + [w[0]]) if isinstance(g, tuple) else ([g], [w])
+        assert len(g_all) == len(w_all)
+        for a, b in zip(g_all, w_all):
+            a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+            assert [None if v is None else v.tobytes() for v in a] == [None if v is None else v.tobytes() for v in b]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_pooled_trace_records_switches_and_leaves_the_relu_unwritten(backend):
+    """``trace(pooled={i})``: the pool's maxima and switches as the full trace records them, z not kept, and the
+    ReLU's output an Unwritten of its shape whose values cannot be read; a triple the sweep starts inside
+    (``upto``) or a trace that keeps nothing is not run this way."""
+    from relprop.nets.graph import Unwritten
+
+    rng = np.random.default_rng(12)
+    net = relprop.from_spec(POOLED_CHAIN, graph_weights(POOLED_CHAIN, rng))
+    x = rng.normal(size=(2, 1, 13, 15)).astype(np.float32)
+    full = net.trace(x, backend, preactivations=False)
+    lean = net.trace(x, backend, preactivations=False, pooled={0, 3})
+    for i in (1, 4):
+        assert isinstance(lean.outputs[i], Unwritten) and lean.outputs[i].shape == full.outputs[i].shape
+        assert lean.outputs[i].dtype == np.float32 and lean.outputs[i - 1] is None
+        with pytest.raises(TypeError, match="not written"):
+            np.asarray(lean.outputs[i])
+    for i in (2, 5):
+        assert lean.outputs[i].tobytes() == full.outputs[i].tobytes()
+        np.testing.assert_array_equal(lean.aux[i], full.aux[i])
+    assert lean.output.tobytes() == full.output.tobytes()
+    assert not isinstance(net.trace(x, backend, upto=1, pooled={0}).outputs[1], Unwritten)

@@ -509,6 +509,74 @@ def test_conv2d_relu_maxpool_fused_matches_unfused_and_reference(dtype, problem)
     np.testing.assert_array_equal(_fused(x, w, b, geometry, "reference"), _unfused(x, w, b, geometry, "reference"))
 
 
+def _unfused_switches(x, w, b, geometry, backend, also=()):
+    """The triple as a trace records it unfused: conv + ReLU (its ``also`` forwards in the same call), then
+    the max-pool's maxima and switches."""
+    _, a, extra = _ops.conv2d_forward_also(x, w, b, *geometry, backend, also, relu=True, keep_z=False)
+    return _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), backend) + (extra,)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_pool_problem())
+def test_conv2d_relu_maxpool_fused_switches_match_unfused(dtype, problem):
+    """With ``switches=True`` (a sweep's trace) the fused triple gives the unfused trace's maxima and
+    switches to the bit: the switch is the first maximum of relu(z) in row-major order, so the many
+    ties the ReLU makes (every negative z is 0) go to the window's first element, and the ``also``
+    forwards equal the unfused call's; lanes and GEMM paths, short blocks, ties and zeros, odd sizes."""
+    x_shape, w_shape, stride, padding, dilation, lanes, ties, seed = problem
+    rng = np.random.default_rng(seed)
+    if ties:
+        x = rng.integers(-2, 3, x_shape).astype(dtype)
+        w = rng.integers(-1, 2, w_shape).astype(dtype)
+        b = rng.integers(-2, 2, w_shape[0]).astype(dtype)
+    else:
+        x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))
+    also = [(np.maximum(w, 0), np.maximum(b, 0))]
+    geometry = (stride, padding, dilation)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        y, sw, extra = _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "cpu", switches=True, also=also)
+        y2, sw2, extra2 = _unfused_switches(x, w, b, geometry, "cpu", also)
+    assert y.dtype == dtype and sw.dtype == np.int64 and y.shape == sw.shape == y2.shape
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(sw, sw2)
+    np.testing.assert_array_equal(extra[0], extra2[0])
+    y3, sw3, _ = _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "reference", switches=True)
+    y4, sw4, _ = _unfused_switches(x, w, b, geometry, "reference")
+    np.testing.assert_array_equal(y3, y4)
+    np.testing.assert_array_equal(sw3, sw4)
+    assert_close(y, y3, reduction_len=int(np.prod(w_shape[1:])))
+
+
+def test_conv2d_relu_maxpool_switches_take_the_lanes_and_fall_back_on_nan(monkeypatch, rng):
+    """LeNet-5's second layer records its switches in the lanes' write-out (thread counts agree to the
+    bit); a NaN or an infinity in a pooled window sends the triple through the unfused kernels, whose
+    NaN-aware pool gives the NaN's switch."""
+    taken = []
+    real = cpu_conv._from_lanes_pool_switches
+    monkeypatch.setattr(cpu_conv, "_from_lanes_pool_switches", lambda *a: taken.append(1) or real(*a))
+    x = rng.standard_normal((37, 6, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 6, 5, 5)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    geometry = ((1, 1), (0, 0), (1, 1))
+    got = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(config, "CONV_THREADS", threads)
+        y, sw, _ = _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "cpu", switches=True)
+        got.append(y.tobytes() + sw.tobytes())
+    assert taken and got[0] == got[1] == got[2]
+    for bad in (np.nan, np.inf):
+        x_bad = x.copy()
+        x_bad[3, 2, 5, 5] = bad
+        y, sw, _ = _ops.conv2d_relu_maxpool2x2(x_bad, w, b, *geometry, "cpu", switches=True)
+        z = np.empty((37, 16, 8, 8), np.float32)
+        cpu_conv.conv2d_forward(x_bad, w, b, *geometry, z, z)
+        want, want_sw = K.maxpool2d_forward(z, 2, backend="reference", check_finite=False)
+        assert not np.isfinite(want).all()
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(sw, want_sw)
+
+
 def test_conv2d_relu_maxpool_fused_takes_the_lanes_and_falls_back_on_nan(monkeypatch, rng):
     """LeNet-5's layers pool in the lanes' write-out (and thread counts agree to the bit); a NaN or an
     infinity in a pooled window sends the triple through the unfused kernels, so a NaN is not dropped by

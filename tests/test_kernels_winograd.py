@@ -299,6 +299,39 @@ def test_winograd_pools_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, pa
     assert_close(got[0], _ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "reference"), reduction_len=c * 9)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("chunk_tiles", [2, 512])  # many chunks; one chunk (the few-tiles schedule when threaded)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), k=st.sampled_from([1, 17, 40]), h=st.integers(2, 14),
+       w=st.integers(2, 14), padding=st.integers(0, 2), ties=st.booleans(), seed=st.integers(0, 2**32 - 1),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_winograd_pools_with_switches_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, padding, ties, seed, dtype):
+    """The triple with the pool's switches (a sweep's trace) on the Winograd path: the maxima, the switches
+    (first maximum of relu(z) in row-major order: ties, zeros) and the ``also`` forward (z+, from the same
+    input transform) equal the unfused trace's to the bit; both schedules, odd sizes, the tiles' overhang."""
+    rng = np.random.default_rng(seed)
+    h, w = max(h, 4 - 2 * padding), max(w, 4 - 2 * padding)  # at least a 2x2 output
+    if ties:
+        x, wt = rng.integers(-2, 3, (n, c, h, w)).astype(dtype), rng.integers(-1, 2, (k, c, 3, 3)).astype(dtype)
+        b = rng.integers(-2, 2, k).astype(dtype)
+    else:
+        x, wt, b = (rng.standard_normal(s).astype(dtype) for s in ((n, c, h, w), (k, c, 3, 3), (k,)))
+    also = [(np.maximum(wt, 0), np.maximum(b, 0))]
+    geometry = ((1, 1), (padding, padding), (1, 1))
+    pooled = []
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, chunk_tiles)
+        mp.setattr(config, "CONV_THREADS", threads)
+        real = wg._output_transform_pool_switches
+        mp.setattr(wg, "_output_transform_pool_switches", lambda *a: pooled.append(1) or real(*a))
+        y, sw, extra = _ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "cpu", switches=True, also=also)
+        _, a, extra2 = _ops.conv2d_forward_also(x, wt, b, *geometry, "cpu", also, relu=True, keep_z=False)
+        y2, sw2 = _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), "cpu")
+    assert pooled and y.dtype == dtype
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(sw, sw2)
+    np.testing.assert_array_equal(extra[0], extra2[0])
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_winograd_pool_falls_back_on_nan(threads, rng):
     """A NaN or an infinity in a pooled window: the triple runs unfused, so the NaN is not dropped."""

@@ -60,14 +60,26 @@ def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=
     return (None if relu and not keep_z else z), a, [e[2] for e in extra]
 
 
-def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend):
-    """The 2x2 stride-2 max-pool of relu(conv2d(x)) in one kernel call (its maxima only): the forward of a
-    conv, ReLU, max-pool triple that keeps no record; the CPU kernels fuse the pool into the write-out."""
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend, switches=False, also=()):
+    """The 2x2 stride-2 max-pool of relu(conv2d(x)) in one kernel call: its maxima (the forward of a conv,
+    ReLU, max-pool triple that keeps no record), or with ``switches=True`` ``(maxima, switches, [z', ...])``:
+    the pool's switches as well (a trace that records them but not the full-size ReLU output) and
+    z' = conv2d(x, w') + b' for every ``(w', b')`` of ``also`` (as :func:`conv2d_forward_also`'s).  The CPU
+    kernels fuse the pool into the write-out."""
     xp = _xp(x)
     n, k, ho, wo = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
-    out = _pool.empty((n, k, ho // 2, wo // 2), x.dtype, xp)
-    return kernels(backend).conv2d_relu_maxpool2x2(x, w, xp.zeros(k, dtype=x.dtype) if b is None else b, stride,
-                                                   padding, dilation, out)
+    shape = (n, k, ho // 2, wo // 2)
+    out = _pool.empty(shape, x.dtype, xp)
+    zeros = xp.zeros(k, dtype=x.dtype) if b is None or any(b2 is None for _, b2 in also) else None
+    b = zeros if b is None else b
+    if not switches:
+        if also:
+            raise ValueError("conv2d_relu_maxpool2x2: also= needs switches=True")
+        return kernels(backend).conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out)
+    extra = [(w2, zeros if b2 is None else b2, _pool.empty((n, k, ho, wo), x.dtype, xp)) for w2, b2 in also]
+    y, sw = kernels(backend).conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out,
+                                                    _pool.empty(shape, np.int64, xp), extra)
+    return y, sw, [e[2] for e in extra]
 
 
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):

@@ -62,6 +62,29 @@ class Trace:
         return self.aux
 
 
+class Unwritten:
+    """Stands in, in a trace's records, for a layer output the trace did not write: the ReLU between a
+    convolution and a 2x2 max-pool that ran as one kernel call (``Graph.trace(pooled=...)``).  It has
+    the output's ``shape`` and ``dtype`` (all the pool's unpooling reads of its input), no values:
+    reading them raises."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(f"{self!r}: this output was not written by the trace (its layer ran fused); "
+                        "trace without pooled= to read it")
+
+    def __repr__(self):
+        return f"Unwritten(shape={self.shape}, dtype={self.dtype})"
+
+
 def _as_parents(i, given, n_inputs):
     """Normalise one layer's ``inputs`` to a tuple of parent indices (-1: the net input)."""
     if given is None:
@@ -206,7 +229,7 @@ class Graph:
         """The logits f(x).  ``backend``: None (by array type) | "reference" | "cpu" | "cuda"."""
         return self.trace(x, backend=backend, keep=False).output
 
-    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None):
+    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None, pooled=()):
         """Forward pass recording every layer output and the max-pool switches (see :class:`Trace`).
 
         ``keep=False`` releases each output once its last reader has run and records no max-pool
@@ -219,6 +242,11 @@ class Graph:
         ``also={i: [(w', b'), ...]}``: conv layer i's forward with those parameters as well, computed
         in the same kernel call as its own (the CPU Winograd path transforms the input once for all),
         recorded as ``trace.also[i]``: an LRP rule's modified forward such as z⁺ = W⁺a + b⁺.
+        ``pooled``: conv layer indices i whose conv, ReLU and 2x2 max-pool (a triple only each other read,
+        :meth:`_conv_relu_pool`) the trace runs as one kernel call that records the pool's maxima and
+        switches (and the ``also`` forwards of layer i) but neither z nor the full-size ReLU output:
+        ``outputs[i]`` is None and ``outputs[i + 1]`` an :class:`Unwritten` of its shape, for sweeps whose
+        rules read neither (:class:`relprop.engine.Sweep` says which).
         Non-finite logits raise a ValueError naming the first layer whose output overflowed.
         """
         xp = array_namespace(x)
@@ -239,6 +267,13 @@ class Graph:
                 # conv, ReLU, 2x2 max-pool, none read by another layer, and no record: the pooled
                 # maxima in one call (the CPU kernels pool in the convolution's write-out)
                 outputs[i + 2] = layer.forward_relu_pool(x if ps[0] == INPUT else outputs[ps[0]], backend)
+                fused = 2
+            elif keep and i in pooled and i + 2 <= last and self._conv_relu_pool(i):
+                # the same triple in a trace: the pool's switches recorded too, z and relu(z) never written
+                x_in = x if ps[0] == INPUT else outputs[ps[0]]
+                outputs[i + 2], aux[i + 2], extra[i] = layer.forward_relu_pool(x_in, backend, switches=True,
+                                                                               also=also.get(i, ()))
+                outputs[i + 1] = Unwritten(self.layers[i].output_shape(x_in.shape), x_in.dtype)
                 fused = 2
             elif i < last and self._conv_relu(i):
                 # a conv whose only reader is the ReLU after it: one call, the ReLU fused into the

@@ -178,12 +178,15 @@ class Conv2d(_Parametric):
         return _ops.conv2d_forward_also(x, w, b, self.stride, self.padding, self.dilation, backend, also, relu=relu,
                                         keep_z=keep_z)
 
-    def forward_relu_pool(self, x, backend):
+    def forward_relu_pool(self, x, backend, switches=False, also=()):
         """This layer, a ReLU and a 2x2 stride-2 unpadded max-pool after it, the pooled maxima alone, in
         one call: the graph's forward that keeps no record runs such a triple this way (the CPU kernels
-        then never write z)."""
+        then never write z).  ``switches=True``: ``(maxima, switches, [z', ...])``, the pool's switches
+        and this layer's forward with the parameters ``also`` (:meth:`forward_also`), for a trace that
+        records them without the full-size z and ReLU output."""
         w, b = self.params(x)
-        return _ops.conv2d_relu_maxpool2x2(x, w, b, self.stride, self.padding, self.dilation, backend)
+        return _ops.conv2d_relu_maxpool2x2(x, w, b, self.stride, self.padding, self.dilation, backend,
+                                           switches=switches, also=also)
 
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)

@@ -137,6 +137,12 @@ class Rule:
     def backward(self, layer, rec, r, state):
         raise NotImplementedError
 
+    def reads_records(self, layer):
+        """Does this rule read the values of ``layer``'s recorded input and output, not only their shapes?
+        Where neither the ReLU's rule nor the max-pool's of a conv, ReLU, max-pool triple does, the sweep's
+        trace leaves the ReLU's output unwritten (:class:`relprop.nets.graph.Unwritten`)."""
+        return True
+
     def check_layer(self, layer):
         """Raise ValueError if this rule cannot run on ``layer``."""
         if layer.kind not in self.kinds:
@@ -231,6 +237,9 @@ class Pass(Rule):
 
     def backward(self, layer, rec, r, state):
         return r
+
+    def reads_records(self, layer):
+        return False
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ class Gradient(Rule):
     def backward(self, layer, rec, r, state):
         return layer.vjp(r, rec.a, rec.z, rec.aux, rec.backend)
 
+    def reads_records(self, layer):
+        return layer.kind != "maxpool2d"  # a max-pool's VJP reads its switches and its input's shape only
+
 
 @dataclass(frozen=True)
 class DeconvNet(Gradient):
@@ -92,6 +95,9 @@ class GateBeforeUnpool(Rule):
     pool_rule: Rule
     kinds = ("maxpool2d",)
     needs_preactivations = False
+
+    def reads_records(self, layer):
+        return self.pool_rule.reads_records(layer)  # the gate reads the pooled maxima y, the pool's own output
 
     def backward(self, layer, rec, r, state):
         from ..engine import Record

@@ -63,7 +63,7 @@ from ... import _config
 from ..._validate import conv_output_size
 from .. import _pool
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
-from .pool2d import max4, maxpool2d_values
+from .pool2d import max4, maxpool2d_forward, maxpool2d_values
 from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
@@ -659,6 +659,48 @@ def _from_lanes_pool(zb, n0, nb, lanes, bias, out, prow):
     return finite == finite
 
 
+@_jit
+def _from_lanes_pool_switches(zb, n0, nb, lanes, bias, out, switches, prow, srow, wo):
+    """:func:`_from_lanes_pool` with the pool's switches, as the unfused triple records them: each
+    window's four values relu(z + bias[k]) (the ReLU's own arithmetic), their first maximum in row-major
+    order by the max-pool's tournament of selects (:func:`relprop.kernels.cpu.pool2d._maxpool_2x2_rows`),
+    and its flat index into the (Ho, Wo) plane (``wo`` = Wo, the pool's input width).  The ReLU makes
+    ties (every negative z is 0), so the maximum cannot be taken before it here.  Returns False where
+    a window holds a NaN or an infinity: the caller then runs the three layers unfused."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    finite = zb[0, 0, 0] * 0  # stays 0 unless a pooled input is NaN or infinite
+    for k in range(k_):
+        bk = bias[k]
+        for i in range(hp):
+            r0, r1 = zb[k, 2 * i], zb[k, 2 * i + 1]
+            base = 2 * i * wo
+            for j in range(wp):
+                q = 2 * j * lanes
+                a0, a1 = r0[q:q + lanes], r0[q + lanes:q + 2 * lanes]
+                b0, b1 = r1[q:q + lanes], r1[q + lanes:q + 2 * lanes]
+                p, sj = prow[j * lanes:(j + 1) * lanes], srow[j * lanes:(j + 1) * lanes]
+                at = base + 2 * j
+                for l in range(lanes):
+                    z0, z1, z2, z3 = a0[l], a1[l], b0[l], b1[l]
+                    finite += (z0 + z1 + z2 + z3) * 0
+                    v0, v1, v2, v3 = z0 + bk, z1 + bk, z2 + bk, z3 + bk
+                    m0, m1 = (0 if v0 < 0 else v0), (0 if v1 < 0 else v1)
+                    m2, m3 = (0 if v2 < 0 else v2), (0 if v3 < 0 else v3)
+                    in_a = m1 > m0  # the top pair's winner: m1 only if strictly larger
+                    ma = m1 if in_a else m0
+                    in_b = m3 > m2
+                    mb = m3 if in_b else m2
+                    bottom = mb > ma  # the bottom row's winner only if strictly larger
+                    p[l] = mb if bottom else ma
+                    sj[l] = at + ((wo + in_b) if bottom else (0 + in_a))
+            for l in range(nb):
+                o, so = out[n0 + l, k, i], switches[n0 + l, k, i]
+                for j in range(wp):
+                    o[j] = prow[j * lanes + l]
+                    so[j] = srow[j * lanes + l]
+    return finite == finite
+
+
 # ============================================================================================
 # The kernels
 # ============================================================================================
@@ -722,29 +764,39 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
     return _forward_im2col(x, w, b, stride, padding, dilation, out, a_out, mode)
 
 
-def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=None, also=()):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2`: out (N,K,Ho//2,Wo//2)
-    = the 2x2 stride-2 max-pool of relu(conv2d(x)).
+    = the 2x2 stride-2 max-pool of relu(conv2d(x)), with ``switches`` (int64, shaped like ``out``) the
+    pool's switches, and ``also`` as :func:`conv2d_forward`'s.
 
-    Where the lanes path (narrow stride-1 layers: LeNet-5's) or the Winograd path (3x3 stride-1
-    layers of 64 channels and more: the VGG nets') runs the convolution, the pool is fused into its
-    write-out (:func:`_from_lanes_pool`, :func:`relprop.kernels.cpu.winograd._output_transform_pool`):
-    z is never written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled
-    window holds a NaN or an infinity, the convolution with its fused ReLU and then the pool's maxima,
-    as unfused."""
+    Where the lanes path (narrow stride-1 layers: LeNet-5's) or the Winograd path (3x3 stride-1 layers of
+    64 channels and more: the VGG nets'; ``also`` from the same input transform) runs the convolution,
+    the pool is fused into the write-out (:func:`_from_lanes_pool`, :func:`_from_lanes_pool_switches`,
+    :func:`relprop.kernels.cpu.winograd._output_transform_pool` and ``_pool_switches``): z is never
+    written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled window holds
+    a NaN or an infinity, the convolution with its fused ReLU and then the pool, as unfused."""
     k_, c_, kh, kw = w.shape
     n_, _, h_, w_ = x.shape
     if winograd_applies(x.shape, w.shape, stride, padding, dilation):
-        if conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch, out, 3) is not None:
-            return out
-    elif _lanes_path(tuple(stride), c_, k_) and _forward_lanes(x, w, b, padding, dilation, out, out, 3):
-        return out
+        extra = [(transformed_filters(w2), b2, out2) for w2, b2, out2 in also]  # one input transform for all
+        if conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch,
+                            switches, 3 if switches is None else 4, extra) is not None:
+            return out if switches is None else (out, switches)
+        also = ()  # computed
+    elif _lanes_path(tuple(stride), c_, k_):
+        for w2, b2, out2 in also:
+            conv2d_forward(x, w2, b2, stride, padding, dilation, out2)
+        if _forward_lanes(x, w, b, padding, dilation, out, out, 3, switches):
+            return out if switches is None else (out, switches)
+        also = ()  # computed
     # the full-size relu(z) from the recycled buffers (relprop.kernels._pool): a fresh one would fault in
     # its pages on every forward
     z = _pool.empty((n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
                      conv_output_size(w_, kw, stride[1], padding[1], dilation[1])), x.dtype)
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z)
-    return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    if switches is None:
+        return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
 
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
@@ -795,7 +847,7 @@ def _lanes_per_block(n, sample_bytes):
     return max(1, lanes - lanes % 8 if lanes >= 8 else lanes)
 
 
-def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode):
+def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode, switches=None):
     """z[n, k, i, j] = b[k] + sum_{c,a,b} w[k,c,a,b] x_padded[n, c, i + a*dh, j + b*dw], stride 1, direct.
 
     Blocks of L samples (:func:`_lanes_per_block`) are laid out with the sample fastest
@@ -806,7 +858,8 @@ def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode):
 
     ``mode`` 3: ``out`` is (N, K, Ho//2, Wo//2) and receives the 2x2 max-pool of relu(z)
     (:func:`_from_lanes_pool`); returns whether every pooled window was finite (if not, ``out`` is
-    incomplete)."""
+    incomplete); with ``switches`` (int64, shaped like ``out``) the pool's switches as well
+    (:func:`_from_lanes_pool_switches`)."""
     (ph, pw), (dh, dw) = padding, dilation
     n_, c_, h_, w_ = x.shape
     k_, _, kh, kw = w.shape
@@ -816,13 +869,16 @@ def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode):
 
     def scratch():
         return (np.empty((c_, h_ + 2 * ph, (w_ + 2 * pw) * lanes), x.dtype),
-                np.empty((k_, ho, wo * lanes), x.dtype), np.empty(max(1, wo // 2) * lanes, x.dtype))
+                np.empty((k_, ho, wo * lanes), x.dtype), np.empty(max(1, wo // 2) * lanes, x.dtype),
+                np.empty(max(1, wo // 2) * lanes if switches is not None else 0, np.int64))
 
     def work(n0, nb, buffers):
-        xb, zb, prow = buffers
+        xb, zb, prow, srow = buffers
         _to_lanes(x, n0, nb, lanes, ph, pw, xb)
         _lanes_conv(xb, w, dh, dw, lanes, zb)
-        if mode == 3:
+        if mode == 3 and switches is not None:
+            finite.append(_from_lanes_pool_switches(zb, n0, nb, lanes, b, out, switches, prow, srow, wo))
+        elif mode == 3:
             finite.append(_from_lanes_pool(zb, n0, nb, lanes, b, out, prow))
         else:
             _from_lanes(zb, n0, nb, lanes, b, out, a_out, mode)

@@ -306,6 +306,55 @@ def _output_transform_pool(m, segs, tw, cst, bias, out):
     return finite == finite
 
 
+@_jit
+def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
+    """:func:`_output_transform_pool` with the pool's switches, as the unfused triple records them: each
+    window's four values relu(bias + A^T M A) (the unfused epilogue's arithmetic, :func:`emit`), their
+    first maximum in row-major order by the max-pool's tournament of selects, and its flat index into
+    the (Ho, Wo) plane (``wo`` = Wo).  The ReLU makes ties (every negative z is 0), so the maximum is
+    taken after it here.  Returns False where a window holds a NaN or an infinity."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    c2, c4, c8 = cst[0], cst[1], cst[3]
+    s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
+    o = np.empty((4, 4 * tw, k_), m.dtype)  # one tile row of outputs, channels last
+    pm = np.empty((2 * tw, k_), m.dtype)  # one pooled row, channels last
+    ps = np.empty((2 * tw, k_), np.int64)  # its switches
+    finite = m[0, 0] * 0  # stays 0 unless a pooled value is NaN or infinite
+    q = -1
+    for sg in range(segs.shape[0]):
+        n, i0 = segs[sg, 0], segs[sg, 1]
+        for i in range(i0, i0 + segs[sg, 2]):
+            q += 1
+            _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
+            for a in range(min(2, hp - 2 * i)):
+                r0, r1 = o[2 * a], o[2 * a + 1]
+                base = (4 * i + 2 * a) * wo  # pooled row 2i + a: output rows 4i + 2a and 4i + 2a + 1
+                for j in range(wp):
+                    x0, x1, y0, y1, p, sj = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], pm[j], ps[j]
+                    at = base + 2 * j
+                    for k in range(k_):
+                        z0, z1, z2, z3 = x0[k], x1[k], y0[k], y1[k]
+                        finite += (z0 + z1 + z2 + z3) * 0
+                        bk = bias[k]
+                        v0, v1, v2, v3 = z0 + bk, z1 + bk, z2 + bk, z3 + bk
+                        m0, m1 = (0 if v0 < 0 else v0), (0 if v1 < 0 else v1)
+                        m2, m3 = (0 if v2 < 0 else v2), (0 if v3 < 0 else v3)
+                        in_a = m1 > m0  # the top pair's winner: m1 only if strictly larger
+                        ma = m1 if in_a else m0
+                        in_b = m3 > m2
+                        mb = m3 if in_b else m2
+                        bottom = mb > ma  # the bottom row's winner only if strictly larger
+                        p[k] = mb if bottom else ma
+                        sj[k] = at + ((wo + in_b) if bottom else (0 + in_a))
+                d, sd = out[n, :, 2 * i + a], switches[n, :, 2 * i + a]
+                for k in range(k_):  # back to NCHW
+                    dk, sk = d[k], sd[k]
+                    for j in range(wp):
+                        dk[j] = pm[j, k]
+                        sk[j] = ps[j, k]
+    return finite == finite
+
+
 # ============================================================================================
 # The convolution
 # ============================================================================================
@@ -431,6 +480,8 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     the fused ReLU of :func:`relprop.kernels.cpu.conv2d.conv2d_forward` (:func:`emit`; mode 0: none).
     Mode 3: ``out`` is (N, K, Ho//2, Wo//2) and receives the 2x2 max-pool of relu(z)
     (:func:`_output_transform_pool`); returns None instead if a pooled window held a NaN or an infinity.
+    Mode 4: mode 3 with the pool's switches into ``a_out`` (int64, shaped like ``out``;
+    :func:`_output_transform_pool_switches`).
 
     Two schedules, both with every thread's BLAS held to one thread:
 
@@ -461,7 +512,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     if threads > 1:
         max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-tiles // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
-    a_out = out if a_out is None else a_out
+    a_out = out if a_out is None else (a_out, wo) if mode == 4 else a_out
     parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     finite = []  # mode 3: per chunk, were its pooled windows finite?
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
@@ -487,9 +538,12 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
 
 
 def _transform_out(m, segs, tw, cst, bias, out, a_out, mode, finite):
-    """The output transform of ``mode`` (3: with the max-pool, its finiteness appended to ``finite``)."""
+    """The output transform of ``mode`` (3: with the max-pool, its finiteness appended to ``finite``; 4: and
+    the switches, ``a_out`` = (switches, Wo))."""
     if mode == 3:
         finite.append(_output_transform_pool(m, segs, tw, cst, bias, out))
+    elif mode == 4:
+        finite.append(_output_transform_pool_switches(m, segs, tw, cst, bias, out, a_out[0], a_out[1]))
     else:
         _output_transform(m, segs, tw, cst, bias, out, a_out, mode)
 

@@ -22,7 +22,7 @@ from numba import cuda, int32, uint32
 from ... import _config
 from ._launch import check_index_range, empty, launch_grid, matmul, scalar
 from .elementwise import relu_forward
-from .pool2d import maxpool2d_values
+from .pool2d import maxpool2d_forward, maxpool2d_values
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
 
@@ -139,16 +139,19 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
     return out
 
 
-def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=None, also=()):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2`: the convolution
-    with its ReLU (one call), then the pool's maxima (no switches)."""
+    with its ReLU (one call; ``also`` as :func:`conv2d_forward`'s), then the pool's maxima (with ``switches``:
+    and its switches)."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = w.shape[2:]
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     z = empty(x, (x.shape[0], w.shape[0], ho, wo))
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z)
-    return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    if switches is None:
+        return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
 
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):

@@ -19,7 +19,7 @@ over channels applied to a strided view of the padded input.
 """
 import numpy as np
 
-from .pool2d import maxpool2d_values
+from .pool2d import maxpool2d_forward, maxpool2d_values
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
 
@@ -56,21 +56,28 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
 
 
 
-def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out):
-    r"""A convolution, the ReLU after it and a 2x2 stride-2 unpadded max-pool after that, the maxima
-    only (the forward of such a triple when no record is kept), out (N, K, ⌊Ho/2⌋, ⌊Wo/2⌋):
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=None, also=()):
+    r"""A convolution, the ReLU after it and a 2x2 stride-2 unpadded max-pool after that, out (N, K,
+    ⌊Ho/2⌋, ⌊Wo/2⌋) (the forward of such a triple):
 
     .. math:: y_{nkij} = \max_{a, e \in \{0, 1\}} \max(z_{nk,\,2i+a,\,2j+e}, 0)
 
-    The fast kernels may take the maximum before the bias and the ReLU (both are monotone, and
-    so is rounding, so the values are the same)."""
+    and, with ``switches`` (int64, shaped like ``out``), each window's first maximum of relu(z) in
+    row-major order as a flat index into the (Ho, Wo) plane, as :func:`maxpool2d_forward` records it
+    (a trace that keeps records).  ``also``: ``(w', b', out')`` triples, out' = conv2d(x, w') + b' in the
+    same call, as :func:`conv2d_forward`'s (an LRP rule's modified forward).  Returns ``out``, or
+    ``(out, switches)``.
+    The fast kernels may take the maximum before the bias and the ReLU when they need no switches
+    (both are monotone, and so is rounding, so the values are the same)."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = w.shape[2:]
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     z = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype)
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z)
-    return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    if switches is None:
+        return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
+    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
 
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
