@@ -443,16 +443,35 @@ def test_conv2d_lanes_row_pairs_change_no_bit(k, c, kh, kw, ho, lanes, seed):
     wo = 3
     xb = rng.standard_normal((c, ho + kh - 1, (wo + kw - 1) * lanes)).astype(np.float32)
     w = rng.standard_normal((k, c, kh, kw)).astype(np.float32)
-    zb = cpu_conv._lanes_conv(xb, w, 1, 1, lanes, np.empty((k, ho, wo * lanes), np.float32))
+    zb = cpu_conv._lanes_conv(xb, w, 1, 1, lanes, np.empty((k, ho, wo * lanes), np.float32), 0, ho + kh - 1)
     for r in range(0, ho, 2):  # r + 1 rows: row r is the odd one out
         cut = cpu_conv._lanes_conv(np.ascontiguousarray(xb[:, :r + kh]), w, 1, 1, lanes,
-                                   np.empty((k, r + 1, wo * lanes), np.float32))
+                                   np.empty((k, r + 1, wo * lanes), np.float32), 0, r + kh)
         np.testing.assert_array_equal(cut[:, r], zb[:, r])
     # the lanes layout undone: x[l, c, i, j] = xb[c, i, j*L + l], z likewise
     x = xb.reshape(c, ho + kh - 1, wo + kw - 1, lanes).transpose(3, 0, 1, 2)
     z = zb.reshape(k, ho, wo, lanes).transpose(3, 0, 1, 2)
     assert_close(z, K.conv2d_forward(np.ascontiguousarray(x), w, None, 1, 0, backend="reference"),
                  reduction_len=c * kh * kw)
+
+
+@given(k=st.integers(1, 5), c=st.integers(1, 3), kh=st.integers(1, 5), kw=st.sampled_from([2, 3, 5]),
+       h=st.integers(1, 6), top=st.integers(0, 4), bottom=st.integers(0, 4), dh=st.integers(1, 2),
+       lanes=st.sampled_from([1, 8]), seed=st.integers(0, 2**32 - 1))
+def test_conv2d_lanes_skip_the_padding_rows_to_the_bit(k, c, kh, kw, h, top, bottom, dh, lanes, seed):
+    """The lanes kernel skips the taps on input rows outside [r0, r1), the zero padding (an input-VJP of a
+    small map is mostly padding): the same bits as multiplying the zeros, for paired and single rows,
+    dilation 1 and 2, and every kernel width."""
+    rng = np.random.default_rng(seed)
+    rows = top + h + bottom
+    assume(rows >= dh * (kh - 1) + 1)
+    ho, wo = rows - dh * (kh - 1), 3
+    xb = np.zeros((c, rows, (wo + kw - 1) * lanes), np.float32)
+    xb[:, top:top + h] = rng.standard_normal((c, h, (wo + kw - 1) * lanes))
+    w = rng.standard_normal((k, c, kh, kw)).astype(np.float32)
+    every = cpu_conv._lanes_conv(xb, w, dh, 1, lanes, np.empty((k, ho, wo * lanes), np.float32), 0, rows)
+    skipped = cpu_conv._lanes_conv(xb, w, dh, 1, lanes, np.empty((k, ho, wo * lanes), np.float32), top, top + h)
+    assert every.tobytes() == skipped.tobytes()
 
 
 # ---------------------------------------------------------------- conv + ReLU + 2x2 max-pool, fused
