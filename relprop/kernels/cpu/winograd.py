@@ -137,9 +137,16 @@ def _bt_row(s, o, c2, c4, c5):
             oj[q] = _bt5(d0[q], d1[q], d2[q], d3[q], d4[q], d5[q], c2, c4, c5)
 
 
-@_jit
+#: the output transform's arithmetic in IEEE order (no reassociation, no contraction into FMAs): it is
+#: inlined into every write-out (plain, pooled, pooled with switches), and with those freedoms the compiler
+#: could round one copy differently from another (seen: 1-ulp differences between the pooled and the plain
+#: write-out in ~1 of 10 test runs); this way every copy gives the same bits.  Measured: no slower.
+_STRICT = {"nsz", "arcp", "afn"}
+
+
+@njit(cache=_config.NUMBA_CACHE, fastmath=_STRICT, nogil=True)
 def _at_lanes(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3, c2, c4, c8):
-    """(o0..o3) = A^T (m0..m5), lane by lane."""
+    """(o0..o3) = A^T (m0..m5), lane by lane, evaluated left to right (``_STRICT``)."""
     n = o0.size
     for q in range(n):
         o0[q] = m0[q] + m1[q] + m2[q] + m3[q] + m4[q]
