@@ -16,6 +16,7 @@ Contents are undefined, as ``np.empty``'s.  Only NumPy arrays of at least
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -75,7 +76,7 @@ def empty(shape, dtype, xp=np):
     """``xp.empty(shape, dtype)``, from the pool where ``xp`` is NumPy and the array is large."""
     dtype = np.dtype(dtype)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # math.prod: np.prod costs ~3 us on a small tuple, 7 calls a forward
     if xp is not np or nbytes < _config.BUFFER_POOL_MIN_BYTES or not _config.BUFFER_POOL_BYTES:
         return xp.empty(shape, dtype=dtype)
     size = -(-(nbytes + _ALIGN) // _GRAIN) * _GRAIN
