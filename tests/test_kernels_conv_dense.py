@@ -567,6 +567,16 @@ def test_conv2d_relu_maxpool_fused_switches_match_unfused(dtype, problem):
     assert_close(y, y3, reduction_len=int(np.prod(w_shape[1:])))
 
 
+def test_conv2d_relu_maxpool_also_needs_switches(rng):
+    """The ``also`` forwards come only with a trace's call (``switches=True``), which returns them."""
+    x, w = rng.standard_normal((2, 1, 6, 6)), rng.standard_normal((2, 1, 3, 3))
+    with pytest.raises(ValueError, match="needs switches=True"):
+        _ops.conv2d_relu_maxpool2x2(x, w, None, (1, 1), (0, 0), (1, 1), "cpu", also=[(w, None)])
+    y, sw, extra = _ops.conv2d_relu_maxpool2x2(x, w, None, (1, 1), (0, 0), (1, 1), "cpu", switches=True,
+                                               also=[(2 * w, None)])
+    np.testing.assert_allclose(extra[0], 2 * K.conv2d_forward(x, w, None, 1, 0, backend="reference"), rtol=1e-12)
+
+
 def test_conv2d_relu_maxpool_switches_take_the_lanes_and_fall_back_on_nan(monkeypatch, rng):
     """LeNet-5's second layer records its switches in the lanes' write-out (thread counts agree to the
     bit); a NaN or an infinity in a pooled window sends the triple through the unfused kernels, whose
