@@ -63,7 +63,7 @@ from ... import _config
 from ..._validate import conv_output_size
 from .. import _pool
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
-from .pool2d import max4, maxpool2d_forward, maxpool2d_values
+from .pool2d import first_max4, max4, maxpool2d_forward, maxpool2d_values, relu_window
 from .winograd import conv3x3_winograd, emit, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
@@ -694,16 +694,9 @@ def _from_lanes_pool_switches(zb, n0, nb, lanes, bias, out, switches, prow, srow
                 for l in range(lanes):
                     z0, z1, z2, z3 = a0[l], a1[l], b0[l], b1[l]
                     finite += (z0 + z1 + z2 + z3) * 0
-                    v0, v1, v2, v3 = z0 + bk, z1 + bk, z2 + bk, z3 + bk
-                    m0, m1 = (0 if v0 < 0 else v0), (0 if v1 < 0 else v1)
-                    m2, m3 = (0 if v2 < 0 else v2), (0 if v3 < 0 else v3)
-                    in_a = m1 > m0  # the top pair's winner: m1 only if strictly larger
-                    ma = m1 if in_a else m0
-                    in_b = m3 > m2
-                    mb = m3 if in_b else m2
-                    bottom = mb > ma  # the bottom row's winner only if strictly larger
-                    p[l] = mb if bottom else ma
-                    sj[l] = at + ((wo + in_b) if bottom else (0 + in_a))
+                    m0, m1, m2, m3 = relu_window(z0, z1, z2, z3, bk)
+                    p[l], off = first_max4(m0, m1, m2, m3, wo)
+                    sj[l] = at + off
             for l in range(nb):
                 o, so = out[n0 + l, k, i], switches[n0 + l, k, i]
                 for j in range(wp):

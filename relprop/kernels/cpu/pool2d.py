@@ -36,6 +36,27 @@ def max4(m0, m1, m2, m3):
     return mb if mb > ma else ma
 
 
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def first_max4(m0, m1, m2, m3, wd):
+    """A 2x2 window's first maximum in row-major order and its offset from the top-left element (0, 1,
+    ``wd``, ``wd`` + 1 for rows ``wd`` apart), by a tournament of selects: each row's winner (the second
+    element only if strictly larger), then the bottom one only if strictly larger.  The switch rule of
+    every 2x2 stride-2 max-pool here (the pool rows, the fused write-outs)."""
+    in_a = m1 > m0
+    ma = m1 if in_a else m0
+    in_b = m3 > m2
+    mb = m3 if in_b else m2
+    bottom = mb > ma
+    return (mb if bottom else ma), ((wd + in_b) if bottom else (0 + in_a))
+
+
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def relu_window(z0, z1, z2, z3, bk):
+    """relu(z + bk) of a window's four values, the ReLU's own arithmetic (0 if v < 0 else v: NaN passes)."""
+    v0, v1, v2, v3 = z0 + bk, z1 + bk, z2 + bk, z3 + bk
+    return (0 if v0 < 0 else v0), (0 if v1 < 0 else v1), (0 if v2 < 0 else v2), (0 if v3 < 0 else v3)
+
+
 @njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
 def _has_nan(xp):
     """True when the 2-D plane ``xp`` holds a NaN (an OR reduction the compiler vectorises)."""
@@ -117,13 +138,8 @@ def _maxpool_2x2_rows(x2, out2, sw2, ho, wd, switches=True):
             base = (q % ho) * 2 * wd
             for j in range(wo):
                 m0, m1, m2, m3 = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]
-                in_a = m1 > m0  # the top pair's winner: m1 only if strictly larger
-                ma = m1 if in_a else m0
-                in_b = m3 > m2
-                mb = m3 if in_b else m2
-                bottom = mb > ma  # the bottom row's winner only if strictly larger
-                o[j] = mb if bottom else ma
-                s[j] = base + 2 * j + ((wd + in_b) if bottom else (0 + in_a))
+                o[j], off = first_max4(m0, m1, m2, m3, wd)
+                s[j] = base + 2 * j + off
                 finite += (m0 + m1 + m2 + m3) * 0
         else:
             for j in range(wo):

@@ -45,7 +45,7 @@ from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
-from .pool2d import max4
+from .pool2d import first_max4, max4, relu_window
 
 __all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filter_transform"]
 
@@ -343,16 +343,9 @@ def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
                         z0, z1, z2, z3 = x0[k], x1[k], y0[k], y1[k]
                         finite += (z0 + z1 + z2 + z3) * 0
                         bk = bias[k]
-                        v0, v1, v2, v3 = z0 + bk, z1 + bk, z2 + bk, z3 + bk
-                        m0, m1 = (0 if v0 < 0 else v0), (0 if v1 < 0 else v1)
-                        m2, m3 = (0 if v2 < 0 else v2), (0 if v3 < 0 else v3)
-                        in_a = m1 > m0  # the top pair's winner: m1 only if strictly larger
-                        ma = m1 if in_a else m0
-                        in_b = m3 > m2
-                        mb = m3 if in_b else m2
-                        bottom = mb > ma  # the bottom row's winner only if strictly larger
-                        p[k] = mb if bottom else ma
-                        sj[k] = at + ((wo + in_b) if bottom else (0 + in_a))
+                        m0, m1, m2, m3 = relu_window(z0, z1, z2, z3, bk)
+                        p[k], off = first_max4(m0, m1, m2, m3, wo)
+                        sj[k] = at + off
                 d, sd = out[n, :, 2 * i + a], switches[n, :, 2 * i + a]
                 for k in range(k_):  # back to NCHW
                     dk, sk = d[k], sd[k]
