@@ -257,6 +257,26 @@ def test_conv2d_relu_maxpool_switches_fused_vs_separate(benchmark, request, name
     benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
 
 
+@pytest.mark.benchmark(group="conv2d_relu_maxpool")
+def test_conv2d_relu_maxpool_chain_vs_stage_by_stage(benchmark, request):
+    """LeNet-5's two conv + ReLU + 2x2 max-pool triples at batch 256 as one chain (each block of samples
+    through both, the map between them kept in lanes) against the two fused triples one after the other,
+    alternating: ``extra_info["separate_over_chain"]``."""
+    convs = {c[0]: c for c in CONVS}
+    x, w1, b1, g1, _, _ = _conv_case(*convs["lenet.conv1"][1:])
+    _, w2, b2, g2, _, _ = _conv_case(*convs["lenet.conv2"][1:])
+    stages = [(w1, b1) + g1, (w2, b2) + g2]
+    chain = lambda: _ops.conv2d_relu_maxpool2x2_chain(x, stages, "cpu")  # noqa: E731
+
+    def separate():
+        return _ops.conv2d_relu_maxpool2x2(_ops.conv2d_relu_maxpool2x2(x, w1, b1, *g1, "cpu"), w2, b2, *g2, "cpu")
+
+    assert chain().tobytes() == separate().tobytes()
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_chain, t_separate = _alternating_medians((chain, separate), 1 if smoke else 40)
+    benchmark.pedantic(chain, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(separate_over_chain=t_separate / t_chain)
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)

@@ -551,6 +551,18 @@ def test_conv2d_relu_maxpool2x2_matches_reference(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_relu_maxpool2x2_chain_matches_reference(dtype, rng):
+    """Two triples in a chain (a forward that keeps no record; the second with padding and no bias)."""
+    x = normal(rng, (2, 1, 13, 11), dtype)
+    stages = [(normal(rng, (3, 1, 3, 2), dtype), normal(rng, (3,), dtype), (1, 1), (1, 0), (1, 1)),
+              (normal(rng, (4, 3, 2, 2), dtype), None, (1, 1), (1, 1), (1, 1))]
+    got = host(_ops.conv2d_relu_maxpool2x2_chain(dev(x), [(dev(w), None if b is None else dev(b), *g)
+                                                           for w, b, *g in stages], "cuda"))
+    want = _ops.conv2d_relu_maxpool2x2_chain(x, stages, "reference")
+    assert got.shape == want.shape == (2, 4, 3, 3)
+    assert_close(got, want, reduction_len=2 * 3 * 2 * 2 * 4)
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv2d_relu_maxpool2x2_with_switches_matches_reference(dtype, rng):
     """The triple as a sweep's trace runs it: the pool's switches (integer inputs: exact ties, zeros after
     the ReLU, so the first maximum must win) and the ``also`` forward."""

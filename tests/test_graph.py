@@ -528,6 +528,50 @@ def test_conv_relu_pool_triples_are_fused_in_a_forward(backend, monkeypatch):
     assert called == [1]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_chains_of_conv_relu_pool_triples_run_as_one_call_in_a_forward(backend, monkeypatch):
+    """A forward that keeps no record runs consecutive conv + ReLU + 2x2 max-pool triples, each pooled output
+    read only by the next convolution, as one call (the CPU kernel takes each block of samples through the
+    whole chain), with the full trace's output bit for bit and the option off's; a pooled output that
+    another layer reads ends the chain there, and so does a forward that stops inside it (``upto``)."""
+    from relprop.nets import layers
+
+    triple = [{"type": "conv2d", "in": 1, "out": 4, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
+              {"type": "conv2d", "in": 4, "out": 6, "kernel": 3, "padding": 1}, {"type": "relu"},
+              {"type": "maxpool2d", "kernel": 2},
+              {"type": "conv2d", "in": 6, "out": 5, "kernel": 2, "padding": 1}, {"type": "relu"},
+              {"type": "maxpool2d", "kernel": 2}]
+    chain = triple + [{"type": "flatten"}, {"type": "linear", "in": 45, "out": 3}]
+    # the second pool's output also read by a max-pool beside the third triple: two calls, [0, 3] and [6]
+    branched = triple + [{"type": "maxpool2d", "kernel": 2, "inputs": [5]}, {"type": "flatten", "inputs": [8]},
+                         {"type": "flatten", "inputs": [9]}, {"type": "concat", "inputs": [10, 11]}]
+    rng = np.random.default_rng(5)
+    x = np.round(rng.normal(size=(3, 1, 29, 31)), 1)  # odd sizes: the pools drop a row and a column
+    chains, singles = [], []
+    real_chain, real_single = layers.Conv2d.forward_relu_pool_chain, layers.Conv2d.forward_relu_pool
+    monkeypatch.setattr(layers.Conv2d, "forward_relu_pool_chain",
+                        staticmethod(lambda convs, *a: chains.append(len(convs)) or real_chain(convs, *a)))
+    monkeypatch.setattr(layers.Conv2d, "forward_relu_pool",
+                        lambda self, *a, **k: singles.append(1) or real_single(self, *a, **k))
+    for spec, want_chains, want_singles in ((chain, [3], []), (branched, [2], [1])):
+        net = relprop.from_spec(spec, graph_weights(spec, rng))
+        chains.clear(), singles.clear()
+        out = net.forward(x, backend)
+        assert chains == want_chains and singles == want_singles
+        full = net.trace(x, backend)
+        assert out.tobytes() == full.output.tobytes()
+        chains.clear()
+        assert net.trace(x, backend, keep=False, upto=4).output.tobytes() == full.outputs[4].tobytes()
+        assert chains == []  # it stops inside the second triple
+        for upto in (5, 7):  # the chain of two, then (7) a conv + ReLU pair
+            assert net.trace(x, backend, keep=False, upto=upto).output.tobytes() == full.outputs[upto].tobytes()
+        assert chains == [2, 2]
+        with monkeypatch.context() as mp:
+            mp.setattr(relprop._config, "GRAPH_CHAINS", False)
+            chains.clear()
+            assert net.forward(x, backend).tobytes() == out.tobytes() and chains == []
+
+
 POOLED_CHAIN = [{"type": "conv2d", "in": 1, "out": 4, "kernel": 5}, {"type": "relu"}, {"type": "maxpool2d", "kernel": 2},
                 {"type": "conv2d", "in": 4, "out": 6, "kernel": 3, "padding": 1}, {"type": "relu"},
                 {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "in": 24, "out": 3}]

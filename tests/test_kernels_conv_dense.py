@@ -636,3 +636,93 @@ def test_conv2d_relu_maxpool_fused_takes_the_lanes_and_falls_back_on_nan(monkeyp
         want = K.maxpool2d_forward(z, 2, backend="reference", check_finite=False)[0]
         assert not np.isfinite(want).all()
         np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------- chains of conv + ReLU + 2x2 max-pool triples
+
+@st.composite
+def conv_pool_chain_problem(draw):
+    """Two or three conv + ReLU + 2x2 max-pool triples in a chain (each stage's pooled output at least 1x1),
+    mostly lanes layers; a stage of 17 output channels or stride (2, 1) is not one (the chain then runs
+    stage by stage).  Inputs normal or small integers (ties, zeros after the ReLU); lanes, block budget
+    and threads drawn so that blocks are short, single-lane or many."""
+    n, c = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    h, w = draw(st.integers(6, 30)), draw(st.integers(6, 30))
+    x_shape, stages, hh, ww = (n, c, h, w), [], h, w
+    for _ in range(draw(st.integers(2, 3))):
+        k, kh, kw = draw(st.sampled_from([1, 2, 3, 5, 7, 7, 17])), draw(st.integers(1, 5)), draw(st.integers(1, 5))
+        padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+        dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+        stride = draw(st.sampled_from([(1, 1)] * 5 + [(2, 1)]))
+        ho = (hh + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (ww + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        assume(ho >= 2 and wo >= 2)
+        stages.append(((k, c, kh, kw), stride, padding, dilation))
+        c, hh, ww = k, ho // 2, wo // 2
+    return (x_shape, stages, draw(st.sampled_from([1, 8, 16, 64])), draw(st.sampled_from([1, 4096, 2 << 20])),
+            draw(st.integers(1, 3)), draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
+
+
+def _chain_inputs(x_shape, stages, ties, dtype, rng):
+    if ties:
+        x = rng.integers(-2, 3, x_shape).astype(dtype)
+        params = [(rng.integers(-1, 2, s).astype(dtype), rng.integers(-2, 2, s[0]).astype(dtype)) for s, *_ in stages]
+    else:
+        x = rng.standard_normal(x_shape).astype(dtype)
+        params = [(rng.standard_normal(s).astype(dtype), rng.standard_normal(s[0]).astype(dtype)) for s, *_ in stages]
+    return x, [(w, b) + tuple(geometry) for (w, b), (_, *geometry) in zip(params, stages)]
+
+
+def _stage_by_stage(x, stages, backend):
+    for w, b, *geometry in stages:
+        x = _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, backend)
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_pool_chain_problem())
+def test_conv2d_relu_maxpool_chain_matches_stage_by_stage_and_reference(dtype, problem):
+    """A chain of triples in one call (the CPU kernel takes each block of samples through every stage,
+    the maps between the stages kept in lanes) gives the stage-by-stage kernels' values to the bit, and
+    the reference's; odd sizes, padding, dilation, batch 1, short and single-lane blocks, ties, zeros,
+    1-3 threads, and chains that are not all lanes layers (stage by stage)."""
+    x_shape, stage_shapes, lanes, budget, threads, ties, seed = problem
+    x, stages = _chain_inputs(x_shape, stage_shapes, ties, dtype, np.random.default_rng(seed))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        mp.setattr(config, "CONV_LANES_CHAIN_BYTES", budget)
+        mp.setattr(config, "CONV_THREADS", threads)
+        got = _ops.conv2d_relu_maxpool2x2_chain(x, stages, "cpu")
+        want = _stage_by_stage(x, stages, "cpu")
+    assert got.dtype == dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+    reference = _ops.conv2d_relu_maxpool2x2_chain(x, stages, "reference")
+    assert reference.tobytes() == _stage_by_stage(x, stages, "reference").tobytes()
+    # rounding differs from the reference's (another order of the sums), and a near-tie in a pooled window
+    # then lets a later stage read a neighbouring value: the bound is the summed length of the whole chain
+    assert_close(got, reference, reduction_len=int(sum(np.prod(w.shape[1:]) for w, *_ in stages)) * 4)
+
+
+def test_conv2d_relu_maxpool_chain_takes_the_lanes_and_falls_back_on_nan(monkeypatch, rng):
+    """LeNet-5's two triples run as one pass per block (the first pooled into the second's lanes), the same
+    bits for 1-3 threads; a NaN or an infinity reaching a pooled window sends the chain stage by stage,
+    whose unfused kernels keep the NaN (the pool's own rule)."""
+    into = []
+    real = cpu_conv._lanes_pool_into
+    monkeypatch.setattr(cpu_conv, "_lanes_pool_into", lambda *a: into.append(1) or real(*a))
+    x = rng.standard_normal((37, 1, 28, 28)).astype(np.float32)
+    stages = [(rng.standard_normal((6, 1, 5, 5)).astype(np.float32), rng.standard_normal(6).astype(np.float32),
+               (1, 1), (0, 0), (1, 1)),
+              (rng.standard_normal((16, 6, 5, 5)).astype(np.float32), None, (1, 1), (0, 0), (1, 1))]
+    got = []
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(config, "CONV_THREADS", threads)
+        got.append(_ops.conv2d_relu_maxpool2x2_chain(x, stages, "cpu").tobytes())
+    assert into and got[0] == got[1] == got[2] == _stage_by_stage(x, stages, "cpu").tobytes()
+    for bad in (np.nan, np.inf):
+        x_bad = x.copy()
+        x_bad[3, 0, 5, 5] = bad
+        got = _ops.conv2d_relu_maxpool2x2_chain(x_bad, stages, "cpu")
+        want = _stage_by_stage(x_bad, stages, "cpu")
+        assert not np.isfinite(want).all()
+        np.testing.assert_array_equal(got, want)

@@ -82,6 +82,20 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend, switches
     return y, sw, [e[2] for e in extra]
 
 
+
+def conv2d_relu_maxpool2x2_chain(x, stages, backend):
+    """Conv + ReLU + 2x2 max-pool triples in a chain, each reading the one before, in one kernel call
+    (``stages``: ``(w, b, stride, padding, dilation)`` per triple, b None: no bias): the last one's pooled
+    maxima (a forward that keeps no record: the CPU kernel keeps the maps between the stages in its own
+    layout)."""
+    xp = _xp(x)
+    full, shape = [], tuple(x.shape)
+    for w, b, stride, padding, dilation in stages:
+        n, k, ho, wo = conv2d_output_shape(shape, w.shape, stride, padding, dilation)
+        shape = (n, k, ho // 2, wo // 2)
+        full.append((w, xp.zeros(k, dtype=x.dtype) if b is None else b, stride, padding, dilation))
+    return kernels(backend).conv2d_relu_maxpool2x2_chain(x, full, _pool.empty(shape, x.dtype, xp))
+
 def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
     out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)

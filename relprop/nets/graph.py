@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _config
 from .. import _validate as V
 from .._backend import array_namespace, resolve_backend
 from .layers import BatchNorm, Conv2d, Layer, MaxPool2d, ReLU
@@ -265,9 +266,16 @@ class Graph:
                 fused -= 1
             elif not keep and i + 2 <= last and not also.get(i) and self._conv_relu_pool(i):
                 # conv, ReLU, 2x2 max-pool, none read by another layer, and no record: the pooled
-                # maxima in one call (the CPU kernels pool in the convolution's write-out)
-                outputs[i + 2] = layer.forward_relu_pool(x if ps[0] == INPUT else outputs[ps[0]], backend)
-                fused = 2
+                # maxima in one call (the CPU kernels pool in the convolution's write-out); a chain of
+                # such triples (LeNet-5's) in one call as well
+                x_in = x if ps[0] == INPUT else outputs[ps[0]]
+                convs = self._triple_chain(i, last, also)
+                if len(convs) > 1:
+                    outputs[convs[-1] + 2] = Conv2d.forward_relu_pool_chain([self.layers[j] for j in convs], x_in,
+                                                                            backend)
+                else:
+                    outputs[i + 2] = layer.forward_relu_pool(x_in, backend)
+                fused = 3 * len(convs) - 1
             elif keep and i in pooled and i + 2 <= last and self._conv_relu_pool(i):
                 # the same triple in a trace: the pool's switches recorded too, z and relu(z) never written
                 x_in = x if ps[0] == INPUT else outputs[ps[0]]
@@ -310,6 +318,18 @@ class Graph:
         layers = self.layers
         return (type(layers[i]) is Conv2d and i + 1 < len(layers) and type(layers[i + 1]) is ReLU
                 and self._parents[i + 1] == (i,) and self._readers[i] == (i + 1,))
+
+    def _triple_chain(self, i, last, also):
+        """The convolutions i, i + 3, ... of a chain of conv + ReLU + max-pool triples (:meth:`_conv_relu_pool`)
+        from layer i, each triple's pooled output read only by the next one's convolution, ending by layer
+        ``last``, none with ``also`` forwards: ``[i]`` alone if there is no chain (or ``_config.GRAPH_CHAINS``
+        is off)."""
+        convs, j = [i], i + 3
+        while (_config.GRAPH_CHAINS and j + 2 <= last and self._parents[j] == (j - 1,) and self._readers[j - 1] == (j,)
+               and not also.get(j) and self._conv_relu_pool(j)):
+            convs.append(j)
+            j += 3
+        return convs
 
     def _conv_relu_pool(self, i):
         """Is layer i a convolution, read only by a ReLU that only a 2x2 stride-2 unpadded max-pool reads

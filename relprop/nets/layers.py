@@ -188,6 +188,15 @@ class Conv2d(_Parametric):
         return _ops.conv2d_relu_maxpool2x2(x, w, b, self.stride, self.padding, self.dilation, backend,
                                            switches=switches, also=also)
 
+    @staticmethod
+    def forward_relu_pool_chain(convs, x, backend):
+        """:meth:`forward_relu_pool` of the convolutions ``convs`` in a chain, each triple reading the pooled
+        output of the one before (LeNet-5's feature stack), in one kernel call: the last pooled maxima (the
+        CPU kernel runs each block of samples through every triple in one pass, see
+        :func:`relprop.kernels.cpu.conv2d.conv2d_relu_maxpool2x2_chain`)."""
+        stages = [conv.params(x) + (conv.stride, conv.padding, conv.dilation) for conv in convs]
+        return _ops.conv2d_relu_maxpool2x2_chain(x, stages, backend)
+
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
 

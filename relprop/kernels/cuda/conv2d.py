@@ -24,7 +24,7 @@ from ._launch import check_index_range, empty, launch_grid, matmul, scalar
 from .elementwise import relu_forward
 from .pool2d import maxpool2d_forward, maxpool2d_values
 
-__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
+__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain"]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
@@ -153,6 +153,19 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
     return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
 
+
+
+def conv2d_relu_maxpool2x2_chain(x, stages, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2_chain`: the stages one
+    after the other, each :func:`conv2d_relu_maxpool2x2`."""
+    for s, (w, b, stride, padding, dilation) in enumerate(stages):
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        kh, kw = w.shape[2:]
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        y = out if s == len(stages) - 1 else empty(x, (x.shape[0], w.shape[0], ho // 2, wo // 2))
+        x = conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, y)
+    return out
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.

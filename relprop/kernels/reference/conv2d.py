@@ -21,7 +21,7 @@ import numpy as np
 
 from .pool2d import maxpool2d_forward, maxpool2d_values
 
-__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2"]
+__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain"]
 
 
 def _tap(offset, step, count, dil):
@@ -79,6 +79,25 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
     return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
 
+
+
+def conv2d_relu_maxpool2x2_chain(x, stages, out):
+    r"""Conv + ReLU + 2x2 max-pool triples in a chain, each stage reading the one before (LeNet-5's
+    feature stack), the last stage's pooled maxima in ``out``:
+
+    .. math:: y^{(0)} = x, \qquad y^{(s+1)} = \operatorname{maxpool}_{2\times 2}\bigl(\max(z^{(s)}, 0)\bigr),
+              \quad z^{(s)} = \operatorname{conv2d}(y^{(s)};\, w_s, b_s)
+
+    ``stages``: ``(w, b, stride, padding, dilation)`` per stage, each :func:`conv2d_relu_maxpool2x2`.  A
+    forward that keeps no record (the CPU kernel keeps the maps between the stages in its own layout)."""
+    for s, (w, b, stride, padding, dilation) in enumerate(stages):
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        kh, kw = w.shape[2:]
+        ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        y = out if s == len(stages) - 1 else np.empty((x.shape[0], w.shape[0], ho // 2, wo // 2), dtype=x.dtype)
+        x = conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, y)
+    return out
 
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Input-VJP (transposed convolution).  g (N,K,Ho,Wo), w (K,C,kh,kw), out (N,C,H,W)."""
