@@ -389,7 +389,7 @@ def test_conv2d_lanes_dispatch(monkeypatch, rng):
     (the input-VJP where its flipped padding is >= 0); wider or strided layers do not."""
     taken = []
     real = cpu_conv._forward_lanes
-    monkeypatch.setattr(cpu_conv, "_forward_lanes", lambda *a: taken.append(a[1].shape) or real(*a))
+    monkeypatch.setattr(cpu_conv, "_forward_lanes", lambda *a, **k: taken.append(a[1].shape) or real(*a, **k))
     x = rng.standard_normal((3, 6, 12, 12)).astype(np.float32)
     for w_shape, stride, padding, fwd, vjp in [
         ((16, 6, 5, 5), 1, 0, True, True),     # LeNet-5's second layer
@@ -726,3 +726,27 @@ def test_conv2d_relu_maxpool_chain_takes_the_lanes_and_falls_back_on_nan(monkeyp
         want = _stage_by_stage(x_bad, stages, "cpu")
         assert not np.isfinite(want).all()
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=conv_pool_problem(), relu=st.sampled_from([None, "pair", "in place", "pooled"]))
+def test_conv2d_also_forwards_equal_their_own_calls(dtype, problem, relu):
+    """The ``also`` forwards (an LRP rule's z⁺ beside the trace's z) computed in the same call, from the same
+    block of lanes or the same Winograd input transform, equal the plain convolution with those parameters,
+    called alone, to the bit; with the fused ReLU (a pair or in place) and in the pooled triple; odd sizes,
+    short blocks, threads."""
+    x_shape, w_shape, stride, padding, dilation, lanes, ties, seed = problem
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))
+    w2, b2 = np.maximum(w, 0), np.maximum(b, 0)
+    geometry = (stride, padding, dilation)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        mp.setattr(config, "CONV_THREADS", 1 + seed % 3)
+        alone = _ops.conv2d_forward(x, w2, b2, *geometry, "cpu")
+        if relu == "pooled":
+            extra = _ops.conv2d_relu_maxpool2x2(x, w, b, *geometry, "cpu", switches=True, also=[(w2, b2)])[2]
+        else:
+            extra = _ops.conv2d_forward_also(x, w, b, *geometry, "cpu", [(w2, b2)], relu=relu is not None,
+                                             keep_z=relu == "pair")[2]
+    assert extra[0].tobytes() == alone.tobytes()
