@@ -311,10 +311,23 @@ def _transposed(layer, s, w, term, a_shape, backend, xp):
     sum s over the output channels and run the transposed layer with one 1 → 1 channel of ones."""
     if term.weight is not ones or not layer.is_linear:
         return layer.vjp_with(s, w, a_shape, backend)
-    s1 = xp.ascontiguousarray(s.sum(axis=1, keepdims=True))
-    w1 = xp.ones((1, 1) + tuple(w.shape[2:]), dtype=s.dtype)
+    return _ones_transposed(layer, xp.ascontiguousarray(s.sum(axis=1, keepdims=True)), w, a_shape, backend, xp)
+
+
+def _ones_transposed(layer, s1, w, a_shape, backend, xp):
+    """c = 1ᵀ s for all-ones weights, from s1 = Σ_k s_k (N, 1, ...): the transposed layer with one 1 → 1
+    channel of ones, the same for every input channel (no copy for a single one: LeNet-5's first layer)."""
+    w1 = xp.ones((1, 1) + tuple(w.shape[2:]), dtype=s1.dtype)
     c1 = layer.vjp_with(s1, w1, (a_shape[0], 1) + tuple(a_shape[2:]), backend)
-    return xp.array(xp.broadcast_to(c1, a_shape), order="C")
+    return c1 if a_shape[1] == 1 else xp.array(xp.broadcast_to(c1, a_shape), order="C")
+
+
+def _flat_sum(group, layer):
+    """Is ``group`` the flat rule's one all-ones term (on ones) over a dense/conv layer, with no sign mask and
+    weight 1: its c needs only Σ_k R_k / stab(z_k), which :func:`relevance` takes in one pass?"""
+    term = group.terms[0]
+    return (len(group.terms) == 1 and term.weight is ones and term.input == "ones" and term.sign > 0
+            and group.where is None and group.weight == 1 and layer.is_linear)
 
 
 def proportional(eps, layer, rec, r):
@@ -390,6 +403,13 @@ def relevance(rule, layer, rec, r, state):
             inv = state.get(ikey)
             if inv is None:
                 inv = state[ikey] = _stab_inverse(z, rule.eps, xp)
+            if _flat_sum(group, layer):
+                # flat: s1 = Σ_k R_k inv_k in one pass, no full-size s (LeNet-5's first layer: 0.15 ms against
+                # 0.52 for the product and the sum; the same bits); c = 1ᵀ s1 for every input channel
+                s1 = xp.einsum("nk...,k...->n...", r, inv[0])[:, None]
+                c = _ones_transposed(layer, xp.ascontiguousarray(s1), gparams[0][0], a.shape, backend, xp)
+                r_in = c if r_in is None else r_in + c
+                continue
             s = xp.multiply(r, inv, out=r) if scratch else r * inv
         elif owned or scratch:  # in place: into z or r, whichever is ours
             s = K.stabilized_divide(r, z, float(rule.eps), z if owned else r)
