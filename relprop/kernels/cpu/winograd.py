@@ -223,19 +223,23 @@ def _input_transform(x, segs, ph, pw, tw, cst, v):
     c2, c4, c5 = cst[0], cst[1], cst[2]
     row = np.empty((4 * tw + 2, c_), x.dtype)
     slab = np.empty((c_, x.shape[3]), x.dtype)
-    h = np.empty((6, 6, tw, c_), x.dtype)  # h[r, y, j] = (d B)[r, y] of tile j
+    # h[(4i + r) % 6, y, j] = (d B)[r, y] of tile j of tile row i: a ring of image rows, so that the two rows
+    # that consecutive tile rows share (4i + 4, 4i + 5 are the next one's 0, 1) are transformed once
+    h = np.empty((6, 6, tw, c_), x.dtype)
     q = -1
     for sg in range(segs.shape[0]):
         n, i0 = segs[sg, 0], segs[sg, 1]
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
-            for r in range(6):
+            for r in range(0 if i == i0 else 2, 6):
                 _row_nhwc(x, n, 4 * i + r - ph, pw, row, slab)
-                _bt_row(row, h[r], c2, c4, c5)
+                _bt_row(row, h[(4 * i + r) % 6], c2, c4, c5)
+            s0, s1, s2, s3, s4, s5 = (4 * i) % 6, (4 * i + 1) % 6, (4 * i + 2) % 6, (4 * i + 3) % 6, \
+                (4 * i + 4) % 6, (4 * i + 5) % 6
             lo, hi = q * tw * c_, (q + 1) * tw * c_
             for y in range(6):
-                _bt_lanes(h[0, y].ravel(), h[1, y].ravel(), h[2, y].ravel(), h[3, y].ravel(), h[4, y].ravel(),
-                          h[5, y].ravel(), v[y, lo:hi], v[6 + y, lo:hi], v[12 + y, lo:hi], v[18 + y, lo:hi],
+                _bt_lanes(h[s0, y].ravel(), h[s1, y].ravel(), h[s2, y].ravel(), h[s3, y].ravel(), h[s4, y].ravel(),
+                          h[s5, y].ravel(), v[y, lo:hi], v[6 + y, lo:hi], v[12 + y, lo:hi], v[18 + y, lo:hi],
                           v[24 + y, lo:hi], v[30 + y, lo:hi], c2, c4, c5)
     return v
 
