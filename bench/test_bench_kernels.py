@@ -277,6 +277,32 @@ def test_conv2d_relu_maxpool_chain_vs_stage_by_stage(benchmark, request):
     benchmark.pedantic(chain, rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(separate_over_chain=t_separate / t_chain)
 
+RELEVANCES = [c for c in CONVS if c[0] in ("lenet.conv2", "vgg.conv2", "vgg.conv4")]
+
+
+@pytest.mark.benchmark(group="conv2d_relevance")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", RELEVANCES, ids=_ids(RELEVANCES))
+def test_conv2d_relevance_one_call_vs_three(benchmark, request, name, x_shape, w_shape, padding):
+    """An LRP backward a ⊙ W⁺ᵀ(R / stab(z⁺)) as one call (divided and multiplied inside the transposed
+    convolution where it runs as Winograd or in lanes) against the stabilised divide, the input-VJP and
+    the product, alternating: ``extra_info["three_over_one"]``."""
+    x, w, _, geometry, z_shape, _ = _conv_case(x_shape, w_shape, padding)
+    a, wp = np.maximum(x, 0), np.maximum(w, 0)
+    z = _ops.conv2d_forward(a, wp, None, *geometry, "cpu")
+    r = np.random.default_rng(1).standard_normal(z_shape).astype(np.float32)
+    one = lambda: _ops.conv2d_relevance(r, z, 1e-6, wp, a, *geometry, "cpu")  # noqa: E731
+
+    def three():
+        s = _ops.stabilized_divide(r, z, 1e-6, "cpu")
+        c = _ops.conv2d_vjp(s, wp, a.shape, *geometry, "cpu")
+        return np.multiply(c, a, out=c)
+
+    assert one().tobytes() == three().tobytes()
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_one, t_three = _alternating_medians((one, three), 1 if smoke else 15)
+    benchmark.pedantic(one, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(three_over_one=t_three / t_one)
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)

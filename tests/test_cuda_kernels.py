@@ -563,6 +563,20 @@ def test_conv2d_relu_maxpool2x2_chain_matches_reference(dtype, rng):
     assert_close(got, want, reduction_len=2 * 3 * 2 * 2 * 4)
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_relevance_matches_reference(dtype, rng):
+    """An LRP backward a ⊙ Wᵀ(R / stab(z)) in one call (zeros in z with ε = 0: a zero denominator gives 0)."""
+    a = np.maximum(normal(rng, (2, 3, 7, 6), dtype), 0)
+    w = normal(rng, (4, 3, 3, 2), dtype)
+    args = ((1, 1), (1, 0), (1, 1))
+    z = _ops.conv2d_forward(a, np.maximum(w, 0), None, *args, "reference")
+    z[0, 0, :2] = 0
+    r = normal(rng, z.shape, dtype)
+    got = host(_ops.conv2d_relevance(dev(r), dev(z), 0.0, dev(w), dev(a), *args, "cuda"))
+    want = _ops.conv2d_relevance(r, z, 0.0, w, a, *args, "reference")
+    assert np.isfinite(want).all()
+    assert_close(got, want, reduction_len=4 * 3 * 2)
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv2d_relu_maxpool2x2_with_switches_matches_reference(dtype, rng):
     """The triple as a sweep's trace runs it: the pool's switches (integer inputs: exact ties, zeros after
     the ReLU, so the first maximum must win) and the ``also`` forward."""

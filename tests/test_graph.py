@@ -405,7 +405,7 @@ def test_conv_relu_pairs_are_fused_exactly(which, backend, monkeypatch):
         always_winograd(monkeypatch)
         calls = []
         real = winograd.conv3x3_winograd
-        monkeypatch.setattr("relprop.kernels.cpu.conv2d.conv3x3_winograd", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr("relprop.kernels.cpu.conv2d.conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
     fused = [i for i in range(len(net.layers)) if net._conv_relu(i)]
     assert fused, "the test nets have conv + ReLU pairs"
     # a conv read by more than the ReLU after it (a residual branch) is never fused

@@ -750,3 +750,52 @@ def test_conv2d_also_forwards_equal_their_own_calls(dtype, problem, relu):
             extra = _ops.conv2d_forward_also(x, w, b, *geometry, "cpu", [(w2, b2)], relu=relu is not None,
                                              keep_z=relu == "pair")[2]
     assert extra[0].tobytes() == alone.tobytes()
+
+
+# ---------------------------------------------------------------- an LRP backward in one call
+
+@st.composite
+def relevance_problem(draw):
+    """A convolution (stride 1 or 2, padding, dilation, 1-24 channels: the lanes, GEMM and im2col paths),
+    its input a >= 0, a pre-activation z with exact zeros, an ε (0 included: a zero denominator gives 0)."""
+    wide = draw(st.integers(0, 3)) == 0  # more than 16 channels: not a lanes layer
+    n = draw(st.integers(1, 4))
+    c = draw(st.sampled_from([17, 24] if wide else [1, 3, 6]))
+    k = draw(st.sampled_from([5, 20] if wide else [1, 2, 5, 16]))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    stride = draw(st.sampled_from([(1, 1)] * 6 + [(2, 1), (2, 2)]))
+    h = draw(st.integers(max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0]), 12))
+    w = draw(st.integers(max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1]), 40))
+    return ((n, c, h, w), (k, c, kh, kw), stride, padding, dilation, draw(st.sampled_from([0.0, 1e-6, 0.25])),
+            draw(st.sampled_from([1, 8, 64])), draw(st.booleans()), draw(st.integers(0, 2**32 - 1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=relevance_problem())
+def test_conv2d_relevance_equals_its_three_kernels(dtype, problem):
+    """a ⊙ Wᵀ(R / stab(z)) in one call (the CPU lanes path divides on the way into lanes and multiplies on
+    the way out) gives the stabilised divide, the input-VJP and the product, one after the other, to the
+    bit, and the reference's values; zeros in z (ε = 0: a zero denominator gives 0), narrow and wide rows
+    (the lanes divide only from ``CONV_LANES_DIVIDE_MIN_WIDTH``, patched to 1 here half the time), short
+    blocks, stride 2 and wide layers (their composed path)."""
+    x_shape, w_shape, stride, padding, dilation, eps, lanes, narrow, seed = problem
+    rng = np.random.default_rng(seed)
+    a = np.maximum(rng.standard_normal(x_shape), 0).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    z = _ops.conv2d_forward(a, np.maximum(w, 0), None, stride, padding, dilation, "reference")
+    z[rng.random(z.shape) < 0.2] = 0
+    r = rng.standard_normal(z.shape).astype(dtype)
+    geometry = (stride, padding, dilation)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", lanes)
+        mp.setattr(config, "CONV_LANES_DIVIDE_MIN_WIDTH", 1 if narrow else 32)
+        got = _ops.conv2d_relevance(r, z, eps, w, a, *geometry, "cpu")
+        s = K.stabilized_divide(r, z, eps, backend="cpu")
+        want = _ops.conv2d_vjp(s, w, a.shape, *geometry, "cpu") * a
+    assert got.dtype == dtype and got.shape == a.shape
+    assert got.tobytes() == want.tobytes()
+    reference = _ops.conv2d_relevance(r, z, eps, w, a, *geometry, "reference")
+    s_ref = K.stabilized_divide(r, z, eps, backend="reference")
+    assert_close(got, reference, reduction_len=int(np.prod(w_shape[1:])) * max(1.0, float(np.abs(s_ref).max())))

@@ -9,7 +9,7 @@ up to whole batches.
 """
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import relprop._config as config
@@ -347,3 +347,32 @@ def test_winograd_pool_falls_back_on_nan(threads, rng):
     want = K.maxpool2d_forward(np.maximum(z, 0), 2, backend="cpu", check_finite=False)[0]
     assert not np.isfinite(want).all()
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads, chunk_tiles", [(1, 2), (2, 2), (2, 512), (3, 4)])
+@given(n=st.integers(1, 3), c=st.integers(1, 6), k=st.sampled_from([1, 5, 17]), h=st.integers(1, 11),
+       w=st.integers(1, 11), padding=st.integers(0, 2), eps=st.sampled_from([0.0, 1e-6]), seed=st.integers(0, 2**32 - 1))
+def test_winograd_relevance_divides_and_multiplies_in_its_transforms(threads, chunk_tiles, n, c, k, h, w, padding, eps,
+                                                                     seed, dtype):
+    """An LRP backward a ⊙ Wᵀ(R / stab(z)) through the Winograd input-VJP, R divided as it enters the input
+    transform and the result multiplied by a as it leaves the output transform: the stabilised divide, the
+    VJP and the product one after the other to the bit, in both schedules (chunks of tiles; few tiles, the
+    threads sharing the phases); zeros in z (ε = 0: a zero denominator gives 0)."""
+    assume(h + 2 * padding - 2 >= 1 and w + 2 * padding - 2 >= 1)
+    rng = np.random.default_rng(seed)
+    a = np.maximum(rng.standard_normal((n, c, h, w)), 0).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    geometry = ((1, 1), (padding, padding), (1, 1))
+    z = K.conv2d_forward(a, np.maximum(wt, 0), None, 1, padding, 1, backend="reference").astype(dtype)
+    z[rng.random(z.shape) < 0.2] = 0
+    r = rng.standard_normal(z.shape).astype(dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        always_winograd(mp, chunk_tiles)
+        mp.setattr(config, "CONV_THREADS", threads)
+        calls = spy(mp)
+        got = _ops.conv2d_relevance(r, z, eps, wt, a, *geometry, "cpu")
+        assert calls  # the Winograd path
+        s = K.stabilized_divide(r, z, eps, backend="cpu")
+        want = _ops.conv2d_vjp(s, wt, a.shape, *geometry, "cpu") * a
+    assert got.tobytes() == want.tobytes()

@@ -574,3 +574,42 @@ def test_rules_are_frozen_values():
     with pytest.raises(Exception):
         rules.Epsilon(0.1).epsilon = 0.2
     assert "ZBox(low=0.0" in repr(rules.ZBox(0, 1))
+
+
+WIDE_ROWS_SPEC = [{"type": "conv2d", "in": 2, "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+                  {"type": "conv2d", "in": 4, "out": 5, "kernel": 5, "padding": 1}, {"type": "relu"},
+                  {"type": "conv2d", "in": 5, "out": 20, "kernel": 3, "stride": 2}, {"type": "relu"},
+                  {"type": "flatten"}, {"type": "linear", "in": 20 * 4 * 18, "out": 3}]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "cpu-winograd"])
+@pytest.mark.parametrize("method", ["lrp.zplus", "lrp.epsilon", "lrp.zero", "lrp.epsilon_plus_flat", "lrp.alpha_beta",
+                                    "lrp.gamma"])
+def test_conv_relevance_in_one_call_changes_no_bit(method, backend, monkeypatch):
+    """A rule that reaches a convolution's input through one term (z⁺ behind a ReLU, ε, LRP-0) runs its
+    backward there as one kernel call (the CPU lanes and Winograd paths divide and multiply inside the
+    transposed convolution): the explanation is the three-kernel one bit for bit; αβ (weight α ≠ 1) and γ
+    (a sign mask) keep the three kernels."""
+    from relprop.nets import layers
+    from relprop.rules import core
+
+    rng = np.random.default_rng(21)
+    net = make_net(WIDE_ROWS_SPEC, 21, np.float32)
+    x = rng.normal(size=(3, 2, 12, 40)).astype(np.float32)
+    calls = []
+    real = layers.Conv2d.relevance_with
+    monkeypatch.setattr(layers.Conv2d, "relevance_with", lambda self, *a: calls.append(1) or real(self, *a))
+    monkeypatch.setattr(relprop._config, "CONV_LANES_DIVIDE_MIN_WIDTH", 1)
+    if backend == "cpu-winograd":  # the 3x3 stride-1 layers through Winograd, however narrow
+        backend = "cpu"
+        monkeypatch.setattr(relprop._config, "WINOGRAD_MIN_CHANNELS", 1)
+        monkeypatch.setattr(relprop._config, "WINOGRAD_MIN_WORK", 1)
+    explainer = relprop.Explainer(net, method, backend=backend)
+    got = explainer(x, return_layers=True)
+    fused = len(calls)
+    monkeypatch.setattr(core, "_fused_term", lambda *a: False)
+    want = explainer(x, return_layers=True)
+    # z⁺ at the first layer has two terms (the input has both signs): not fused there
+    assert fused == {"lrp.alpha_beta": 0, "lrp.gamma": 0, "lrp.epsilon_plus_flat": 2, "lrp.zplus": 2}.get(method, 3)
+    assert got[0].tobytes() == want[0].tobytes()
+    assert [None if v is None else v.tobytes() for v in got[1]] == [None if v is None else v.tobytes() for v in want[1]]

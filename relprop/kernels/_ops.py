@@ -101,6 +101,12 @@ def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
     return kernels(backend).conv2d_vjp(g, w, stride, padding, dilation, out)
 
 
+
+def conv2d_relevance(r, z, epsilon, w, a, stride, padding, dilation, backend):
+    """a ⊙ Wᵀ(r / stab(z)) in one kernel call (an LRP rule's backward through a convolution, one term)."""
+    out = _pool.empty(tuple(a.shape), r.dtype, _xp(r))
+    return kernels(backend).conv2d_relevance(r, z, float(epsilon), w, stride, padding, dilation, a, out)
+
 def pool_output_shape(x_shape, kernel, stride, padding):
     n, c, h, wd = x_shape
     return (n, c, conv_output_size(h, kernel[0], stride[0], padding[0]),

@@ -200,6 +200,11 @@ class Conv2d(_Parametric):
     def vjp_with(self, g, w, input_shape, backend):
         return _ops.conv2d_vjp(g, w, tuple(input_shape), self.stride, self.padding, self.dilation, backend)
 
+    def relevance_with(self, r, z, epsilon, w, a, backend):
+        """a ⊙ Wᵀ(r / stab(z)) with weights ``w``: an LRP rule's backward for one term, in one kernel call
+        (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`)."""
+        return _ops.conv2d_relevance(r, z, epsilon, w, a, self.stride, self.padding, self.dilation, backend)
+
     def spec(self):
         return {"type": "conv2d", "in": self.in_channels, "out": self.out_channels, "kernel": list(self.kernel),
                 "stride": list(self.stride), "padding": list(self.padding), "dilation": list(self.dilation)}

@@ -322,6 +322,15 @@ def _ones_transposed(layer, s1, w, a_shape, backend, xp):
     return c1 if a_shape[1] == 1 else xp.array(xp.broadcast_to(c1, a_shape), order="C")
 
 
+def _fused_term(group, inputs, layer):
+    """Does ``group`` reach a convolution's input through one term only (z⁺ behind a ReLU, whose a⁻ term is
+    0; ε and LRP-0 on a conv), on the input itself, with no sign mask and weight 1: its backward is then
+    a ⊙ W'ᵀ(R / stab(z)), one kernel call (:meth:`relprop.nets.layers.Conv2d.relevance_with`)?"""
+    active = [t for t, x in zip(group.terms, inputs) if x is not None]
+    return (layer.kind == "conv2d" and len(active) == 1 and active[0].input in ("a", "pos") and active[0].sign > 0
+            and active[0].weight is not ones and group.where is None and group.weight == 1)
+
+
 def _flat_sum(group, layer):
     """Is ``group`` the flat rule's one all-ones term (on ones) over a dense/conv layer, with no sign mask and
     weight 1: its c needs only Σ_k R_k / stab(z_k), which :func:`relevance` takes in one pass?"""
@@ -411,6 +420,16 @@ def relevance(rule, layer, rec, r, state):
                 r_in = c if r_in is None else r_in + c
                 continue
             s = xp.multiply(r, inv, out=r) if scratch else r * inv
+        elif _fused_term(group, inputs, layer):
+            # 2.-4. in one kernel call: R_in = a ⊙ Wᵀ(R / stab(z)), neither s nor the product written whole
+            # (the CPU kernels divide as R enters the transposed convolution and multiply as it leaves)
+            (w, _), x_k = next((p, x) for p, x in zip(gparams, inputs) if x is not None)
+            c = layer.relevance_with(r, z, rule.eps, w, x_k, backend)
+            if r_in is None:
+                r_in = c
+            else:
+                r_in += c
+            continue
         elif owned or scratch:  # in place: into z or r, whichever is ours
             s = K.stabilized_divide(r, z, float(rule.eps), z if owned else r)
         else:

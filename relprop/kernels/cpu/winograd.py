@@ -51,6 +51,8 @@ from .pool2d import first_max4, max4, relu_window
 __all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filter_transform"]
 
 _jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)
+#: "no divisor" for the input transform (:func:`_row_nhwc`'s ``zd``)
+_NO_DIVIDE = {np.dtype(d): np.empty((0, 0, 0, 0), d) for d in (np.float32, np.float64)}
 
 
 # ============================================================================================
@@ -188,14 +190,25 @@ def emit(d, a, s, bk, mode):
 # ============================================================================================
 # Into and out of the transform domain, one chunk of tile rows at a time
 # ============================================================================================
+@_jit_inline
+def stab_divide(r, z, eps):
+    """r / (z + ε·sign₀(z)), sign₀(0) = +1, and 0 where that is 0: one element of
+    :func:`relprop.kernels.cpu.elementwise.stabilized_divide` (the same expression, the same bits)."""
+    den = z + eps if z >= 0 else z - eps
+    return 0 if den == 0 else r / den
+
+
 @_jit
-def _row_nhwc(x, n, h, pw, d, slab):
+def _row_nhwc(x, n, h, pw, d, slab, zd, eps):
     """d[pw + w, c] = x[n, c, h, w]: one zero-padded image row, channels last (zero when h is
     outside the image).  Two steps: the row of every channel into ``slab`` (C, W), each a
     contiguous run of whole cache lines, then the transposition within that small buffer.  Read
     straight from x, the channel rows lie H*W apart, a whole page at 32x32: the gather ran
     1.1-5x slower on the CIFAR-VGG and VGG-16 layers (2.2x at 64 channels of 32x32, 5x at
-    224x224), as the 64 lines of one column compete for the same cache sets."""
+    224x224), as the 64 lines of one column compete for the same cache sets.
+
+    ``zd`` (shaped like x; empty: none): the row of x / stab(zd) instead (:func:`stab_divide`, ε = ``eps``),
+    the relevance over the stabilised pre-activation of an LRP backward, never written whole."""
     c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
     wp = d.shape[0]
     if h < 0 or h >= h_:
@@ -204,10 +217,16 @@ def _row_nhwc(x, n, h, pw, d, slab):
     w0, w1 = max(0, -pw), min(w_, wp - pw)
     d[:pw + w0] = 0
     d[pw + w1:] = 0
-    for c in range(c_):
-        s, t = x[n, c, h], slab[c]
-        for w in range(w_):
-            t[w] = s[w]
+    if zd.shape[0] == 0:
+        for c in range(c_):
+            s, t = x[n, c, h], slab[c]
+            for w in range(w_):
+                t[w] = s[w]
+    else:
+        for c in range(c_):
+            s, t, zr = x[n, c, h], slab[c], zd[n, c, h]
+            for w in range(w_):
+                t[w] = stab_divide(s[w], zr[w], eps)
     for w in range(w0, w1):  # gather the channels from the slab, write them contiguously
         dw = d[pw + w]
         for c in range(c_):
@@ -215,10 +234,11 @@ def _row_nhwc(x, n, h, pw, d, slab):
 
 
 @_jit
-def _input_transform(x, segs, ph, pw, tw, cst, v):
+def _input_transform(x, segs, ph, pw, tw, cst, v, zd, eps):
     """v[x*6 + y, t*C : (t+1)*C] = (B^T d B)[x, y] for the t-th tile of the chunk, whose 6x6 patch is
     d[r, col] = xpad[n, :, 4i + r, 4j + col]; tiles in order of the segments (n, i0, rows), their
-    tile rows i = i0 .. i0 + rows - 1 and columns j < tw."""
+    tile rows i = i0 .. i0 + rows - 1 and columns j < tw.  ``zd``, ``eps``: x / stab(zd) in place of x
+    (:func:`_row_nhwc`)."""
     c_ = x.shape[1]
     c2, c4, c5 = cst[0], cst[1], cst[2]
     row = np.empty((4 * tw + 2, c_), x.dtype)
@@ -232,7 +252,7 @@ def _input_transform(x, segs, ph, pw, tw, cst, v):
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
             for r in range(0 if i == i0 else 2, 6):
-                _row_nhwc(x, n, 4 * i + r - ph, pw, row, slab)
+                _row_nhwc(x, n, 4 * i + r - ph, pw, row, slab, zd, eps)
                 _bt_row(row, h[(4 * i + r) % 6], c2, c4, c5)
             s0, s1, s2, s3, s4, s5 = (4 * i) % 6, (4 * i + 1) % 6, (4 * i + 2) % 6, (4 * i + 3) % 6, \
                 (4 * i + 4) % 6, (4 * i + 5) % 6
@@ -284,6 +304,32 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
                     emit(d[k], r[k], oa[:wo, k], bias[k], mode)
     return out
 
+
+
+@_jit
+def _output_transform_times(m, segs, tw, cst, bias, out, a):
+    """:func:`_output_transform` times ``a`` (shaped like ``out``): out = (A^T M A + bias) ⊙ a, an LRP
+    backward's product with its input (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`).  Its own
+    function, not a mode of :func:`emit`: a further branch there could cost the other modes their
+    vectorised loops (it did in the lanes write-out, 1.9-5x)."""
+    k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
+    c2, c4, c8 = cst[0], cst[1], cst[3]
+    s = np.empty((6, 4, tw * k_), m.dtype)
+    o = np.empty((4, 4 * tw, k_), m.dtype)
+    q = -1
+    for sg in range(segs.shape[0]):
+        n, i0 = segs[sg, 0], segs[sg, 1]
+        for i in range(i0, i0 + segs[sg, 2]):
+            q += 1
+            _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
+            for a_ in range(min(4, ho - 4 * i)):
+                oa = o[a_]
+                d, f = out[n, :, 4 * i + a_], a[n, :, 4 * i + a_]
+                for k in range(k_):
+                    dk, fk, ok, bk = d[k], f[k], oa[:wo, k], bias[k]
+                    for j in range(wo):
+                        dk[j] = (ok[j] + bk) * fk[j]
+    return out
 
 @_jit
 def _output_transform_pool(m, segs, tw, cst, bias, out):
@@ -482,7 +528,7 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also=()):
+def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also=(), divide=None):
     """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
     the filters' transform ``u`` = :func:`transformed_filters` of w.
 
@@ -492,7 +538,10 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     Mode 3: ``out`` is (N, K, Ho//2, Wo//2) and receives the 2x2 max-pool of relu(z)
     (:func:`_output_transform_pool`); returns None instead if a pooled window held a NaN or an infinity.
     Mode 4: mode 3 with the pool's switches into ``a_out`` (int64, shaped like ``out``;
-    :func:`_output_transform_pool_switches`).
+    :func:`_output_transform_pool_switches`).  Mode 5: out = (conv + b) ⊙ ``a_out`` (read).
+    ``divide`` = (z, ε): the convolution of x / stab(z) (z shaped like x), divided in the input transform.
+    The two together are an LRP backward, a ⊙ Wᵀ(R / stab(z)), without the full-size quotient or product
+    (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`).
 
     Two schedules, both with every thread's BLAS held to one thread:
 
@@ -508,6 +557,8 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     ph, pw = padding
     n_, c_ = x.shape[:2]
     k_, ho, wo = out.shape[1], x.shape[2] + 2 * ph - 2, x.shape[3] + 2 * pw - 2
+    zd, eps = (_NO_DIVIDE[x.dtype], x.dtype.type(0)) if divide is None else \
+        (divide[0], np.array([divide[1]]).astype(x.dtype)[0])  # ε in the data's dtype, as stabilized_divide's
     th, tw = -(-ho // 4), -(-wo // 4)
     cst = np.array([2, 4, 5, 8], x.dtype)
     # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows, and a chunk's
@@ -527,7 +578,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     finite = []  # mode 3: per chunk, were its pooled windows finite?
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite)
+        _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite, zd, eps)
         return out if all(finite) else None
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
@@ -538,7 +589,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
         vf, mf = buffers
         chunk = segs[s0:s0 + count]
         t = int(chunk[:, 2].sum()) * tw
-        v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_))
+        v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_), zd, eps)
         # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K), xi < 36
         for u_, b_, out_, a_, mode_ in parts:  # V, while in cache, against every filter set
             gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u_, 0, c_ * k_, k_, mf, 0, t * k_, k_)
@@ -550,8 +601,10 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
 
 def _transform_out(m, segs, tw, cst, bias, out, a_out, mode, finite):
     """The output transform of ``mode`` (3: with the max-pool, its finiteness appended to ``finite``; 4: and
-    the switches, ``a_out`` = (switches, Wo))."""
-    if mode == 3:
+    the switches, ``a_out`` = (switches, Wo); 5: times ``a_out``)."""
+    if mode == 5:
+        _output_transform_times(m, segs, tw, cst, bias, out, a_out)
+    elif mode == 3:
         finite.append(_output_transform_pool(m, segs, tw, cst, bias, out))
     elif mode == 4:
         finite.append(_output_transform_pool_switches(m, segs, tw, cst, bias, out, a_out[0], a_out[1]))
@@ -559,7 +612,7 @@ def _transform_out(m, segs, tw, cst, bias, out, a_out, mode, finite):
         _output_transform(m, segs, tw, cst, bias, out, a_out, mode)
 
 
-def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite):
+def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite, zd, eps):
     """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
     ``tiling`` = (ph, pw, tile rows, tile columns)."""
     ph, pw, th, tw = tiling
@@ -572,7 +625,7 @@ def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite):
     per_rows = -(-len(rows) // threads)
 
     def transform_in(r0, count, _):
-        _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_])
+        _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_], zd, eps)
 
     run_chunks(len(rows), per_rows, lambda: None, transform_in)
     per_k = -(-k_ // threads)

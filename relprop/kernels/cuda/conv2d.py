@@ -21,10 +21,11 @@ from numba import cuda, int32, uint32
 
 from ... import _config
 from ._launch import check_index_range, empty, launch_grid, matmul, scalar
-from .elementwise import relu_forward
+from .elementwise import relu_forward, stabilized_divide
 from .pool2d import maxpool2d_forward, maxpool2d_values
 
-__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain"]
+__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
+           "conv2d_relevance"]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
@@ -197,4 +198,13 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
         matmul(wt, g3[n0:n0 + nc], cols)
         launch_grid(_col2im_kernel, (nc, n_channels, out.shape[2] * out.shape[3]),
                     cols, n0, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, zero, out)
+    return out
+
+
+def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relevance`: the stabilised divide, the
+    input-VJP and the product, one kernel each."""
+    s = stabilized_divide(r, z, epsilon, empty(r, r.shape))
+    conv2d_vjp(s, w, stride, padding, dilation, out)
+    out *= a
     return out

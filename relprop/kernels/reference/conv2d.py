@@ -19,9 +19,11 @@ over channels applied to a strided view of the padded input.
 """
 import numpy as np
 
+from .elementwise import stabilized_divide
 from .pool2d import maxpool2d_forward, maxpool2d_values
 
-__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain"]
+__all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
+           "conv2d_relevance"]
 
 
 def _tap(offset, step, count, dil):
@@ -110,4 +112,19 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
         for e in range(kw):
             g_pad[:, :, _tap(a, sh, ho, dh), _tap(e, sw, wo, dw)] += np.einsum("kc,nkhw->nchw", w[:, :, a, e], g)
     out[...] = g_pad[:, :, ph:ph + h, pw:pw + wd]
+    return out
+
+
+def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
+    r"""An LRP rule's backward through a convolution, for one term (z⁺ on W⁺, ε on W):
+
+    .. math:: R^{\mathrm{in}} = a \odot W^\top s, \qquad s = \frac{R}{z + \varepsilon\,\mathrm{sign}_0(z)}
+
+    (:func:`~relprop.kernels.reference.elementwise.stabilized_divide`, then :func:`conv2d_vjp` with the
+    layer's geometry, then the product with the input a).  r, z (N,K,Ho,Wo), w (K,C,kh,kw), a and out
+    (N,C,H,W).  The CPU kernel forms s as r enters the transposed convolution and the product as its
+    result leaves, so neither is written whole."""
+    s = stabilized_divide(r, z, epsilon, np.empty_like(r))
+    conv2d_vjp(s, w, stride, padding, dilation, out)
+    out *= a
     return out
