@@ -51,8 +51,8 @@ CONV_LANES_MAX_CHANNELS = 16
 #: A chain of lanes layers, each a conv + ReLU + 2x2 max-pool triple (LeNet-5's two), runs each block
 #: of samples through every stage in one pass (relprop.kernels.cpu.conv2d, _forward_lanes_chain); a
 #: block's scratch for all the stages stays within this (L2-sized: LeNet-5 then gets 64 lanes, 1.6
-#: MB; 32 lanes ran 1.1x slower after a PyTorch forward, 24 lanes 1.2x).  GRAPH_CHAINS = False: the
-#: graph's forward runs the triples one at a time.
+#: MB; its forward ran 1.02-1.05x slower with 32 lanes, 1.15-1.19x with 16, alone and right after a
+#: PyTorch forward).  GRAPH_CHAINS = False: the graph's forward runs the triples one at a time.
 CONV_LANES_CHAIN_BYTES = 2 * 1024 * 1024
 #: An LRP backward through a lanes layer (relprop.kernels.cpu.conv2d.conv2d_relevance) divides R by stab(z)
 #: on its way into lanes only where R's rows are at least this wide: each row's quotient is a short loop

@@ -1021,8 +1021,9 @@ def _forward_lanes_chain(x, stages, out):
     block's scratch for the whole chain is held within ``_config.CONV_LANES_CHAIN_BYTES``.
 
     Measured on LeNet-5 b256 (its two triples; 2-core machine, alternating, medians of paired ratios):
-    the two triples 1.15x the stage-by-stage kernels on one thread, and the forward 1.20x alone and 1.11x
-    right after a PyTorch forward.  Returns False where a pooled window held a NaN or an infinity
+    the two triples 1.06-1.19x the stage-by-stage kernels on one thread, 1.23x on two
+    (``bench/test_bench_kernels.py::test_conv2d_relu_maxpool_chain_vs_stage_by_stage``); the forward
+    1.13-1.20x alone and 1.11-1.20x right after a PyTorch forward.  Returns False where a pooled window held a NaN or an infinity
     (``out`` is then incomplete)."""
     n_ = x.shape[0]
     geometry, sample_elems = [], 0
