@@ -18,3 +18,12 @@ def assert_close(actual, expected, reduction_len=1, scale=8.0, magnitude=None):
     if magnitude is None:
         magnitude = max(float(np.abs(expected).max(initial=0.0)), 1.0)
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * magnitude)
+
+
+def conv_inputs(rng, x_shape, w_shape, ties, dtype):
+    """(x, w, b) for a convolution test: small integers when ``ties`` (exact ties in the pooling windows,
+    zeros after the ReLU), else standard normal."""
+    if ties:
+        return (rng.integers(-2, 3, x_shape).astype(dtype), rng.integers(-1, 2, w_shape).astype(dtype),
+                rng.integers(-2, 2, w_shape[0]).astype(dtype))
+    return tuple(rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import relprop._config as config
 import relprop.kernels as K
 from relprop.kernels import _ops
-from helpers import assert_close
+from helpers import assert_close, conv_inputs
 from relprop._validate import conv_output_size
 from relprop.kernels.cpu import conv2d as cpu_conv
 from test_kernels_winograd import always_winograd
@@ -510,13 +510,7 @@ def test_conv2d_relu_maxpool_fused_matches_unfused_and_reference(dtype, problem)
     maximum taken before the bias and the ReLU: rounding is monotone) and the reference's; odd sizes drop
     the last row/column as the floor-mode pool does; short last blocks, batch 1, ties and zeros."""
     x_shape, w_shape, stride, padding, dilation, lanes, ties, seed = problem
-    rng = np.random.default_rng(seed)
-    if ties:
-        x = rng.integers(-2, 3, x_shape).astype(dtype)
-        w = rng.integers(-1, 2, w_shape).astype(dtype)
-        b = rng.integers(-2, 2, w_shape[0]).astype(dtype)
-    else:
-        x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))
+    x, w, b = conv_inputs(np.random.default_rng(seed), x_shape, w_shape, ties, dtype)
     geometry = (stride, padding, dilation)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "CONV_LANES", lanes)
@@ -543,13 +537,7 @@ def test_conv2d_relu_maxpool_fused_switches_match_unfused(dtype, problem):
     ties the ReLU makes (every negative z is 0) go to the window's first element, and the ``also``
     forwards equal the unfused call's; lanes and GEMM paths, short blocks, ties and zeros, odd sizes."""
     x_shape, w_shape, stride, padding, dilation, lanes, ties, seed = problem
-    rng = np.random.default_rng(seed)
-    if ties:
-        x = rng.integers(-2, 3, x_shape).astype(dtype)
-        w = rng.integers(-1, 2, w_shape).astype(dtype)
-        b = rng.integers(-2, 2, w_shape[0]).astype(dtype)
-    else:
-        x, w, b = (rng.standard_normal(s).astype(dtype) for s in (x_shape, w_shape, (w_shape[0],)))
+    x, w, b = conv_inputs(np.random.default_rng(seed), x_shape, w_shape, ties, dtype)
     also = [(np.maximum(w, 0), np.maximum(b, 0))]
     geometry = (stride, padding, dilation)
     with pytest.MonkeyPatch.context() as mp:

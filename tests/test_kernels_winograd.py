@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import relprop._config as config
 import relprop.kernels as K
 from relprop.kernels import _ops
-from helpers import assert_close
+from helpers import assert_close, conv_inputs
 from relprop.kernels.cpu import conv2d as cpu_conv
 from relprop.kernels.cpu import winograd as wg
 
@@ -279,11 +279,7 @@ def test_winograd_pools_in_its_write_out(threads, chunk_tiles, n, c, k, h, w, pa
     dropped; ties (small integers) and zeros; both schedules, bitwise reproducible."""
     rng = np.random.default_rng(seed)
     h, w = max(h, 4 - 2 * padding), max(w, 4 - 2 * padding)  # at least a 2x2 output
-    if ties:
-        x, wt = rng.integers(-2, 3, (n, c, h, w)).astype(dtype), rng.integers(-1, 2, (k, c, 3, 3)).astype(dtype)
-        b = rng.integers(-2, 2, k).astype(dtype)
-    else:
-        x, wt, b = (rng.standard_normal(s).astype(dtype) for s in ((n, c, h, w), (k, c, 3, 3), (k,)))
+    x, wt, b = conv_inputs(rng, (n, c, h, w), (k, c, 3, 3), ties, dtype)
     geometry = ((1, 1), (padding, padding), (1, 1))
     pooled = []
     with pytest.MonkeyPatch.context() as mp:
@@ -310,11 +306,7 @@ def test_winograd_pools_with_switches_in_its_write_out(threads, chunk_tiles, n, 
     input transform) equal the unfused trace's to the bit; both schedules, odd sizes, the tiles' overhang."""
     rng = np.random.default_rng(seed)
     h, w = max(h, 4 - 2 * padding), max(w, 4 - 2 * padding)  # at least a 2x2 output
-    if ties:
-        x, wt = rng.integers(-2, 3, (n, c, h, w)).astype(dtype), rng.integers(-1, 2, (k, c, 3, 3)).astype(dtype)
-        b = rng.integers(-2, 2, k).astype(dtype)
-    else:
-        x, wt, b = (rng.standard_normal(s).astype(dtype) for s in ((n, c, h, w), (k, c, 3, 3), (k,)))
+    x, wt, b = conv_inputs(rng, (n, c, h, w), (k, c, 3, 3), ties, dtype)
     also = [(np.maximum(wt, 0), np.maximum(b, 0))]
     geometry = ((1, 1), (padding, padding), (1, 1))
     pooled = []

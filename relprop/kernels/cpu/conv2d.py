@@ -888,18 +888,9 @@ def _pooled_shape(x_shape, w_shape, stride, padding, dilation):
 def conv2d_vjp(g, w, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_vjp`.  Shapes: g (N,K,Ho,Wo),
     w (K,C,kh,kw), out (N,C,H,W)."""
-    if winograd_applies(out.shape, w.shape, stride, padding, dilation):
-        # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
-        # weights w[k, c, 2-a, 2-b] and padding 2 - p
-        return conv3x3_winograd(g, transformed_filters(w, flipped=True), np.zeros(w.shape[1], g.dtype),
-                                (2 - padding[0], 2 - padding[1]), out, _gemm_batch, out, 0)
+    if _vjp_as_forward(g, w, stride, padding, dilation, out, out, 0) is not None:
+        return out
     k_, c_, kh, kw = w.shape
-    if _lanes_path(tuple(stride), k_, c_) and (kh - 1) * dilation[0] >= padding[0] \
-            and (kw - 1) * dilation[1] >= padding[1]:
-        # stride 1: the forward convolution of g with the flipped, transposed weights (as the bands)
-        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        pad = ((kh - 1) * dilation[0] - padding[0], (kw - 1) * dilation[1] - padding[1])
-        return _forward_lanes(g, wt, np.zeros(c_, g.dtype), pad, dilation, out, out, 0)
     if _rows_path(True, tuple(stride), out.shape[1]):
         if _vjp_as_bands(g, w, padding, dilation, out):
             # stride 1: the input-VJP is the forward convolution of g with the flipped, transposed
@@ -922,19 +913,31 @@ def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
     as the result leaves it, so neither full-size array is written (on CIFAR-VGG b64 those two passes
     took 2.5-3.3 ms each on the 64-channel layer, single-threaded and from memory).  The same bits as the
     three kernels one after the other.  Elsewhere, those three kernels."""
-    k_, c_, kh, kw = w.shape
-    zeros = np.zeros(c_, r.dtype)
-    if winograd_applies(out.shape, w.shape, stride, padding, dilation):
-        return conv3x3_winograd(r, transformed_filters(w, flipped=True), zeros, (2 - padding[0], 2 - padding[1]),
-                                out, _gemm_batch, a, 5, divide=(z, epsilon))
-    if _lanes_path(tuple(stride), k_, c_) and (kh - 1) * dilation[0] >= padding[0] \
-            and (kw - 1) * dilation[1] >= padding[1] and r.shape[3] >= _config.CONV_LANES_DIVIDE_MIN_WIDTH:
-        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
-        pad = ((kh - 1) * dilation[0] - padding[0], (kw - 1) * dilation[1] - padding[1])
-        return _forward_lanes(r, wt, zeros, pad, dilation, out, a, 5, divide=(z, epsilon))
+    if _vjp_as_forward(r, w, stride, padding, dilation, out, a, 5, (z, epsilon),
+                       lanes=r.shape[3] >= _config.CONV_LANES_DIVIDE_MIN_WIDTH) is not None:
+        return out
     s = stabilized_divide(r, z, epsilon, _pool.empty(r.shape, r.dtype))
     conv2d_vjp(s, w, stride, padding, dilation, out)
     return np.multiply(out, a, out=out)
+
+
+def _vjp_as_forward(g, w, stride, padding, dilation, out, a_out, mode, divide=None, lanes=True):
+    """The input-VJP as the forward convolution of g with the flipped, transposed weights
+    w[k, c, kh-1-a, kw-1-b] and padding (kh-1)*d - p (stride 1), where that runs as Winograd or (with
+    ``lanes``) in lanes, with that path's write-out ``mode`` (``a_out``) and ``divide``; returns ``out``,
+    or None where neither applies."""
+    k_, c_, kh, kw = w.shape
+    zeros = np.zeros(c_, g.dtype)
+    if winograd_applies(out.shape, w.shape, stride, padding, dilation):
+        return conv3x3_winograd(g, transformed_filters(w, flipped=True), zeros, (2 - padding[0], 2 - padding[1]),
+                                out, _gemm_batch, a_out, mode, divide=divide)
+    if lanes and _lanes_path(tuple(stride), k_, c_) and (kh - 1) * dilation[0] >= padding[0] \
+            and (kw - 1) * dilation[1] >= padding[1]:
+        wt = np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+        pad = ((kh - 1) * dilation[0] - padding[0], (kw - 1) * dilation[1] - padding[1])
+        return _forward_lanes(g, wt, zeros, pad, dilation, out, a_out, mode, divide=divide)
+    return None
+
 
 def _lanes_path(stride, in_channels, out_channels):
     """Direct convolution with the batch in lanes (:func:`_forward_lanes`)?  Stride 1 and at most
