@@ -303,6 +303,35 @@ def test_conv2d_relevance_one_call_vs_three(benchmark, request, name, x_shape, w
     benchmark.pedantic(one, rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(three_over_one=t_three / t_one)
 
+UNPOOLED = [c for c in CONVS if c[0] in ("vgg.conv2", "vgg.conv4", "vgg.conv6")]
+
+
+@pytest.mark.benchmark(group="conv2d_unpool_vjp")
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", UNPOOLED, ids=_ids(UNPOOLED))
+def test_conv2d_unpool_vjp_one_call_vs_two(benchmark, request, name, x_shape, w_shape, padding):
+    """The backward of a conv + ReLU + 2x2 max-pool triple from the pool's side, a ⊙ W⁺ᵀ unpool(s), as one
+    call (unpooled in the Winograd input transform) against the unpooling and then the transposed
+    convolution with the product, alternating: ``extra_info["two_over_one"]``; and the trace's z⁺ recorded
+    at the switches only against whole: ``extra_info["whole_over_at_switches"]``."""
+    x, w, b, geometry, z_shape, _ = _conv_case(x_shape, w_shape, padding)
+    a, wp = np.maximum(x, 0), np.maximum(w, 0)
+    _, sw, _ = _ops.conv2d_relu_maxpool2x2(a, w, b, *geometry, "cpu", switches=True)
+    s = np.random.default_rng(1).standard_normal(sw.shape).astype(np.float32)
+    one = lambda: _ops.conv2d_unpool_vjp(s, sw, wp, a, a.shape, *geometry, "cpu")  # noqa: E731
+    two = lambda: _ops.conv2d_relevance(_ops.maxunpool2d(s, sw, z_shape, "cpu"), None, 0.0, wp, a, *geometry,  # noqa: E731
+                                        "cpu")
+    assert one().tobytes() == two().tobytes()
+    also = [(wp, np.maximum(b, 0))]
+    at = lambda: _ops.conv2d_relu_maxpool2x2(a, w, b, *geometry, "cpu", switches=True, also=also,  # noqa: E731
+                                             at_switches=True)
+    whole = lambda: _ops.conv2d_relu_maxpool2x2(a, w, b, *geometry, "cpu", switches=True, also=also)  # noqa: E731
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_one, t_two = _alternating_medians((one, two), 1 if smoke else 15)
+    t_at, t_whole = _alternating_medians((at, whole), 1 if smoke else 15)
+    benchmark.pedantic(one, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(two_over_one=t_two / t_one, whole_over_at_switches=t_whole / t_at)
+
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)

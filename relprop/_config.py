@@ -138,6 +138,19 @@ TRACE_MODIFIED_FORWARDS = True
 #: written, and the separate pool pass is gone.  False: the trace records every output.
 TRACE_FUSED_POOLS = True
 
+#: LRP sweeps run whole (down to the input, no per-layer relevances) divide by a conv's modified forward
+#: above the max-pool of its conv, ReLU, 2x2 max-pool triple (rules.core.DivideBeforeUnpool): only the
+#: pool's switches carry relevance, so the trace records z' = W'a + b' at the switches only (a quarter
+#: of its writes) and the conv's backward reads no z'.  The same bits.  False: the plain rules.
+LRP_DIVIDE_BEFORE_UNPOOL = True
+
+#: Whole gradient-type sweeps hand the signal of a conv, ReLU, 2x2 max-pool triple down from above the
+#: pool still pooled (its ReLU gated there, rules.signal.GateBeforeUnpool), and the conv's transposed
+#: pass unpools it as it reads (rules.signal.VjpOfUnpooled; the CPU Winograd input transform): the
+#: unpooled map is never written and the unpooling pass is gone.  The same bits.  LRP sweeps do the
+#: same below their division (LRP_DIVIDE_BEFORE_UNPOOL).  False: the unpooling, then the VJP.
+UNPOOL_IN_VJP = True
+
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 #: Small, so that a chunk's transformed tiles and products stay in cache between the transforms
 #: and the GEMMs (36 BLAS calls per chunk, issued from compiled code); but WINOGRAD_CHUNK_TILES_WIDE

@@ -244,7 +244,9 @@ class Sweep:
         runs whole (down to the input, no per-layer signals) from a layer outside every span
         ``lo <= start < hi`` of ``whole_spans``: rewrites that change only the signal between
         layers lo and hi, such as the gradient's ReLU gate moved below a max-pool
-        (:class:`relprop.rules.signal.GateBeforeUnpool`).
+        (:class:`relprop.rules.signal.GateBeforeUnpool`).  An LRP sweep without them gets its own where a
+        conv, ReLU, max-pool triple's conv rule divides by one traced forward: the division moved above
+        the unpooling (:class:`relprop.rules.core.DivideBeforeUnpool`, ``_config.LRP_DIVIDE_BEFORE_UNPOOL``).
 
     Calling it as ``sweep(x, target, backend, return_layers)`` runs the traced forward (up
     to the start layer), places the start signal and runs the rules down to the input.  With
@@ -289,6 +291,19 @@ class Sweep:
                 terms = rule.traced_terms(layer, self._nonneg[i]) if hasattr(rule, "traced_terms") else []
                 if terms:
                     self._traced_terms[i] = terms
+        # whole LRP sweeps divide above the unpooling of conv, ReLU, max-pool triples; the trace then
+        # records those convs' traced forwards at the pool's switches only
+        self._at_switches = frozenset()
+        if _config.LRP_DIVIDE_BEFORE_UNPOOL and _config.TRACE_FUSED_POOLS and self._traced_terms:
+            from .rules.core import divides_before_unpools
+
+            base = self.rules if self.whole_rules is None else self.whole_rules
+            traced = {i: t for i, t in self._traced_terms.items() if base[i] is self.rules[i]}
+            rewritten, spans = divides_before_unpools(net, base, traced, self.preactivations, self._nonneg)
+            if spans:
+                self.whole_rules = rewritten
+                self.whole_spans = self.whole_spans + tuple(spans)
+                self._at_switches = frozenset(i for i, _ in spans)
 
     def _refresh(self):
         """Re-fold the user's net if its parameters changed since the canonical net was made."""
@@ -305,8 +320,9 @@ class Sweep:
         k = start_layer(self.net, target, x.shape)
         also = {i: self.rules[i].term_params(self.net.layers[i], x, self.state(i), terms)
                 for i, terms in self._traced_terms.items() if i <= k}
+        whole = self._whole(k, None, return_layers)
         trace = self.net.trace(x, backend, check=False, upto=k, preactivations=self.preactivations, also=also,
-                               pooled=self.pooled(self._whole(k, None, return_layers)))
+                               pooled=self.pooled(whole), at_switches=self._at_switches if whole else ())
         r = self.backward(trace, start_signal(trace, k, target, self.start), k, return_layers=return_layers)
         if self.times_input:
             if return_layers:
@@ -367,9 +383,10 @@ class Sweep:
                 continue
             acc[i] = None
             layer = net.layers[i]
-            extra = trace.also.pop(i, None)
+            src = getattr(rules[i], "also_of", i)  # whose traced forwards this rule takes (its own, mostly)
+            extra = trace.also.pop(src, None)
             rec = Record(trace.layer_input(i), trace.outputs[i], trace.aux.get(i), trace.backend, self._nonneg[i],
-                         r_scratch=owned[i], also=None if extra is None else dict(zip(self._traced_terms[i], extra)))
+                         r_scratch=owned[i], also=None if extra is None else dict(zip(self._traced_terms[src], extra)))
             r_in = rules[i].backward(layer, rec, r, self.state(i))
             if return_layers:
                 per_layer[i] = r_in

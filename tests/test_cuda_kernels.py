@@ -551,6 +551,52 @@ def test_conv2d_relu_maxpool2x2_matches_reference(dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_at_switches_matches_reference(dtype, rng):
+    """A map read at a max-pool's switches (odd sizes)."""
+    x = normal(rng, (2, 3, 7, 5), dtype)
+    _, sw = ref_call("maxpool2d_forward", x, 2, 2)
+    z = normal(rng, x.shape, dtype)
+    from relprop.kernels.cuda import pool2d as cuda_pool
+    from relprop.kernels.reference import pool2d as ref_pool
+
+    got = host(cuda_pool.gather_at_switches(dev(z), dev(sw), dev(np.empty(sw.shape, dtype))))
+    np.testing.assert_array_equal(got, ref_pool.gather_at_switches(z, sw, np.empty(sw.shape, dtype)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_relu_maxpool2x2_at_switches_matches_reference(dtype, rng):
+    """The triple of a trace with z' recorded at the switches only (an LRP rule that divides above the pool)."""
+    x = normal(rng, (2, 3, 9, 7), dtype)
+    w = normal(rng, (4, 3, 3, 3), dtype)
+    b = normal(rng, (4,), dtype)
+    args = ((1, 1), (1, 1), (1, 1))
+    also = [(np.abs(w), np.abs(b))]
+    y, sw, (at,) = _ops.conv2d_relu_maxpool2x2(dev(x), dev(w), dev(b), *args, "cuda", switches=True,
+                                               also=[(dev(a), dev(c)) for a, c in also], at_switches=True)
+    ry, rsw, (rat,) = _ops.conv2d_relu_maxpool2x2(x, w, b, *args, "reference", switches=True, also=also,
+                                                  at_switches=True)
+    assert host(at).shape == ry.shape == (2, 4, 4, 3)
+    assert_close(host(y), ry, reduction_len=w[0].size)
+    np.testing.assert_array_equal(host(sw), rsw)
+    assert_close(host(at), rat, reduction_len=w[0].size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("times", [False, True])
+def test_conv2d_unpool_vjp_matches_reference(times, dtype, rng):
+    """Wᵀ unpool(g) (⊙ a) from a 2x2 max-pool's pooled side (odd sizes: a row and a column no window covers)."""
+    x = normal(rng, (2, 3, 9, 7), dtype)
+    w = normal(rng, (4, 3, 3, 3), dtype)
+    args = ((1, 1), (1, 1), (1, 1))
+    _, sw, _ = _ops.conv2d_relu_maxpool2x2(x, w, None, *args, "reference", switches=True)
+    g = normal(rng, sw.shape, dtype)
+    a = np.abs(x) if times else None
+    got = host(_ops.conv2d_unpool_vjp(dev(g), dev(sw), dev(w), dev(a), x.shape, *args, "cuda"))
+    want = _ops.conv2d_unpool_vjp(g, sw, w, a, x.shape, *args, "reference")
+    assert_close(got, want, reduction_len=w.shape[0] * 9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv2d_relu_maxpool2x2_chain_matches_reference(dtype, rng):
     """Two triples in a chain (a forward that keeps no record; the second with padding and no bias)."""
     x = normal(rng, (2, 1, 13, 11), dtype)

@@ -60,12 +60,13 @@ def conv2d_forward_also(x, w, b, stride, padding, dilation, backend, also, relu=
     return (None if relu and not keep_z else z), a, [e[2] for e in extra]
 
 
-def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend, switches=False, also=()):
+def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend, switches=False, also=(), at_switches=False):
     """The 2x2 stride-2 max-pool of relu(conv2d(x)) in one kernel call: its maxima (the forward of a conv,
     ReLU, max-pool triple that keeps no record), or with ``switches=True`` ``(maxima, switches, [z', ...])``:
     the pool's switches as well (a trace that records them but not the full-size ReLU output) and
-    z' = conv2d(x, w') + b' for every ``(w', b')`` of ``also`` (as :func:`conv2d_forward_also`'s).  The CPU
-    kernels fuse the pool into the write-out."""
+    z' = conv2d(x, w') + b' for every ``(w', b')`` of ``also`` (as :func:`conv2d_forward_also`'s), with
+    ``at_switches`` only at the switches (shaped like the maxima).  The CPU kernels fuse the pool into the
+    write-out."""
     xp = _xp(x)
     n, k, ho, wo = conv2d_output_shape(x.shape, w.shape, stride, padding, dilation)
     shape = (n, k, ho // 2, wo // 2)
@@ -76,7 +77,8 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, backend, switches
         if also:
             raise ValueError("conv2d_relu_maxpool2x2: also= needs switches=True")
         return kernels(backend).conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out)
-    extra = [(w2, zeros if b2 is None else b2, _pool.empty((n, k, ho, wo), x.dtype, xp)) for w2, b2 in also]
+    extra = [(w2, zeros if b2 is None else b2, _pool.empty(shape if at_switches else (n, k, ho, wo), x.dtype, xp))
+             for w2, b2 in also]
     y, sw = kernels(backend).conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out,
                                                     _pool.empty(shape, np.int64, xp), extra)
     return y, sw, [e[2] for e in extra]
@@ -103,9 +105,18 @@ def conv2d_vjp(g, w, input_shape, stride, padding, dilation, backend):
 
 
 def conv2d_relevance(r, z, epsilon, w, a, stride, padding, dilation, backend):
-    """a ⊙ Wᵀ(r / stab(z)) in one kernel call (an LRP rule's backward through a convolution, one term)."""
+    """a ⊙ Wᵀ(r / stab(z)) in one kernel call (an LRP rule's backward through a convolution, one term);
+    z None: a ⊙ Wᵀr (r already divided, above a max-pool's unpooling)."""
     out = _pool.empty(tuple(a.shape), r.dtype, _xp(r))
     return kernels(backend).conv2d_relevance(r, z, float(epsilon), w, stride, padding, dilation, a, out)
+
+def conv2d_unpool_vjp(g, switches, w, a, input_shape, stride, padding, dilation, backend):
+    """Wᵀ unpool(g) (⊙ a unless a is None) in one kernel call, g and switches those of a 2x2 stride-2
+    max-pool above the convolution (its pooled side): the backward of a conv, ReLU, max-pool triple
+    whose ReLU acted above the pool."""
+    out = _pool.empty(tuple(input_shape), g.dtype, _xp(g))
+    return kernels(backend).conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out)
+
 
 def pool_output_shape(x_shape, kernel, stride, padding):
     n, c, h, wd = x_shape

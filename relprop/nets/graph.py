@@ -230,7 +230,8 @@ class Graph:
         """The logits f(x).  ``backend``: None (by array type) | "reference" | "cpu" | "cuda"."""
         return self.trace(x, backend=backend, keep=False).output
 
-    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None, pooled=()):
+    def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None, pooled=(),
+              at_switches=()):
         """Forward pass recording every layer output and the max-pool switches (see :class:`Trace`).
 
         ``keep=False`` releases each output once its last reader has run and records no max-pool
@@ -248,6 +249,9 @@ class Graph:
         switches (and the ``also`` forwards of layer i) but neither z nor the full-size ReLU output:
         ``outputs[i]`` is None and ``outputs[i + 1]`` an :class:`Unwritten` of its shape, for sweeps whose
         rules read neither (:class:`relprop.engine.Sweep` says which).
+        ``at_switches``: layers of ``pooled`` whose ``also`` forwards are recorded at the pool's switches
+        only, shaped like its maxima (for rules that divide by them above the unpooling,
+        :class:`relprop.rules.core.DivideBeforeUnpool`).
         Non-finite logits raise a ValueError naming the first layer whose output overflowed.
         """
         xp = array_namespace(x)
@@ -280,7 +284,8 @@ class Graph:
                 # the same triple in a trace: the pool's switches recorded too, z and relu(z) never written
                 x_in = x if ps[0] == INPUT else outputs[ps[0]]
                 outputs[i + 2], aux[i + 2], extra[i] = layer.forward_relu_pool(x_in, backend, switches=True,
-                                                                               also=also.get(i, ()))
+                                                                               also=also.get(i, ()),
+                                                                               at_switches=i in at_switches)
                 outputs[i + 1] = Unwritten(self.layers[i].output_shape(x_in.shape), x_in.dtype)
                 fused = 2
             elif i < last and self._conv_relu(i):

@@ -178,15 +178,16 @@ class Conv2d(_Parametric):
         return _ops.conv2d_forward_also(x, w, b, self.stride, self.padding, self.dilation, backend, also, relu=relu,
                                         keep_z=keep_z)
 
-    def forward_relu_pool(self, x, backend, switches=False, also=()):
+    def forward_relu_pool(self, x, backend, switches=False, also=(), at_switches=False):
         """This layer, a ReLU and a 2x2 stride-2 unpadded max-pool after it, the pooled maxima alone, in
         one call: the graph's forward that keeps no record runs such a triple this way (the CPU kernels
         then never write z).  ``switches=True``: ``(maxima, switches, [z', ...])``, the pool's switches
         and this layer's forward with the parameters ``also`` (:meth:`forward_also`), for a trace that
-        records them without the full-size z and ReLU output."""
+        records them without the full-size z and ReLU output; ``at_switches``: the ``also`` forwards at the
+        switches only (shaped like the maxima)."""
         w, b = self.params(x)
         return _ops.conv2d_relu_maxpool2x2(x, w, b, self.stride, self.padding, self.dilation, backend,
-                                           switches=switches, also=also)
+                                           switches=switches, also=also, at_switches=at_switches)
 
     @staticmethod
     def forward_relu_pool_chain(convs, x, backend):
@@ -202,8 +203,15 @@ class Conv2d(_Parametric):
 
     def relevance_with(self, r, z, epsilon, w, a, backend):
         """a ⊙ Wᵀ(r / stab(z)) with weights ``w``: an LRP rule's backward for one term, in one kernel call
-        (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`)."""
+        (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`); z None: a ⊙ Wᵀr (r divided already)."""
         return _ops.conv2d_relevance(r, z, epsilon, w, a, self.stride, self.padding, self.dilation, backend)
+
+    def vjp_unpooled(self, g, switches, w, a, input_shape, backend):
+        """Wᵀ unpool(g) (⊙ a unless a is None) with weights ``w``, g and ``switches`` the pooled side of a 2x2
+        stride-2 max-pool above this layer (and its ReLU): the backward of such a triple from above the
+        pool, in one kernel call (:func:`relprop.kernels.cpu.conv2d.conv2d_unpool_vjp`)."""
+        return _ops.conv2d_unpool_vjp(g, switches, w, a, tuple(input_shape), self.stride, self.padding, self.dilation,
+                                      backend)
 
     def spec(self):
         return {"type": "conv2d", "in": self.in_channels, "out": self.out_channels, "kernel": list(self.kernel),

@@ -57,6 +57,7 @@ from typing import Callable
 
 import numpy as np
 
+from .. import _config
 from .._backend import array_namespace, kernels
 from ..kernels import _ops
 
@@ -337,6 +338,106 @@ def _flat_sum(group, layer):
     term = group.terms[0]
     return (len(group.terms) == 1 and term.weight is ones and term.input == "ones" and term.sign > 0
             and group.where is None and group.weight == 1 and layer.is_linear)
+
+
+@dataclass(frozen=True)
+class Unpooled:
+    """A signal below a 2x2 stride-2 max-pool, kept on the pooled side: ``unpool(g)`` by ``switches``, of
+    ``shape``.  A rule above a conv, ReLU, max-pool triple hands it down through the ReLU to the conv's rule,
+    whose transposed pass unpools as it reads (:meth:`relprop.nets.layers.Conv2d.vjp_unpooled`): the
+    unpooled map, three quarters zeros, is never written whole."""
+
+    g: object
+    switches: object
+    shape: tuple
+
+
+@dataclass(frozen=True)
+class DivideBeforeUnpool(Rule):
+    r"""The max-pool of a conv, ReLU, 2x2 max-pool triple whose conv's rule divides by one traced forward
+    z' = W'a + b' (z⁺ behind a ReLU): that division, moved above the unpooling.
+
+    .. math:: \frac{\mathrm{unpool}(R)}{\mathrm{stab}(z')} = \mathrm{unpool}\left(\frac{R}{\mathrm{stab}(z'_s)}\right)
+
+    with :math:`z'_s` z' at the switches.  Exact, to the bit: the unpooling sends :math:`R_w` of
+    window w to its switch :math:`s_w` only (the windows do not overlap), so the quotient there is the
+    same, and every other position gets 0 either way (a zero's sign aside).  The trace then writes z'
+    at the switches only (``Graph.trace``'s ``at_switches``: a quarter of its full-size write), the
+    division reads and writes pooled arrays, and the quotient goes down still pooled (:class:`Unpooled`)
+    to the conv's :class:`DividedAbove`, which unpools it in its transposed pass.  ``conv``: the conv's
+    layer index, whose traced forward ``term`` (group, term) this rule takes (the sweep hands it over as
+    ``rec.also``); ``epsilon``: the conv rule's ε."""
+
+    conv: int
+    term: tuple
+    epsilon: float
+    kinds = ("maxpool2d",)
+    needs_preactivations = False
+
+    @property
+    def also_of(self):
+        """The layer whose traced forwards this rule takes."""
+        return self.conv
+
+    def reads_records(self, layer):
+        return False  # the switches and the input's shape only (the unpooling's)
+
+    def backward(self, layer, rec, r, state):
+        z_s, divide = rec.also[self.term], kernels(rec.backend).stabilized_divide
+        if z_s.shape != r.shape:  # a trace that did not fuse the triple recorded z' whole: divide below the unpooling
+            return divide(_ops.maxunpool2d(r, rec.switches, rec.a.shape, rec.backend), z_s, float(self.epsilon), z_s)
+        q = divide(r, z_s, float(self.epsilon), r if rec.r_scratch else z_s)
+        if not _config.UNPOOL_IN_VJP:
+            return _ops.maxunpool2d(q, rec.switches, rec.a.shape, rec.backend)
+        return Unpooled(q, rec.switches, tuple(rec.a.shape))
+
+
+@dataclass(frozen=True)
+class DividedAbove(Rule):
+    r"""The conv of :class:`DivideBeforeUnpool`'s triple: its rule's one term with the division done above,
+    :math:`R^{\mathrm{in}} = a \odot W'^\top s` for the quotient s (:class:`Unpooled`), in one kernel call
+    (:meth:`relprop.nets.layers.Conv2d.vjp_unpooled`)."""
+
+    rule: Rule
+    term: tuple
+    kinds = ("conv2d",)
+    needs_preactivations = False
+
+    def backward(self, layer, rec, r, state):
+        (w, _), = self.rule.term_params(layer, rec.a, state, [self.term])
+        if isinstance(r, Unpooled):
+            return layer.vjp_unpooled(r.g, r.switches, w, rec.a, rec.a.shape, rec.backend)
+        return layer.relevance_with(r, None, 0.0, w, rec.a, rec.backend)
+
+
+def divides_before_unpools(net, rules, traced_terms, preactivations, nonneg):
+    """``(rules', spans)``: ``rules`` with every conv, ReLU, 2x2 max-pool triple whose trace is fused
+    (:meth:`relprop.engine.Sweep.pooled`) and whose conv rule divides by one traced forward alone
+    rewritten as :class:`DividedAbove`, the ReLU's :class:`Pass` and :class:`DivideBeforeUnpool`, and the
+    (conv, pool) index pairs; ``(None, [])`` if there is none.  ``traced_terms``: per conv layer, the
+    (group, term) indices the trace computes (:meth:`LinearRule.traced_terms`); ``nonneg``: per layer, is
+    its input non-negative by construction.  The conv rule qualifies where it has one group (weight 1, no
+    sign mask) whose z is that term's forward alone: every other term on a⁻ of a non-negative input and
+    without a bias (z⁺ behind a ReLU; not γ or αβ, whose two groups divide by two forwards).  For sweeps
+    run down to the input without per-layer relevances, from a layer not inside a triple."""
+    from .signal import Gradient
+
+    out, spans = list(rules), []
+    for i, terms in sorted(traced_terms.items()):
+        rule = rules[i]
+        if (len(terms) != 1 or not isinstance(rule, LinearRule) or i in preactivations or not net._conv_relu_pool(i)
+                or type(rules[i + 1]) is not Pass or type(rules[i + 2]) is not Gradient):
+            continue
+        (gi, ti), groups = terms[0], rule.groups  # (a property: made on each call)
+        group = groups[gi]
+        if sum(g.weight != 0 for g in groups) != 1 or group.where is not None or group.weight != 1 \
+                or group.terms[ti].sign <= 0:
+            continue
+        if any(k != ti and not (t.input == "neg" and nonneg[i] and t.bias is None) for k, t in enumerate(group.terms)):
+            continue
+        out[i], out[i + 2] = DividedAbove(rule, (gi, ti)), DivideBeforeUnpool(i, (gi, ti), rule.eps)
+        spans.append((i, i + 2))
+    return (out, spans) if spans else (None, [])
 
 
 def proportional(eps, layer, rec, r):

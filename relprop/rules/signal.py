@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import _config
 from .._backend import array_namespace, to_numpy
 from ..kernels import _ops
 from ..nets.layers import LAYER_TYPES
-from .core import LINEAR_KINDS, Rule
+from .core import LINEAR_KINDS, Rule, Unpooled
 
 __all__ = ["Gradient", "DeconvNet", "GuidedBackprop", "Pattern", "gradient_sweep"]
 
@@ -93,6 +94,9 @@ class GateBeforeUnpool(Rule):
     relu_layer: object
     relu_rule: Rule
     pool_rule: Rule
+    #: hand the gated signal down still pooled (:class:`relprop.rules.core.Unpooled`), to a conv below the
+    #: ReLU whose rule unpools it in its transposed pass (:class:`VjpOfUnpooled`)
+    unpooled: bool = False
     kinds = ("maxpool2d",)
     needs_preactivations = False
 
@@ -103,7 +107,31 @@ class GateBeforeUnpool(Rule):
         from ..engine import Record
 
         pooled = Record(None, rec.z, None, rec.backend)  # y stands in for the ReLU's output at the switches
-        return self.pool_rule.backward(layer, rec, self.relu_rule.backward(self.relu_layer, pooled, r, state), state)
+        g = self.relu_rule.backward(self.relu_layer, pooled, r, state)
+        if self.unpooled:
+            return Unpooled(g, rec.switches, tuple(rec.a.shape))
+        return self.pool_rule.backward(layer, rec, g, state)
+
+
+@dataclass(frozen=True)
+class VjpOfUnpooled(Rule):
+    """The conv of a conv, ReLU, 2x2 max-pool triple under :class:`GateBeforeUnpool` with ``unpooled``: its
+    VJP of the gated signal still on the pool's side, Wᵀ unpool(g) in one kernel call
+    (:meth:`relprop.nets.layers.Conv2d.vjp_unpooled`: the unpooled map is never written whole); ``rule``
+    (the conv's own) for any other signal."""
+
+    rule: Rule
+    kinds = ("conv2d",)
+    needs_preactivations = False
+
+    def reads_records(self, layer):
+        return self.rule.reads_records(layer)
+
+    def backward(self, layer, rec, r, state):
+        if isinstance(r, Unpooled):
+            w, _ = layer.params(r.g)
+            return layer.vjp_unpooled(r.g, r.switches, w, None, rec.a.shape, rec.backend)
+        return self.rule.backward(layer, rec, r, state)
 
 
 def gates_before_unpools(net, rules):
@@ -127,7 +155,13 @@ def gates_before_unpools(net, rules):
         overlap = any(s < k for s, k in zip(pool.stride, pool.kernel))
         if overlap and type(rules[i]) is not Gradient:  # max(Σ g, 0) ≠ Σ max(g, 0) where windows share a switch
             continue
-        out[i], out[j] = Pass(), GateBeforeUnpool(layer, rules[i], rules[j])
+        # a conv + ReLU + 2x2 max-pool triple: the conv unpools the gated signal in its own transposed pass
+        conv = net.parents(i)[0] if len(net.parents(i)) == 1 else None
+        fuse = (_config.UNPOOL_IN_VJP and conv is not None and conv >= 0 and net._conv_relu_pool(conv)
+                and conv + 1 == i and type(rules[conv]) in signal_rules)
+        out[i], out[j] = Pass(), GateBeforeUnpool(layer, rules[i], rules[j], unpooled=fuse)
+        if fuse:
+            out[conv] = VjpOfUnpooled(rules[conv])
         spans.append((i, j))
     return (out, spans) if spans else (None, [])
 

@@ -63,12 +63,13 @@ from ... import _config
 from ..._validate import conv_output_size
 from .. import _pool
 from ._chunks import conv_threads, numpy_blas_library, run_chunks
-from .pool2d import first_max4, max4, maxpool2d_forward, maxpool2d_values, relu_window
+from .pool2d import first_max4, gather_at_switches, max4, maxpool2d_forward, maxpool2d_values, maxunpool2d, \
+    relu_window
 from .elementwise import stabilized_divide
 from .winograd import conv3x3_winograd, emit, stab_divide, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance"]
+           "conv2d_relevance", "conv2d_unpool_vjp"]
 
 
 # ============================================================================================
@@ -837,24 +838,39 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
     a NaN or an infinity, the convolution with its fused ReLU and then the pool, as unfused."""
     k_, c_, kh, kw = w.shape
     n_, _, h_, w_ = x.shape
-    if winograd_applies(x.shape, w.shape, stride, padding, dilation):
+    z_shape = (n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
+               conv_output_size(w_, kw, stride[1], padding[1], dilation[1]))
+    at = [o2.shape == out.shape for _, _, o2 in also]  # z' wanted at the switches only
+    wino = winograd_applies(x.shape, w.shape, stride, padding, dilation)
+    if wino:
         extra = [(transformed_filters(w2), b2, out2) for w2, b2, out2 in also]  # one input transform for all
         if conv3x3_winograd(x, transformed_filters(w), b, tuple(padding), out, _gemm_batch,
                             switches, 3 if switches is None else 4, extra) is not None:
             return out if switches is None else (out, switches)
-        also = ()  # computed
-    elif _lanes_path(tuple(stride), c_, k_):
-        if _forward_lanes(x, w, b, padding, dilation, out, out, 3, switches, also):
-            return out if switches is None else (out, switches)
-        also = ()  # computed (in every block, finite or not)
+        # the full-size ones are computed; those at the switches again below (a window held a NaN or an
+        # infinity, and the unfused pool may choose other switches)
+        also, at = [e for e, a in zip(also, at) if a], [True] * sum(at)
+    # elsewhere z' at the switches is computed whole (from the recycled buffers) and gathered
+    full = compute = [(w2, b2, _pool.empty(z_shape, x.dtype) if a else o2) for (w2, b2, o2), a in zip(also, at)]
+    if not wino and _lanes_path(tuple(stride), c_, k_):
+        if _forward_lanes(x, w, b, padding, dilation, out, out, 3, switches, full):
+            return out if switches is None else _gathered(out, switches, full, also)
+        compute = ()  # computed (in every block, finite or not)
     # the full-size relu(z) from the recycled buffers (relprop.kernels._pool): a fresh one would fault in
     # its pages on every forward
-    z = _pool.empty((n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
-                     conv_output_size(w_, kw, stride[1], padding[1], dilation[1])), x.dtype)
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    z = _pool.empty(z_shape, x.dtype)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, compute)
     if switches is None:
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
-    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
+    return _gathered(*maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches), full, also)
+
+
+def _gathered(out, switches, full, also):
+    """``(out, switches)``, each ``also`` output wanted at the switches gathered there from ``full``'s."""
+    for (_, _, f), (_, _, o2) in zip(full, also):
+        if f is not o2:
+            gather_at_switches(f, switches, o2)
+    return out, switches
 
 
 
@@ -913,12 +929,31 @@ def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
     as the result leaves it, so neither full-size array is written (on CIFAR-VGG b64 those two passes
     took 2.5-3.3 ms each on the 64-channel layer, single-threaded and from memory).  The same bits as the
     three kernels one after the other.  Elsewhere, those three kernels."""
-    if _vjp_as_forward(r, w, stride, padding, dilation, out, a, 5, (z, epsilon),
+    if _vjp_as_forward(r, w, stride, padding, dilation, out, a, 5, None if z is None else (z, epsilon),
                        lanes=r.shape[3] >= _config.CONV_LANES_DIVIDE_MIN_WIDTH) is not None:
         return out
-    s = stabilized_divide(r, z, epsilon, _pool.empty(r.shape, r.dtype))
+    s = r if z is None else stabilized_divide(r, z, epsilon, _pool.empty(r.shape, r.dtype))
     conv2d_vjp(s, w, stride, padding, dilation, out)
     return np.multiply(out, a, out=out)
+
+
+def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_unpool_vjp`: out = Wᵀ unpool(g) (⊙ a).
+    Where the input-VJP runs as Winograd, g is unpooled as it enters the input transform
+    (:func:`relprop.kernels.cpu.winograd._row_nhwc`) and multiplied by a as it leaves: the unpooled map
+    (three quarters zeros) is never written, and the unpooling pass is gone.  The same bits as the
+    unpooling and :func:`conv2d_vjp` (:func:`conv2d_relevance` without z).  Elsewhere, those two."""
+    k_, c_, kh, kw = w.shape
+    full = (g.shape[0], k_, conv_output_size(out.shape[2], kh, stride[0], padding[0], dilation[0]),
+            conv_output_size(out.shape[3], kw, stride[1], padding[1], dilation[1]))
+    if winograd_applies(out.shape, w.shape, stride, padding, dilation):
+        return conv3x3_winograd(g, transformed_filters(w, flipped=True), np.zeros(c_, g.dtype),
+                                (2 - padding[0], 2 - padding[1]), out, _gemm_batch, out if a is None else a,
+                                0 if a is None else 5, unpool=(switches, full[2:]))
+    r = maxunpool2d(g, switches, _pool.empty(full, g.dtype))
+    if a is None:
+        return conv2d_vjp(r, w, stride, padding, dilation, out)
+    return conv2d_relevance(r, None, 0.0, w, stride, padding, dilation, a, out)
 
 
 def _vjp_as_forward(g, w, stride, padding, dilation, out, a_out, mode, divide=None, lanes=True):

@@ -23,7 +23,8 @@ from numba import njit, prange
 from ... import _config
 from ._threads import parallel_above
 
-__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
+__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "gather_at_switches", "avgpool2d_forward",
+           "avgpool2d_vjp"]
 
 
 @njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
@@ -229,6 +230,20 @@ def maxunpool2d(g, switches, out):
         of[p, :] = 0
         for q in range(gf.shape[1]):
             of[p, sf[p, q]] += gf[p, q]
+    return out
+
+
+@parallel_above()
+def gather_at_switches(z, switches, out):
+    """Same math as :func:`relprop.kernels.reference.pool2d.gather_at_switches`, parallel over (n, c)
+    planes."""
+    n_planes = out.shape[0] * out.shape[1]
+    zf = z.reshape((n_planes, z.shape[2] * z.shape[3]))
+    sf = switches.reshape((n_planes, out.shape[2] * out.shape[3]))
+    of = out.reshape(sf.shape)
+    for p in prange(n_planes):
+        for q in range(sf.shape[1]):
+            of[p, q] = zf[p, sf[p, q]]
     return out
 
 

@@ -33,6 +33,13 @@ channels (and, once the columns are separated, over (tile column, channel)).  A 
 transposed to NHWC on the way in (zero-padded) and back to NCHW on the way out (adding the
 bias), each one pass over the data.
 
+What a sweep fuses into those two passes: on the way in, an LRP backward's division by stab(z)
+(``divide``) and the unpooling of a signal that comes down from a 2x2 max-pool still pooled
+(``unpool``: each image row is built from its pooled row and switches, :func:`_row_nhwc`); on the
+way out, the ReLU, the 2x2 max-pool (with its switches), the product with the layer input of an
+LRP backward, and a modified forward wanted at the pool's switches only
+(:func:`_output_transform_at_switches`).  Each gives the unfused passes' bits.
+
 Accuracy: the transforms scale values by up to 5 (B) and 8 (A); in float32 the result
 differs from the direct sum by ~1e-5 of the output's range (measured on the CIFAR-VGG and
 VGG-16 layers: 7e-6 to 1.5e-5), in float64 by ~1e-15.  ``_config.WINOGRAD`` switches it off.
@@ -53,6 +60,8 @@ __all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filte
 _jit = njit(cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS, nogil=True)
 #: "no divisor" for the input transform (:func:`_row_nhwc`'s ``zd``)
 _NO_DIVIDE = {np.dtype(d): np.empty((0, 0, 0, 0), d) for d in (np.float32, np.float64)}
+#: "no unpooling" for the input transform (:func:`_row_nhwc`'s ``sw``)
+_NO_SWITCHES = np.empty((0, 0, 0, 0), np.int64)
 
 
 # ============================================================================================
@@ -199,7 +208,7 @@ def stab_divide(r, z, eps):
 
 
 @_jit
-def _row_nhwc(x, n, h, pw, d, slab, zd, eps):
+def _row_nhwc(x, n, h, pw, d, slab, zd, eps, sw, h_, w_):
     """d[pw + w, c] = x[n, c, h, w]: one zero-padded image row, channels last (zero when h is
     outside the image).  Two steps: the row of every channel into ``slab`` (C, W), each a
     contiguous run of whole cache lines, then the transposition within that small buffer.  Read
@@ -208,8 +217,11 @@ def _row_nhwc(x, n, h, pw, d, slab, zd, eps):
     224x224), as the 64 lines of one column compete for the same cache sets.
 
     ``zd`` (shaped like x; empty: none): the row of x / stab(zd) instead (:func:`stab_divide`, ε = ``eps``),
-    the relevance over the stabilised pre-activation of an LRP backward, never written whole."""
-    c_, h_, w_ = x.shape[1], x.shape[2], x.shape[3]
+    the relevance over the stabilised pre-activation of an LRP backward, never written whole.
+    ``sw`` (shaped like x; empty: none): x is the pooled side of a 2x2 stride-2 max-pool with these
+    switches, and the row is its unpooling's (x at the switches in row h, 0 elsewhere), never written
+    whole either.  (h_, w_): the map's height and width (x's own, or the unpooled map's)."""
+    c_ = x.shape[1]
     wp = d.shape[0]
     if h < 0 or h >= h_:
         d[:] = 0
@@ -217,7 +229,24 @@ def _row_nhwc(x, n, h, pw, d, slab, zd, eps):
     w0, w1 = max(0, -pw), min(w_, wp - pw)
     d[:pw + w0] = 0
     d[pw + w1:] = 0
-    if zd.shape[0] == 0:
+    if sw.shape[0] != 0:
+        hp, base = h // 2, h * w_  # the pooled row whose windows cover row h; a switch in row h is base + column
+        wq = x.shape[3]
+        zero = eps - eps  # 0 in the data's dtype (ε is finite)
+        for c in range(c_):
+            t = slab[c]
+            if hp < x.shape[2]:  # (an odd last row lies outside every window)
+                s, sr = x[n, c, hp], sw[n, c, hp]
+                for w in range(w_):
+                    t[w] = 0
+                for j in range(wq):  # window j covers columns 2j, 2j + 1: its switch is one of them, or off row h
+                    off = sr[j] - base - 2 * j
+                    at = 2 * j + (off & 1)
+                    t[at] = s[j] if (off >> 1) == 0 else t[at]
+            else:
+                for w in range(w_):
+                    t[w] = 0
+    elif zd.shape[0] == 0:
         for c in range(c_):
             s, t = x[n, c, h], slab[c]
             for w in range(w_):
@@ -234,15 +263,15 @@ def _row_nhwc(x, n, h, pw, d, slab, zd, eps):
 
 
 @_jit
-def _input_transform(x, segs, ph, pw, tw, cst, v, zd, eps):
+def _input_transform(x, segs, ph, pw, tw, cst, v, zd, eps, sw, h_, w_):
     """v[x*6 + y, t*C : (t+1)*C] = (B^T d B)[x, y] for the t-th tile of the chunk, whose 6x6 patch is
     d[r, col] = xpad[n, :, 4i + r, 4j + col]; tiles in order of the segments (n, i0, rows), their
-    tile rows i = i0 .. i0 + rows - 1 and columns j < tw.  ``zd``, ``eps``: x / stab(zd) in place of x
-    (:func:`_row_nhwc`)."""
+    tile rows i = i0 .. i0 + rows - 1 and columns j < tw.  ``zd``, ``eps``: x / stab(zd) in place of x;
+    ``sw``: the unpooling of x by these switches, (h_, w_) its size, in place of x (:func:`_row_nhwc`)."""
     c_ = x.shape[1]
     c2, c4, c5 = cst[0], cst[1], cst[2]
     row = np.empty((4 * tw + 2, c_), x.dtype)
-    slab = np.empty((c_, x.shape[3]), x.dtype)
+    slab = np.empty((c_, w_), x.dtype)
     # h[(4i + r) % 6, y, j] = (d B)[r, y] of tile j of tile row i: a ring of image rows, so that the two rows
     # that consecutive tile rows share (4i + 4, 4i + 5 are the next one's 0, 1) are transformed once
     h = np.empty((6, 6, tw, c_), x.dtype)
@@ -252,7 +281,7 @@ def _input_transform(x, segs, ph, pw, tw, cst, v, zd, eps):
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
             for r in range(0 if i == i0 else 2, 6):
-                _row_nhwc(x, n, 4 * i + r - ph, pw, row, slab, zd, eps)
+                _row_nhwc(x, n, 4 * i + r - ph, pw, row, slab, zd, eps, sw, h_, w_)
                 _bt_row(row, h[(4 * i + r) % 6], c2, c4, c5)
             s0, s1, s2, s3, s4, s5 = (4 * i) % 6, (4 * i + 1) % 6, (4 * i + 2) % 6, (4 * i + 3) % 6, \
                 (4 * i + 4) % 6, (4 * i + 5) % 6
@@ -412,6 +441,36 @@ def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
     return finite == finite
 
 
+@_jit
+def _output_transform_at_switches(m, segs, tw, cst, bias, out, switches, wo):
+    """:func:`_output_transform` (mode 0) at the 2x2 max-pool's switches only: out (N, K, Ho//2, Wo//2)
+    receives A^T M A + bias at each window's switch, ``switches`` (flat indices into the (Ho, Wo) plane,
+    ``wo`` = Wo) written by :func:`_output_transform_pool_switches` for the same tiles.  An LRP rule's
+    modified forward z' = W'a + b' where only the switches carry relevance (a max-pool above it): the
+    same bits as the full-size write-out there, a quarter of its writes.  Its own function, the
+    skeleton of :func:`_output_transform` repeated, for the reason :func:`_output_transform_times` gives."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    c2, c4, c8 = cst[0], cst[1], cst[3]
+    s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
+    o = np.empty((4, 4 * tw, k_), m.dtype)  # one tile row of outputs, channels last
+    q = -1
+    for sg in range(segs.shape[0]):
+        n, i0 = segs[sg, 0], segs[sg, 1]
+        for i in range(i0, i0 + segs[sg, 2]):
+            q += 1
+            _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
+            for a in range(min(2, hp - 2 * i)):
+                base = (4 * i + 2 * a) * wo  # pooled row 2i + a: output rows 4i + 2a and 4i + 2a + 1
+                d, sd = out[n, :, 2 * i + a], switches[n, :, 2 * i + a]
+                for k in range(k_):
+                    dk, sk, bk = d[k], sd[k], bias[k]
+                    for j in range(wp):
+                        off = sk[j] - base - 2 * j  # 0, 1, Wo or Wo + 1
+                        below = 1 if off >= wo else 0
+                        dk[j] = o[2 * a + below, 2 * j + off - below * wo, k] + bk
+    return out
+
+
 # ============================================================================================
 # The convolution
 # ============================================================================================
@@ -528,7 +587,7 @@ def _segments(n_, th, max_rows):
                     dtype=np.int64), 1
 
 
-def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also=(), divide=None):
+def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also=(), divide=None, unpool=None):
     """out = conv2d(x, w, stride 1, padding) + b by Winograd F(4x4, 3x3) (see the module doc), for
     the filters' transform ``u`` = :func:`transformed_filters` of w.
 
@@ -539,9 +598,13 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     (:func:`_output_transform_pool`); returns None instead if a pooled window held a NaN or an infinity.
     Mode 4: mode 3 with the pool's switches into ``a_out`` (int64, shaped like ``out``;
     :func:`_output_transform_pool_switches`).  Mode 5: out = (conv + b) ⊙ ``a_out`` (read).
+    ``also``: ``(u', b', out')`` other filter sets on the same transformed input; with mode 4, an out' shaped
+    like ``out`` receives its convolution at the pool's switches only (:func:`_output_transform_at_switches`).
     ``divide`` = (z, ε): the convolution of x / stab(z) (z shaped like x), divided in the input transform.
     The two together are an LRP backward, a ⊙ Wᵀ(R / stab(z)), without the full-size quotient or product
-    (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`).
+    (:func:`relprop.kernels.cpu.conv2d.conv2d_relevance`).  ``unpool`` = (switches, (H, W)): the
+    convolution of the 2x2 stride-2 max-pool's unpooling of x (x and switches pooled-side, (H, W) the
+    unpooled size), unpooled in the input transform (a backward below a max-pool, never written whole).
 
     Two schedules, both with every thread's BLAS held to one thread:
 
@@ -556,9 +619,11 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     """
     ph, pw = padding
     n_, c_ = x.shape[:2]
-    k_, ho, wo = out.shape[1], x.shape[2] + 2 * ph - 2, x.shape[3] + 2 * pw - 2
+    sw, (h_, w_) = (_NO_SWITCHES, x.shape[2:]) if unpool is None else unpool
+    k_, ho, wo = out.shape[1], h_ + 2 * ph - 2, w_ + 2 * pw - 2
     zd, eps = (_NO_DIVIDE[x.dtype], x.dtype.type(0)) if divide is None else \
         (divide[0], np.array([divide[1]]).astype(x.dtype)[0])  # ε in the data's dtype, as stabilized_divide's
+    source = (zd, eps, sw, int(h_), int(w_))  # what the input transform reads besides x
     th, tw = -(-ho // 4), -(-wo // 4)
     cst = np.array([2, 4, 5, 8], x.dtype)
     # chunks of about WINOGRAD_CHUNK_TILES tiles: the 36 GEMMs have that many rows, and a chunk's
@@ -575,10 +640,12 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
         max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-tiles // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
     a_out = out if a_out is None else (a_out, wo) if mode == 4 else a_out
-    parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, out2, 0) for u2, b2, out2 in also]
+    # an ``also`` output shaped like the pooled ``out`` (mode 4) is written at the switches only (mode 6)
+    parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, a_out, 6) if mode == 4 and out2.shape == out.shape
+                                          else (u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     finite = []  # mode 3: per chunk, were its pooled windows finite?
     if threads > 1 and -(-len(segs) // per_chunk) < threads:
-        _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite, zd, eps)
+        _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite, source)
         return out if all(finite) else None
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
 
@@ -589,7 +656,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
         vf, mf = buffers
         chunk = segs[s0:s0 + count]
         t = int(chunk[:, 2].sum()) * tw
-        v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_), zd, eps)
+        v = _input_transform(x, chunk, ph, pw, tw, cst, vf[:36 * t * c_].reshape(36, t * c_), *source)
         # M[xi] (t x K) = V[xi] (t x C) @ U[xi] (C x K), xi < 36
         for u_, b_, out_, a_, mode_ in parts:  # V, while in cache, against every filter set
             gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u_, 0, c_ * k_, k_, mf, 0, t * k_, k_)
@@ -608,13 +675,15 @@ def _transform_out(m, segs, tw, cst, bias, out, a_out, mode, finite):
         finite.append(_output_transform_pool(m, segs, tw, cst, bias, out))
     elif mode == 4:
         finite.append(_output_transform_pool_switches(m, segs, tw, cst, bias, out, a_out[0], a_out[1]))
+    elif mode == 6:
+        _output_transform_at_switches(m, segs, tw, cst, bias, out, a_out[0], a_out[1])
     else:
         _output_transform(m, segs, tw, cst, bias, out, a_out, mode)
 
 
-def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite, zd, eps):
+def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite, source):
     """:func:`conv3x3_winograd` as one chunk in three phases shared out to ``threads`` threads;
-    ``tiling`` = (ph, pw, tile rows, tile columns)."""
+    ``tiling`` = (ph, pw, tile rows, tile columns), ``source`` what the input transform reads besides x."""
     ph, pw, th, tw = tiling
     n_, c_, k_ = x.shape[0], x.shape[1], parts[0][2].shape[1]
     rows = np.array([(n, i, 1) for n in range(n_) for i in range(th)], dtype=np.int64)  # one tile row each
@@ -625,7 +694,7 @@ def _few_tiles(x, tiling, cst, gemm_batch, threads, parts, finite, zd, eps):
     per_rows = -(-len(rows) // threads)
 
     def transform_in(r0, count, _):
-        _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_], zd, eps)
+        _input_transform(x, rows[r0:r0 + count], ph, pw, tw, cst, v[:, r0 * tw * c_:(r0 + count) * tw * c_], *source)
 
     run_chunks(len(rows), per_rows, lambda: None, transform_in)
     per_k = -(-k_ // threads)

@@ -22,10 +22,10 @@ from numba import cuda, int32, uint32
 from ... import _config
 from ._launch import check_index_range, empty, launch_grid, matmul, scalar
 from .elementwise import relu_forward, stabilized_divide
-from .pool2d import maxpool2d_forward, maxpool2d_values
+from .pool2d import gather_at_switches, maxpool2d_forward, maxpool2d_values, maxunpool2d
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance"]
+           "conv2d_relevance", "conv2d_unpool_vjp"]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
@@ -143,16 +143,21 @@ def conv2d_forward(x, w, b, stride, padding, dilation, out, a_out=None, also=())
 def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=None, also=()):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relu_maxpool2x2`: the convolution
     with its ReLU (one call; ``also`` as :func:`conv2d_forward`'s), then the pool's maxima (with ``switches``:
-    and its switches)."""
+    and its switches), then the ``also`` outputs wanted at the switches gathered there."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     kh, kw = w.shape[2:]
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     z = empty(x, (x.shape[0], w.shape[0], ho, wo))
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    full = [(w2, b2, empty(x, z.shape) if o2.shape == out.shape else o2) for w2, b2, o2 in also]
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, full)
     if switches is None:
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
-    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
+    maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
+    for (_, _, f), (_, _, o2) in zip(full, also):
+        if f is not o2:  # z' wanted at the switches only
+            gather_at_switches(f, switches, o2)
+    return out, switches
 
 
 
@@ -204,7 +209,21 @@ def conv2d_vjp(g, w, stride, padding, dilation, out):
 def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_relevance`: the stabilised divide, the
     input-VJP and the product, one kernel each."""
-    s = stabilized_divide(r, z, epsilon, empty(r, r.shape))
+    s = r if z is None else stabilized_divide(r, z, epsilon, empty(r, r.shape))
     conv2d_vjp(s, w, stride, padding, dilation, out)
     out *= a
+    return out
+
+
+def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_unpool_vjp`: the unpooling, the
+    input-VJP and (a not None) the product, one kernel each."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = w.shape[2:]
+    ho = (out.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (out.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    full = maxunpool2d(g, switches, empty(g, (g.shape[0], g.shape[1], ho, wo)))
+    conv2d_vjp(full, w, stride, padding, dilation, out)
+    if a is not None:
+        out *= a
     return out

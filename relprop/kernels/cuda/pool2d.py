@@ -12,7 +12,8 @@ from numba import cuda
 from ... import _config
 from ._launch import empty, launch, scalar
 
-__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
+__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "gather_at_switches", "avgpool2d_forward",
+           "avgpool2d_vjp"]
 
 _NO_WINDOW = np.iinfo(np.int32).max
 
@@ -77,6 +78,16 @@ def _unpool_gather_kernel(g, switches, first, last, zero, out):
             if switches[p, t] == s:
                 acc += g[p, t]
         out[p, s] = acc
+
+
+@cuda.jit(cache=_config.NUMBA_CACHE)
+def _gather_kernel(z, switches, out):
+    # z (P, H·W); switches, out (P, Ho·Wo); one thread per output element
+    plane = out.shape[1]
+    for k in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        p = k // plane
+        t = k % plane
+        out[p, t] = z[p, switches[p, t]]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
@@ -168,6 +179,14 @@ def maxunpool2d(g, switches, out):
     launch(_unpool_claim_kernel, sw2.size, sw2, first, last)
     launch(_unpool_gather_kernel, out.size, g.reshape(planes, -1), sw2, first, last, scalar(out.dtype, 0),
            out.reshape(planes, plane))
+    return out
+
+
+def gather_at_switches(z, switches, out):
+    """Same math as :func:`relprop.kernels.reference.pool2d.gather_at_switches`: one thread per output
+    element."""
+    n, c = out.shape[:2]
+    launch(_gather_kernel, out.size, z.reshape(n * c, -1), switches.reshape(n * c, -1), out.reshape(n * c, -1))
     return out
 
 

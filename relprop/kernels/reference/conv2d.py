@@ -20,10 +20,10 @@ over channels applied to a strided view of the padded input.
 import numpy as np
 
 from .elementwise import stabilized_divide
-from .pool2d import maxpool2d_forward, maxpool2d_values
+from .pool2d import gather_at_switches, maxpool2d_forward, maxpool2d_values, maxunpool2d
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance"]
+           "conv2d_relevance", "conv2d_unpool_vjp"]
 
 
 def _tap(offset, step, count, dil):
@@ -67,8 +67,9 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
     and, with ``switches`` (int64, shaped like ``out``), each window's first maximum of relu(z) in
     row-major order as a flat index into the (Ho, Wo) plane, as :func:`maxpool2d_forward` records it
     (a trace that keeps records).  ``also``: ``(w', b', out')`` triples, out' = conv2d(x, w') + b' in the
-    same call, as :func:`conv2d_forward`'s (an LRP rule's modified forward).  Returns ``out``, or
-    ``(out, switches)``.
+    same call, as :func:`conv2d_forward`'s (an LRP rule's modified forward); an out' shaped like ``out``
+    receives z' at the switches only (:func:`~relprop.kernels.reference.pool2d.gather_at_switches`: a rule
+    that divides by z' above the unpooling reads nothing else).  Returns ``out``, or ``(out, switches)``.
     The fast kernels may take the maximum before the bias and the ReLU when they need no switches
     (both are monotone, and so is rounding, so the values are the same)."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -76,10 +77,15 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
     ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     z = np.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype)
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z, also)
+    full = [(w2, b2, np.empty_like(z) if o2.shape == out.shape else o2) for w2, b2, o2 in also]
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, full)
     if switches is None:
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
-    return maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
+    maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches)
+    for (_, _, f), (_, _, o2) in zip(full, also):
+        if f is not o2:
+            gather_at_switches(f, switches, o2)
+    return out, switches
 
 
 
@@ -122,9 +128,31 @@ def conv2d_relevance(r, z, epsilon, w, stride, padding, dilation, a, out):
 
     (:func:`~relprop.kernels.reference.elementwise.stabilized_divide`, then :func:`conv2d_vjp` with the
     layer's geometry, then the product with the input a).  r, z (N,K,Ho,Wo), w (K,C,kh,kw), a and out
-    (N,C,H,W).  The CPU kernel forms s as r enters the transposed convolution and the product as its
-    result leaves, so neither is written whole."""
-    s = stabilized_divide(r, z, epsilon, np.empty_like(r))
+    (N,C,H,W).  z None: s = r (r divided already: a max-pool above unpooled the quotient, see
+    :class:`relprop.rules.core.DivideBeforeUnpool`).  The CPU kernel forms s as r enters the transposed
+    convolution and the product as its result leaves, so neither is written whole."""
+    s = r if z is None else stabilized_divide(r, z, epsilon, np.empty_like(r))
     conv2d_vjp(s, w, stride, padding, dilation, out)
     out *= a
+    return out
+
+
+def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
+    r"""The input-VJP of a convolution below a ReLU and a 2x2 stride-2 max-pool, from the pooled side:
+
+    .. math:: \mathrm{out} = W^\top \mathrm{unpool}(g) \quad (\odot\, a \text{ unless a is None})
+
+    g and switches (N,K,Ho//2,Wo//2) (:func:`~relprop.kernels.reference.pool2d.maxunpool2d` to the
+    convolution's output (N,K,Ho,Wo)), w (K,C,kh,kw), a and out (N,C,H,W).  The gradient below a max-pool
+    (its ReLU gated above the pool), and an LRP rule's backward with the division done above it
+    (a ⊙ Wᵀs, :class:`relprop.rules.core.DivideBeforeUnpool`).  The CPU kernel unpools in the transposed
+    convolution's input transform, so the unpooled map is never written whole."""
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    kh, kw = w.shape[2:]
+    ho = (out.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (out.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    full = maxunpool2d(g, switches, np.empty((g.shape[0], g.shape[1], ho, wo), g.dtype))
+    conv2d_vjp(full, w, stride, padding, dilation, out)
+    if a is not None:
+        out *= a
     return out

@@ -15,7 +15,8 @@ zero-padded input.
 """
 import numpy as np
 
-__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "avgpool2d_forward", "avgpool2d_vjp"]
+__all__ = ["maxpool2d_forward", "maxpool2d_values", "maxunpool2d", "gather_at_switches", "avgpool2d_forward",
+           "avgpool2d_vjp"]
 
 
 def maxpool2d_forward(x, kernel, stride, padding, out, switches):
@@ -46,6 +47,16 @@ def maxunpool2d(g, switches, out):
     out[...] = 0
     plane = np.arange(n * c).reshape(n, c, 1, 1) * (h * wd)  # offset of each (n, c) plane
     np.add.at(out.reshape(-1), (plane + switches).reshape(-1), g.reshape(-1))
+    return out
+
+
+def gather_at_switches(z, switches, out):
+    """A map read at a max-pool's switches: out[n, c, i, j] = z[n, c].flat[switches[n, c, i, j]], out and
+    switches (N,C,Ho,Wo), z (N,C,H,W) the pooled map's shape.  The values of another map where the
+    pool's windows chose (an LRP rule's modified forward z' = W'a + b' under a max-pool: the only
+    places relevance reaches)."""
+    n, c = z.shape[:2]
+    out[...] = np.take_along_axis(z.reshape(n, c, -1), switches.reshape(n, c, -1), axis=2).reshape(out.shape)
     return out
 
 
