@@ -90,6 +90,22 @@ def test_forward_and_trace_cuda_equal_cpu(problem, small_launches):
 
 
 @cuda
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "lrp.epsilon_plus_flat", "lrp.zplus"])
+def test_sweeps_below_2x2_pools_cuda_equal_cpu(method, small_launches):
+    """Conv, ReLU, 2x2 max-pool triples (odd sizes): the whole sweeps hand the signal down still pooled
+    (conv2d_unpool_vjp) and LRP records z⁺ at the switches (gather_at_switches) on the cuda backend too."""
+    spec = [{"type": "conv2d", "in": 2, "out": 3, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2},
+            {"type": "conv2d", "in": 3, "out": 4, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "maxpool2d", "kernel": 2}, {"type": "flatten"}, {"type": "linear", "in": 4 * 2 * 2, "out": 3}]
+    net = make_net(spec, seed=4, dtype=np.float32)
+    x = np.random.default_rng(9).standard_normal((2, 2, 9, 11)).astype(np.float32)
+    sweep = relprop.Explainer(net, method)._method
+    assert any(type(r).__name__ in ("VjpOfUnpooled", "DividedAbove") for r in sweep.whole_rules)
+    _check_method(net, x, method, {})
+
+
+@cuda
 def test_float64_gradient_and_lrp(small_launches):
     net = make_net(small_conv_spec(), seed=5, dtype=np.float64)
     x = np.random.default_rng(8).standard_normal((1, 2, 9, 8))  # batch 1
