@@ -178,8 +178,8 @@ def _at_lanes(m0, m1, m2, m3, m4, m5, o0, o1, o2, o3, c2, c4, c8):
 
 @njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
 def emit(d, a, s, bk, mode):
-    """The epilogue of every CPU forward convolution path (this module's and
-    :mod:`relprop.kernels.cpu.conv2d`'s), one output row: d = s + bk (``mode`` 0); and a = relu(d)
+    """The epilogue of the CPU forward convolution paths of :mod:`relprop.kernels.cpu.conv2d` (and its
+    arithmetic in :func:`_output_transform`), one output row: d = s + bk (``mode`` 0); and a = relu(d)
     as well (1); or d = relu(s + bk) (2: the ReLU fused in place).  One store stream per loop (each
     vectorises); mode 1 reads d back while it is in L1.  relu(v) = 0 if v < 0 else v: NaN passes,
     as :func:`relprop.kernels.cpu.elementwise.relu_forward`."""
@@ -315,7 +315,14 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
     """out[n, :, 4i + a, 4j + b] = (A^T M A)[a, b] + bias for M[x, y] = m[x*6 + y, t*K : (t+1)*K], the
     t-th tile (n, i, j) of the chunk (order as in :func:`_input_transform`); rows and columns past
     the output's edge (the last tiles' overhang) are dropped.  ``a_out``, ``mode``: the ReLU that
-    follows, fused into the write-out (:func:`emit`)."""
+    follows, fused into the write-out (:func:`emit`'s arithmetic).
+
+    Written back channel by channel: a tile row's four rows of one channel are one contiguous run of its
+    plane, where row by row they were four runs 4 KB apart among 2K others (K channels, two arrays).
+    Measured at 64-256 channels: 1.1-1.2x the row-by-row write-out (mode 1: 1.2x), the same at 224x224;
+    written through :func:`emit` in that order it ran 1.3x slower, hence a loop per mode (the LRP
+    backward's :func:`_output_transform_times` the same way: 1.16x at 32x32; CIFAR-VGG b64 forward 1.02x,
+    gradient 1.05x, ε+flat 1.05x; VGG-16 b4 1.04x, 1.01x, 1.02x)."""
     k_, ho, wo = out.shape[1], out.shape[2], out.shape[3]
     c2, c4, c8 = cst[0], cst[1], cst[3]
     s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
@@ -326,11 +333,32 @@ def _output_transform(m, segs, tw, cst, bias, out, a_out, mode):
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
             _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
-            for a in range(min(4, ho - 4 * i)):  # back to NCHW, adding the bias
-                oa = o[a]
-                d, r = out[n, :, 4 * i + a], a_out[n, :, 4 * i + a]
+            rows = min(4, ho - 4 * i)
+            if mode == 0:
                 for k in range(k_):
-                    emit(d[k], r[k], oa[:wo, k], bias[k], mode)
+                    d, bk = out[n, k], bias[k]
+                    for a in range(rows):
+                        dk, ok = d[4 * i + a], o[a, :wo, k]
+                        for j in range(wo):
+                            dk[j] = ok[j] + bk
+            elif mode == 2:
+                for k in range(k_):
+                    d, bk = out[n, k], bias[k]
+                    for a in range(rows):
+                        dk, ok = d[4 * i + a], o[a, :wo, k]
+                        for j in range(wo):
+                            v = ok[j] + bk
+                            dk[j] = 0 if v < 0 else v
+            else:
+                for k in range(k_):
+                    d, r, bk = out[n, k], a_out[n, k], bias[k]
+                    for a in range(rows):
+                        dk, rk, ok = d[4 * i + a], r[4 * i + a], o[a, :wo, k]
+                        for j in range(wo):
+                            dk[j] = ok[j] + bk
+                        for j in range(wo):
+                            v = dk[j]
+                            rk[j] = 0 if v < 0 else v
     return out
 
 
@@ -350,11 +378,11 @@ def _output_transform_times(m, segs, tw, cst, bias, out, a):
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
             _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
-            for a_ in range(min(4, ho - 4 * i)):
-                oa = o[a_]
-                d, f = out[n, :, 4 * i + a_], a[n, :, 4 * i + a_]
-                for k in range(k_):
-                    dk, fk, ok, bk = d[k], f[k], oa[:wo, k], bias[k]
+            rows = min(4, ho - 4 * i)
+            for k in range(k_):  # channel by channel: its rows 4i .. 4i + 3 are one contiguous run of each plane
+                d, f, bk = out[n, k], a[n, k], bias[k]
+                for a_ in range(rows):
+                    dk, fk, ok = d[4 * i + a_], f[4 * i + a_], o[a_, :wo, k]
                     for j in range(wo):
                         dk[j] = (ok[j] + bk) * fk[j]
     return out
