@@ -138,8 +138,11 @@ def gates_before_unpools(net, rules):
     """``(rules', spans)``: ``rules`` with every ReLU → max-pool pair (the pool the ReLU's only
     reader, both under gradient-type rules) rewritten as :class:`GateBeforeUnpool` on the pool and a
     pass-through on the ReLU, and the (ReLU, pool) index pairs; ``(None, [])`` if there is no such
-    pair.  For sweeps run down to the input without per-layer signals, from a layer not between the
-    two of a pair (the signal between them changes: gated before the ReLU instead of after it)."""
+    pair.  Where the ReLU's input is the conv of a conv, ReLU, 2x2 max-pool triple
+    (``Graph._conv_relu_pool``), the gated signal goes down still pooled and the conv's rule becomes
+    :class:`VjpOfUnpooled` (``_config.UNPOOL_IN_VJP``).  For sweeps run down to the input without
+    per-layer signals, from a layer not between the two of a pair (the signal between them changes:
+    gated before the ReLU instead of after it)."""
     from .core import Pass
 
     signal_rules = (Gradient, DeconvNet, GuidedBackprop)
