@@ -835,7 +835,10 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
     the pool is fused into the write-out (:func:`_from_lanes_pool`, :func:`_from_lanes_pool_switches`,
     :func:`relprop.kernels.cpu.winograd._output_transform_pool` and ``_pool_switches``): z is never
     written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled window holds
-    a NaN or an infinity, the convolution with its fused ReLU and then the pool, as unfused."""
+    a NaN or an infinity, the convolution with its fused ReLU and then the pool, as unfused.  An ``also``
+    output shaped like ``out`` receives z' at the switches only: written there by the Winograd
+    write-out (:func:`relprop.kernels.cpu.winograd._output_transform_at_switches`), elsewhere computed
+    whole and gathered (:func:`gather_at_switches`)."""
     k_, c_, kh, kw = w.shape
     n_, _, h_, w_ = x.shape
     z_shape = (n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
