@@ -41,7 +41,8 @@ class Trace:
     aux: dict = field(default_factory=dict)
     backend: str = "cpu"
     #: ``also[i]``: the forwards of conv layer i with the other parameters the trace was asked for
-    #: (``trace(also=...)``), a list in that order; a sweep takes (pops) them as its rules use them
+    #: (``trace(also=...)``), a list in that order, shaped like the pool's maxima for the layers of
+    #: ``trace(at_switches=...)``; a sweep takes (pops) them as its rules use them
     also: dict = field(default_factory=dict)
 
     def layer_output(self, i):
