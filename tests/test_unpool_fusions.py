@@ -266,3 +266,20 @@ def test_vjp_of_unpooled_passes_a_dense_signal_to_its_rule():
     plain = relprop.Explainer(net, "gradient", backend="cpu")
     plain._method.whole_rules = None
     assert explainer(x, unit).tobytes() == plain(x, unit).tobytes()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_trace_records_also_at_the_switches(backend):
+    """``Graph.trace(at_switches={i})``: layer i's ``also`` forward shaped like the pool's maxima, equal to the
+    whole one (a trace without it) read at the switches; only where the triple is fused (``pooled``)."""
+    net = _triples_net(np.float64)
+    x = np.random.default_rng(9).standard_normal((2, 2, 13, 11))
+    w, b = net.layers[3].params(x)
+    also = {3: [(np.maximum(w, 0), np.maximum(b, 0))]}
+    lean = net.trace(x, backend, preactivations=False, also=also, pooled={0, 3}, at_switches={3})
+    whole = net.trace(x, backend, preactivations=False, also=also, pooled={0, 3})
+    (z_s,), (z,) = lean.also[3], whole.also[3]
+    assert z_s.shape == lean.outputs[5].shape and z.shape == lean.outputs[3 + 1].shape
+    assert z_s.tobytes() == gather(z, lean.aux[5]).tobytes()
+    unfused = net.trace(x, backend, preactivations=False, also=also, at_switches={3})  # not pooled: whole
+    assert unfused.also[3][0].shape == z.shape
