@@ -433,13 +433,16 @@ def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
     window's four values relu(bias + A^T M A) (the unfused epilogue's arithmetic, :func:`emit`), their
     first maximum in row-major order by the max-pool's tournament of selects, and its flat index into
     the (Ho, Wo) plane (``wo`` = Wo).  The ReLU makes ties (every negative z is 0), so the maximum is
-    taken after it here.  Returns False where a window holds a NaN or an infinity."""
+    taken after it here.  Returns False where a window holds a NaN or an infinity.  Written back channel by
+    channel, both pooled rows of a tile row at once (:func:`_output_transform`'s order): 1.1-1.15x at
+    VGG-16's 224x224, the same at 8x8 to 32x32 (where the plain pool's write-out, a quarter of the
+    bytes, gained nothing and keeps its order)."""
     k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
     c2, c4, c8 = cst[0], cst[1], cst[3]
     s = np.empty((6, 4, tw * k_), m.dtype)  # s[x, b] = (M A)[x, b], lanes (j, k)
     o = np.empty((4, 4 * tw, k_), m.dtype)  # one tile row of outputs, channels last
-    pm = np.empty((2 * tw, k_), m.dtype)  # one pooled row, channels last
-    ps = np.empty((2 * tw, k_), np.int64)  # its switches
+    pm = np.empty((2, 2 * tw, k_), m.dtype)  # the tile row's two pooled rows, channels last
+    ps = np.empty((2, 2 * tw, k_), np.int64)  # their switches
     finite = m[0, 0] * 0  # stays 0 unless a pooled value is NaN or infinite
     q = -1
     for sg in range(segs.shape[0]):
@@ -447,11 +450,12 @@ def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
         for i in range(i0, i0 + segs[sg, 2]):
             q += 1
             _tile_row_out(m, q * tw * k_, tw, k_, c2, c4, c8, s, o)
-            for a in range(min(2, hp - 2 * i)):
+            rows = min(2, hp - 2 * i)
+            for a in range(rows):
                 r0, r1 = o[2 * a], o[2 * a + 1]
                 base = (4 * i + 2 * a) * wo  # pooled row 2i + a: output rows 4i + 2a and 4i + 2a + 1
                 for j in range(wp):
-                    x0, x1, y0, y1, p, sj = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], pm[j], ps[j]
+                    x0, x1, y0, y1, p, sj = r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1], pm[a, j], ps[a, j]
                     at = base + 2 * j
                     for k in range(k_):
                         z0, z1, z2, z3 = x0[k], x1[k], y0[k], y1[k]
@@ -460,12 +464,13 @@ def _output_transform_pool_switches(m, segs, tw, cst, bias, out, switches, wo):
                         m0, m1, m2, m3 = relu_window(z0, z1, z2, z3, bk)
                         p[k], off = first_max4(m0, m1, m2, m3, wo)
                         sj[k] = at + off
-                d, sd = out[n, :, 2 * i + a], switches[n, :, 2 * i + a]
-                for k in range(k_):  # back to NCHW
-                    dk, sk = d[k], sd[k]
+            for k in range(k_):  # back to NCHW channel by channel (see _output_transform)
+                d, sd = out[n, k], switches[n, k]
+                for a in range(rows):
+                    dk, sk, pa, sa = d[2 * i + a], sd[2 * i + a], pm[a], ps[a]
                     for j in range(wp):
-                        dk[j] = pm[j, k]
-                        sk[j] = ps[j, k]
+                        dk[j] = pa[j, k]
+                        sk[j] = sa[j, k]
     return finite == finite
 
 
