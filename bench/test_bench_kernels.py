@@ -177,6 +177,20 @@ def _alternating_medians(fns, rounds):
     return [float(np.median(t)) for t in times]
 
 
+def _ratio(request, fast, slow, rounds):
+    """slow's median time over fast's, alternating for ``rounds`` rounds (one in a smoke run)."""
+    smoke = bool(request.config.getoption("benchmark_disable", False))
+    t_fast, t_slow = _alternating_medians((fast, slow), 1 if smoke else rounds)
+    return t_slow / t_fast
+
+
+def _time_against(benchmark, request, key, fast, slow, rounds):
+    """``fast`` timed once as the benchmark, and ``extra_info[key]`` = :func:`_ratio` of the two."""
+    ratio = _ratio(request, fast, slow, rounds)
+    benchmark.pedantic(fast, rounds=1, iterations=1, warmup_rounds=0)
+    benchmark.extra_info[key] = ratio
+
+
 @pytest.mark.benchmark(group="maxpool2d_rows")
 @pytest.mark.parametrize("name,x_shape", POOLS, ids=_ids(POOLS))
 def test_maxpool2d_rows_vs_planes(benchmark, request, name, x_shape):
@@ -192,10 +206,7 @@ def test_maxpool2d_rows_vs_planes(benchmark, request, name, x_shape):
     planes = lambda: pool2d._maxpool_planes(x, (2, 2), (2, 2), (0, 0), out_p, sw_p)  # noqa: E731
     rows(), planes()
     assert out.tobytes() == out_p.tobytes() and np.array_equal(sw, sw_p)
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_rows, t_planes = _alternating_medians((rows, planes), 1 if smoke else 20)
-    benchmark.pedantic(rows, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(planes_over_rows=t_planes / t_rows)
+    _time_against(benchmark, request, "planes_over_rows", rows, planes, 20)
 
 
 @pytest.mark.benchmark(group="conv2d_relu")
@@ -207,10 +218,7 @@ def test_conv2d_relu_fused_vs_separate(benchmark, request, name, x_shape, w_shap
     fused = lambda: _ops.conv2d_forward(x, w, b, *geometry, "cpu", relu=True, keep_z=False)[1]  # noqa: E731
     separate = lambda: _ops.relu_forward(_ops.conv2d_forward(x, w, b, *geometry, "cpu"), "cpu")  # noqa: E731
     assert fused().tobytes() == separate().tobytes()
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
-    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+    _time_against(benchmark, request, "separate_over_fused", fused, separate, 20)
 
 
 #: the convolutions a 2x2 max-pool follows in LeNet-5 and CIFAR-VGG
@@ -231,10 +239,7 @@ def test_conv2d_relu_maxpool_fused_vs_separate(benchmark, request, name, x_shape
         return _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), "cpu", switches=False)[0]
 
     assert fused().tobytes() == separate().tobytes()
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
-    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+    _time_against(benchmark, request, "separate_over_fused", fused, separate, 20)
 
 
 @pytest.mark.benchmark(group="conv2d_relu_maxpool")
@@ -251,10 +256,7 @@ def test_conv2d_relu_maxpool_switches_fused_vs_separate(benchmark, request, name
         return _ops.maxpool2d_forward(a, (2, 2), (2, 2), (0, 0), "cpu")
 
     assert all(f.tobytes() == s.tobytes() for f, s in zip(fused(), separate()))
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_fused, t_separate = _alternating_medians((fused, separate), 1 if smoke else 20)
-    benchmark.pedantic(fused, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(separate_over_fused=t_separate / t_fused)
+    _time_against(benchmark, request, "separate_over_fused", fused, separate, 20)
 
 
 @pytest.mark.benchmark(group="conv2d_relu_maxpool")
@@ -272,10 +274,7 @@ def test_conv2d_relu_maxpool_chain_vs_stage_by_stage(benchmark, request):
         return _ops.conv2d_relu_maxpool2x2(_ops.conv2d_relu_maxpool2x2(x, w1, b1, *g1, "cpu"), w2, b2, *g2, "cpu")
 
     assert chain().tobytes() == separate().tobytes()
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_chain, t_separate = _alternating_medians((chain, separate), 1 if smoke else 40)
-    benchmark.pedantic(chain, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(separate_over_chain=t_separate / t_chain)
+    _time_against(benchmark, request, "separate_over_chain", chain, separate, 40)
 
 RELEVANCES = [c for c in CONVS if c[0] in ("lenet.conv2", "vgg.conv2", "vgg.conv4")]
 
@@ -298,10 +297,7 @@ def test_conv2d_relevance_one_call_vs_three(benchmark, request, name, x_shape, w
         return np.multiply(c, a, out=c)
 
     assert one().tobytes() == three().tobytes()
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_one, t_three = _alternating_medians((one, three), 1 if smoke else 15)
-    benchmark.pedantic(one, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(three_over_one=t_three / t_one)
+    _time_against(benchmark, request, "three_over_one", one, three, 15)
 
 UNPOOLED = [c for c in CONVS if c[0] in ("vgg.conv2", "vgg.conv4", "vgg.conv6")]
 
@@ -325,11 +321,8 @@ def test_conv2d_unpool_vjp_one_call_vs_two(benchmark, request, name, x_shape, w_
     at = lambda: _ops.conv2d_relu_maxpool2x2(a, w, b, *geometry, "cpu", switches=True, also=also,  # noqa: E731
                                              at_switches=True)
     whole = lambda: _ops.conv2d_relu_maxpool2x2(a, w, b, *geometry, "cpu", switches=True, also=also)  # noqa: E731
-    smoke = bool(request.config.getoption("benchmark_disable", False))
-    t_one, t_two = _alternating_medians((one, two), 1 if smoke else 15)
-    t_at, t_whole = _alternating_medians((at, whole), 1 if smoke else 15)
-    benchmark.pedantic(one, rounds=1, iterations=1, warmup_rounds=0)
-    benchmark.extra_info.update(two_over_one=t_two / t_one, whole_over_at_switches=t_whole / t_at)
+    _time_against(benchmark, request, "two_over_one", one, two, 15)
+    benchmark.extra_info["whole_over_at_switches"] = _ratio(request, at, whole, 15)
 
 
 def _dense_case(n, i, j):
