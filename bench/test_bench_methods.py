@@ -65,3 +65,32 @@ def test_method(benchmark, method_nets, net_name, method, options):
     forward = min(forward, best(lambda: net.forward(x), 3))  # before and after: the quieter one counts
     benchmark.extra_info["forward_s"] = forward
     benchmark.extra_info["x_forward"] = benchmark.stats.stats.min / forward
+
+
+def test_where_the_time_goes(benchmark, method_nets):
+    """``lrp.epsilon_plus_flat`` on CIFAR-VGG beside the forward, per kernel family (bench/breakdown.py):
+    ``extra_info`` holds each family's thread time per call and the method's over the forward's.  Its
+    Winograd GEMMs run three times per convolution (W a and W⁺a in the trace, W⁺ᵀs in the backward) to
+    the forward's once, so their ratio stays near 3 whatever the kernels' speed: this says how far below
+    that the whole can go.  The smoke run (a batch of 2, direct convolutions) checks that the clock
+    restores the kernels it wrapped and that the families add up."""
+    from bench.breakdown import FAMILIES, breakdown
+    net, x = method_nets["cifar_vgg"]
+    benchmark.group = "methods-cifar_vgg"
+    explainer = relprop.Explainer(net, "lrp.epsilon_plus_flat")
+    wrapped = [getattr(mod, name) for names in FAMILIES.values() for mod, name in names]
+    rounds = 1 if benchmark.disabled else 7
+    result = benchmark.pedantic(breakdown, args=({"forward": lambda: net.forward(x), "lrp": lambda: explainer(x)},
+                                                 rounds), rounds=1, iterations=1)
+    assert [getattr(mod, name) for names in FAMILIES.values() for mod, name in names] == wrapped
+    for times in result.values():
+        assert set(times) == set(FAMILIES) | {"other", "wall"} and all(times[f] >= 0 for f in FAMILIES)
+        assert times["wall"] > 0 and np.isfinite(list(times.values())).all()
+    if benchmark.disabled:
+        return
+    fwd, lrp = result["forward"], result["lrp"]
+    assert fwd["Winograd GEMMs"] > 0 and lrp["Winograd GEMMs"] > 0, "CIFAR-VGG's 3x3 convolutions ran direct"
+    for key in fwd:
+        benchmark.extra_info[f"{key} forward_ms"] = 1e3 * fwd[key]
+        benchmark.extra_info[f"{key} lrp_ms"] = 1e3 * lrp[key]
+        benchmark.extra_info[f"{key} x_forward"] = lrp[key] / fwd[key] if fwd[key] > 0 else float("nan")
