@@ -351,6 +351,45 @@ def test_dense_vjp(benchmark, record_rate, name, n, i, j, backend):
     record_rate(benchmark, flops=flops, backend=backend, label=f"{name} {n}x{j}->{i}")
 
 
+#: VGG-16's classifier at batch 4 (the first layer's W is 411 MB), and batch 2 and 8 of its middle layer
+STREAMED_DENSES = [("vgg16.fc1", 4, 25088, 4096), ("vgg16.fc2", 4, 4096, 4096), ("vgg16.fc3", 4, 4096, 1000),
+                   ("vgg16.fc2", 2, 4096, 4096), ("vgg16.fc2", 8, 4096, 4096)]
+
+
+@pytest.mark.benchmark(group="dense_streaming")
+@pytest.mark.parametrize("direction", ["forward", "vjp"])
+@pytest.mark.parametrize("name,n,i,j", STREAMED_DENSES, ids=_ids(STREAMED_DENSES))
+def test_dense_streaming_vs_blas(benchmark, request, name, n, i, j, direction):
+    """The CPU dense kernels for a few samples (W read once, each element loaded once for every
+    sample) against BLAS's column blocks, alternating: ``extra_info["blas_over_streaming"]`` (> 1:
+    streaming is faster) and ``extra_info["GB_per_s"]``, W's bytes over the streaming time.  A smoke
+    run takes a W of a few MB."""
+    import relprop._config as config
+    from relprop.kernels.cpu import dense as cpu_dense
+
+    if request.config.getoption("benchmark_disable", False):
+        i, j = min(i, 1024), min(j, 1024)
+    x, w, b, _ = _dense_case(n, i, j)
+    g = np.random.default_rng(1).standard_normal((n, j)).astype(np.float32)
+    out = np.empty((n, j if direction == "forward" else i), np.float32)
+    call = (lambda: cpu_dense.dense_forward(x, w, b, out)) if direction == "forward" else \
+        (lambda: cpu_dense.dense_vjp(g, w, out))
+
+    def blas():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(config, "DENSE_STREAM_MAX_ROWS", 0)
+            mp.setattr(config, "DENSE_STREAM_VJP_MAX_ROWS", 0)
+            return call()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "DENSE_STREAM_MIN_WEIGHT_BYTES", 0)
+        reference = blas().copy()
+        np.testing.assert_allclose(call(), reference, rtol=1e-4, atol=1e-4 * float(np.abs(reference).max()))
+        _time_against(benchmark, request, "blas_over_streaming", call, blas, 7)
+    if not benchmark.disabled:
+        benchmark.extra_info["GB_per_s"] = w.nbytes / benchmark.stats.stats.min / 1e9
+
+
 @pytest.mark.benchmark(group="gemm")
 def test_gemm_float32_2048(benchmark, record_rate):
     """The yardstick itself: np.matmul of two 2048x2048 float32 matrices."""

@@ -103,6 +103,19 @@ DENSE_ROW_BLOCKS_MAX_WEIGHT_BYTES = 4 * 1024 * 1024
 #: 256x256 -> 120 layer: 0.16 ms on one thread, 0.28 ms shared out to two).
 DENSE_MIN_THREADED_MACS = 1 << 24
 
+#: A CPU dense layer's forward for at most this many samples, and its VJP for 2 to
+#: DENSE_STREAM_VJP_MAX_ROWS, run by relprop's own kernels where the (C-contiguous) weight matrix
+#: holds at least DENSE_STREAM_MIN_WEIGHT_BYTES: one pass over W, each element loaded once for every
+#: sample (relprop.kernels.cpu.dense).  BLAS's GEMM for so few rows reads W at a third of the memory's
+#: rate.  Measured alternating on an idle 2-core machine against the BLAS blocks, forward: VGG-16's
+#: 25088 -> 4096 at batch 2-8 1.7-2.3x, 4096 -> 4096 2.3-2.8x, 4096 -> 1000 2.2-4.4x; batch 16
+#: 1.3-1.9x, batch 32 0.8-1.3x.  VJP: batch 2 2.0-2.9x, 4 1.3-2.1x, 8 1.0-1.6x, 16 0.7-0.85x; batch 1
+#: 0.8-1.1x (BLAS's matrix-vector product already reads at the memory's rate).  A 1 MB W at batch 1-2
+#: ran at half BLAS's speed (0.02 ms).
+DENSE_STREAM_MAX_ROWS = 16
+DENSE_STREAM_VJP_MAX_ROWS = 8
+DENSE_STREAM_MIN_WEIGHT_BYTES = 4 * 1024 * 1024
+
 #: 3x3 stride-1 CPU convolutions (forward and input-VJP) by Winograd F(4x4, 3x3)
 #: (relprop.kernels.cpu.winograd): 4x fewer multiplies, float32 results within ~1e-5 of the
 #: output's range of the direct sum.  False: always the direct convolution.

@@ -6,6 +6,8 @@ Everything goes through the public entry points in :mod:`relprop.kernels` with
 explicit im2col otherwise) and works in chunks of samples; the tests pin each path and force
 several chunks (and short blocks of lanes) by patching ``relprop._config``.
 """
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -380,6 +382,98 @@ def test_dense_blocks_by_rows_only_for_small_weights(monkeypatch, rng, limit, by
     assert cut == ([70, 70] if by == "rows" else [50, 33])  # what was cut: the batch, or W's columns
     assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=33)
     assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=50)
+
+
+@contextlib.contextmanager
+def streaming(min_weight_bytes=0):
+    """The small-batch dense kernels for every W of at least ``min_weight_bytes``; yields the list
+    of their calls (a context, not a fixture, so that each hypothesis example starts afresh)."""
+    from relprop.kernels.cpu import dense as cpu_dense
+
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("_stream_forward", "_stream_vjp"):
+            real = getattr(cpu_dense, name)
+            mp.setattr(cpu_dense, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+        mp.setattr(config, "DENSE_STREAM_MIN_WEIGHT_BYTES", min_weight_bytes)
+        yield calls
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(n=st.integers(1, 17), i=st.integers(1, 40), j=st.integers(1, 70), threads=st.sampled_from([1, 2, 3]),
+       seed=st.integers(0, 2**32 - 1))
+def test_dense_streaming_matches_reference(dtype, n, i, j, threads, seed):
+    """The small-batch kernels (W read once, four rows against four samples): batches and row counts
+    that are not multiples of four (every tail of the 4x4 blocks), batch 1, blocks of W per thread;
+    past DENSE_STREAM_MAX_ROWS (VJP: DENSE_STREAM_VJP_MAX_ROWS) BLAS's blocks, the same values."""
+    rng = np.random.default_rng(seed)
+    x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((n, i), (j, i), (j,)))
+    g = rng.standard_normal((n, j)).astype(dtype)
+    with streaming() as calls, pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", threads)
+        z = K.dense_forward(x, w, b, backend="cpu")
+        gx = K.dense_vjp(g, w, backend="cpu")
+    vjp_streams = 2 <= n <= config.DENSE_STREAM_VJP_MAX_ROWS  # one sample: BLAS's matrix-vector product
+    def blocks(cols, align):  # one block per thread at multiples of align
+        return -(-cols // max(align, -(-(-(-cols // threads)) // align) * align))
+
+    assert calls == ["_stream_forward"] * (blocks(j, 4) if n <= config.DENSE_STREAM_MAX_ROWS else 0) \
+        + ["_stream_vjp"] * (blocks(i, 16) if vjp_streams else 0)
+    assert z.dtype == gx.dtype == dtype
+    assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=i)
+    assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=j)
+
+
+def test_dense_streaming_wide_rows_and_thread_counts(rng):
+    """Rows longer than one piece of the VJP (2048 columns: several pieces and a short last one), zeros
+    and exact integers (the sums are exact in float32: equal to the reference); the same bits on one
+    thread and on three (each output element is summed in one order whatever the split)."""
+    x = rng.integers(-3, 4, (6, 4500)).astype(np.float32)
+    w = rng.integers(-2, 3, (11, 4500)).astype(np.float32)
+    x[2] = 0
+    b = rng.integers(-2, 3, 11).astype(np.float32)
+    g = rng.integers(-3, 4, (6, 11)).astype(np.float32)
+    out = {}
+    for threads in (1, 3):
+        with streaming() as calls, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(config, "CONV_THREADS", threads)
+            out[threads] = K.dense_forward(x, w, b, backend="cpu"), K.dense_vjp(g, w, backend="cpu")
+        assert "_stream_forward" in calls and "_stream_vjp" in calls
+    np.testing.assert_array_equal(out[1][0], K.dense_forward(x, w, b, backend="reference"))
+    np.testing.assert_array_equal(out[1][1], K.dense_vjp(g, w, backend="reference"))
+    assert out[1][0].tobytes() == out[3][0].tobytes() and out[1][1].tobytes() == out[3][1].tobytes()
+
+
+def test_dense_streaming_propagates_nan(rng):
+    x, w, b = rng.standard_normal((3, 50)), rng.standard_normal((9, 50)), rng.standard_normal(9)
+    x[1, 7] = np.nan
+    with streaming() as calls:
+        z = K.dense_forward(x, w, b, backend="cpu", check_finite=False)
+    assert calls == ["_stream_forward"] * len(calls) and calls
+    assert np.isnan(z[1]).all() and np.isfinite(z[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("case", ["many samples", "small W", "strided W", "one-sample VJP"])
+def test_dense_streaming_only_where_it_pays(monkeypatch, rng, case):
+    """BLAS keeps the layers the streaming kernels do not speed up: more samples than
+    DENSE_STREAM_MAX_ROWS (VJP: DENSE_STREAM_VJP_MAX_ROWS), W under DENSE_STREAM_MIN_WEIGHT_BYTES,
+    a W that is not C-contiguous, the VJP of one sample; the values are the same either way."""
+    n = {"many samples": 17, "one-sample VJP": 1}.get(case, 3)
+    w = rng.standard_normal((40, 30))
+    w = np.asfortranarray(w) if case == "strided W" else w
+    x, b, g = rng.standard_normal((n, 30)), rng.standard_normal(40), rng.standard_normal((n, 40))
+    monkeypatch.setattr(config, "CONV_THREADS", 1)
+    with streaming(1 << 40 if case == "small W" else 0) as calls:
+        if case == "strided W":  # the public functions hand the kernels contiguous arrays: call them directly
+            from relprop.kernels.cpu import dense as cpu_dense
+            gx = cpu_dense.dense_vjp(g, w, np.empty((n, 30)))
+            z = cpu_dense.dense_forward(x, w, b, np.empty((n, 40)))
+        else:
+            gx = K.dense_vjp(g, w, backend="cpu")
+            z = K.dense_forward(x, w, b, backend="cpu")
+    assert calls == (["_stream_forward"] if case == "one-sample VJP" else [])  # one sample: the forward streams
+    assert_close(z, K.dense_forward(x, w, b, backend="reference"), reduction_len=30)
+    assert_close(gx, K.dense_vjp(g, w, backend="reference"), reduction_len=40)
 
 
 # ---------------------------------------------------------------- direct convolution in lanes
