@@ -111,6 +111,8 @@ def _dots_4x4(w0, w1, w2, w3, x0, x1, x2, x3):
 
 @_inline
 def _dots_4x1(w0, w1, w2, w3, x0):
+    """Four dot products with one vector (four rows of W with one sample, or, the roles swapped, one
+    row of W with four samples: the products commute, so the bits are the same)."""
     z = w0.dtype.type(0)
     a0 = a1 = a2 = a3 = z
     for i in range(w0.shape[0]):
@@ -119,19 +121,6 @@ def _dots_4x1(w0, w1, w2, w3, x0):
         a1 += w1[i] * v
         a2 += w2[i] * v
         a3 += w3[i] * v
-    return a0, a1, a2, a3
-
-
-@_inline
-def _dots_1x4(w0, x0, x1, x2, x3):
-    z = w0.dtype.type(0)
-    a0 = a1 = a2 = a3 = z
-    for i in range(w0.shape[0]):
-        u = w0[i]
-        a0 += u * x0[i]
-        a1 += u * x1[i]
-        a2 += u * x2[i]
-        a3 += u * x3[i]
     return a0, a1, a2, a3
 
 
@@ -166,7 +155,7 @@ def _stream_forward(x, w, b, out, j0, j1):
     for j in range(j, j1):
         wj = w[j]
         for r in range(0, n4, 4):
-            d0, d1, d2, d3 = _dots_1x4(wj, x[r], x[r + 1], x[r + 2], x[r + 3])
+            d0, d1, d2, d3 = _dots_4x1(x[r], x[r + 1], x[r + 2], x[r + 3], wj)
             out[r, j], out[r + 1, j], out[r + 2, j], out[r + 3, j] = d0 + b[j], d1 + b[j], d2 + b[j], d3 + b[j]
         for r in range(n4, n):
             out[r, j] = _dot(wj, x[r]) + b[j]
