@@ -130,11 +130,17 @@ WINOGRAD = True
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_WORK = 1 << 22
 
-#: Bytes of Winograd filter transforms (and the weight copies that validate them) kept between
-#: calls, least recently used first out; 0: transform the filters on every call.  A transform
+#: Bytes of Winograd filter transforms and other arrangements of the weights (and the weight copies
+#: that validate them, relprop.kernels.cpu._derived) kept between calls, least recently used first
+#: out; 0: derive them on every call.  A transform
 #: is 4x its weights, one per direction (forward, input-VJP): VGG-16's 3x3 layers take 530 MB
 #: for the gradient and 820 MB for z+ rules (the z+ weights W+ are a second set).
 WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
+
+#: The CPU convolutions' other arrangements of the weights (the row-shift and im2col GEMMs' operands, the
+#: flipped weights of an input-VJP in lanes) are kept between calls like the Winograd transforms, in the
+#: same cache, for weights of at least this many bytes (below it, a copy costs less than the check).
+CONV_TAPS_CACHE_MIN_BYTES = 64 * 1024
 
 #: LRP sweeps have the traced forward compute, in the same kernel call as a convolution's own
 #: forward, the modified forwards its rule reads from a itself (z+'s W+a + b+ behind a ReLU, the

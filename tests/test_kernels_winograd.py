@@ -17,6 +17,7 @@ import relprop.kernels as K
 from relprop.kernels import _ops
 from helpers import assert_close, conv_inputs
 from relprop.kernels.cpu import conv2d as cpu_conv
+from relprop.kernels.cpu import _derived as derived_cache
 from relprop.kernels.cpu import winograd as wg
 
 DTYPES = [np.float32, np.float64]
@@ -219,16 +220,17 @@ def test_filter_transforms_are_cached_and_checked(rng):
 
 def test_filter_cache_is_bounded_and_forgets_collected_weights(rng):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(wg, "_CACHE", type(wg._CACHE)())
+        mp.setattr(derived_cache, "_CACHE", type(derived_cache._CACHE)())
+        cache = derived_cache._CACHE
         w = rng.standard_normal((8, 8, 3, 3))
         one = w.nbytes + 4 * w.nbytes  # the copy and U (36 values per 9 weights)
         mp.setattr(config, "WINOGRAD_CACHE_BYTES", 2 * one)
         ws = [rng.standard_normal((8, 8, 3, 3)) for _ in range(3)]
         for wi in ws:
             wg.transformed_filters(wi)
-        assert len(wg._CACHE) == 2 and (id(ws[0]), False) not in wg._CACHE  # least recently used out
+        assert len(cache) == 2 and (id(ws[0]), ("winograd", False)) not in cache  # least recently used out
         del ws[2], wi
-        assert len(wg._CACHE) == 1  # the collected array's entry went with it
+        assert len(cache) == 1  # the collected array's entry went with it
         mp.setattr(config, "WINOGRAD_CACHE_BYTES", 0)
         assert wg.transformed_filters(w) is not wg.transformed_filters(w)  # no cache
 

@@ -45,14 +45,13 @@ differs from the direct sum by ~1e-5 of the output's range (measured on the CIFA
 VGG-16 layers: 7e-6 to 1.5e-5), in float64 by ~1e-15.  ``_config.WINOGRAD`` switches it off.
 """
 import threading
-import weakref
-from collections import OrderedDict
 
 import numpy as np
 from numba import njit
 
 from ... import _config
 from ._chunks import conv_threads, run_chunks
+from ._derived import derived
 from .pool2d import first_max4, max4, relu_window
 
 __all__ = ["winograd_applies", "conv3x3_winograd", "transformed_filters", "filter_transform"]
@@ -539,56 +538,15 @@ def filter_transform(w):
     return (_T.astype(w.dtype) @ wck.T).reshape(36, c_, k_)
 
 
-# The filter transform of a layer is the same on every call while its weights are: cached per
-# weight array (and orientation), checked against a copy of the weights on every hit.
-_CACHE = OrderedDict()  # (id(w), flipped) -> (weakref to w, copy of w, U)
-_CACHE_LOCK = threading.Lock()
-
-
-def _forget(key):
-    def drop(_ref):
-        _CACHE.pop(key, None)  # w was collected: its id may be reused
-    return drop
-
-
 def transformed_filters(w, flipped=False):
     """U of the convolution with weights ``w`` (K, C, 3, 3) or, with ``flipped``, of its input-VJP
     (the weights w[k, c, 2-a, 2-b] transposed to (C, K, 3, 3)).
 
-    Cached by the identity of ``w`` up to ``_config.WINOGRAD_CACHE_BYTES`` (least recently used
-    first out); a hit is used only if ``w`` still equals the copy kept when U was formed, so weights
-    changed in place are transformed afresh.  The check reads the weights twice, far less than
-    forming U (36 values per 9 weights)."""
+    Kept between calls while ``w`` is unchanged (:func:`relprop.kernels.cpu._derived.derived`, up to
+    ``_config.WINOGRAD_CACHE_BYTES``): the check reads the weights and their copy, far less than forming
+    U (36 values per 9 weights)."""
     oriented = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1] if flipped else w
-    limit = _config.WINOGRAD_CACHE_BYTES
-    if not limit:
-        return filter_transform(oriented)
-    key = (id(w), bool(flipped))
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-    if hit is not None and hit[0]() is w and hit[1].dtype == w.dtype and hit[1].shape == w.shape \
-            and np.array_equal(hit[1], w):
-        return hit[2]
-    u = filter_transform(oriented)
-    try:
-        ref = weakref.ref(w, _forget(key))
-    except TypeError:  # pragma: no cover - an array type without weak references
-        return u
-    with _CACHE_LOCK:
-        other = _CACHE.get((id(w), not flipped))  # the other orientation's copy, if current, is shared
-        same = other is not None and other[0]() is w and other[1].shape == w.shape and np.array_equal(other[1], w)
-        _CACHE[key] = (ref, other[1] if same else np.array(w, copy=True), u)
-        while _cache_bytes() > limit and _CACHE:
-            _CACHE.popitem(last=False)
-    return u
-
-
-def _cache_bytes():
-    """Bytes held by the cache: every transform, and every weight copy once."""
-    copies = {id(e[1]): e[1].nbytes for e in _CACHE.values()}
-    return sum(e[2].nbytes for e in _CACHE.values()) + sum(copies.values())
+    return derived(w, ("winograd", bool(flipped)), lambda: filter_transform(oriented))
 
 
 _LOCAL = threading.local()

@@ -1,0 +1,110 @@
+"""The cache of arrays derived from weights (relprop.kernels.cpu._derived): the CPU convolutions' arrangements
+of their weights are kept between calls, checked bit for bit against a copy of the weights on every hit, and
+derived afresh when the weights changed in place (the convolution follows them)."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import relprop._config as config
+import relprop.kernels as K
+from helpers import assert_close
+from relprop.kernels.cpu import _derived, conv2d as cpu_conv
+
+
+@pytest.fixture
+def fresh_cache():
+    """An empty cache of the default size, for this test alone; neither Winograd nor lanes (the row-shift
+    paths run)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_derived, "_CACHE", type(_derived._CACHE)())
+        mp.setattr(config, "WINOGRAD", False)
+        mp.setattr(config, "CONV_LANES", 0)
+        mp.setattr(config, "CONV_TAPS_CACHE_MIN_BYTES", 1)
+        yield _derived._CACHE
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 40), dtype=st.sampled_from([np.float32, np.float64]), at=st.integers(0, 10 ** 6),
+       data=st.data())
+def test_same_bits_sees_any_changed_element(n, dtype, at, data):
+    """Every element, at every offset of a block and of a word (odd sizes: byte words), and the bits, not the
+    values: -0.0 against 0.0 and one NaN against another differ; a NaN against its own bits does not."""
+    a = np.arange(n, dtype=dtype) - n / 3
+    assert _derived._same_bits(a, a.copy())
+    if n == 0:
+        return
+    i = at % n
+    for new in (a[i] + 1, np.nan, -0.0 if a[i] == 0 else a[i] * 1.0000001 + 1e-30):
+        b = a.copy()
+        b[i] = new
+        assert _derived._same_bits(b, a) == bool(np.array_equal(b.view(np.uint8), a.view(np.uint8)))
+    c, d = a.copy(), a.copy()
+    c[i], d[i] = 0.0, -0.0
+    assert not _derived._same_bits(c, d)
+    c[i] = np.nan
+    assert _derived._same_bits(c, c.copy())
+    big = np.zeros(4096 * 3 + 5, dtype)  # past the first block
+    big2 = big.copy()
+    big2[data.draw(st.integers(0, big.size - 1))] = 1
+    assert not _derived._same_bits(big2, big) and _derived._same_bits(big, big.copy())
+
+
+def test_same_bits_of_a_strided_array():
+    a = np.arange(24.0).reshape(4, 6)[:, ::2]
+    assert _derived._same_bits(a, np.ascontiguousarray(a))
+    b = np.ascontiguousarray(a)
+    b[1, 1] += 1
+    assert not _derived._same_bits(a, b)
+
+
+@pytest.mark.parametrize("kind", ["forward", "vjp", "vjp_shift_out", "vjp_bands", "flipped", "im2col_vjp"])
+def test_taps_are_kept_and_rederived_when_the_weights_change(kind, fresh_cache, rng):
+    w = rng.standard_normal((6, 5, 3, 2)).astype(np.float32)
+    t = cpu_conv._taps(w, kind)
+    np.testing.assert_array_equal(t, cpu_conv._arrange(w, kind))
+    assert cpu_conv._taps(w, kind) is t  # kept
+    w[3, 1, 2, 0] = -w[3, 1, 2, 0] + 1  # in place
+    t2 = cpu_conv._taps(w, kind)
+    assert t2 is not t
+    np.testing.assert_array_equal(t2, cpu_conv._arrange(w, kind))
+
+
+def test_kinds_share_one_copy_and_small_weights_are_not_kept(fresh_cache, rng):
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    cpu_conv._taps(w, "forward"), cpu_conv._taps(w, "vjp")
+    copies = {id(e[1]) for e in fresh_cache.values()}
+    assert len(fresh_cache) == 2 and len(copies) == 1
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_TAPS_CACHE_MIN_BYTES", w.nbytes + 1)
+        v = rng.standard_normal(w.shape).astype(np.float32)
+        assert cpu_conv._taps(v, "forward") is not cpu_conv._taps(v, "forward")
+    assert len(fresh_cache) == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "WINOGRAD_CACHE_BYTES", 0)  # no cache at all
+        assert cpu_conv._taps(w, "vjp_bands") is not cpu_conv._taps(w, "vjp_bands")
+    del w
+    assert len(fresh_cache) == 0  # gone with the weights
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 7, 6), (3, 5, 9, 9)])  # the row-shift paths; K > C shifts on the way out
+@pytest.mark.parametrize("k", [4, 12])
+def test_convolutions_follow_weights_changed_in_place(shape, k, fresh_cache, rng):
+    """Forward, input-VJP and the LRP backward through the cached arrangements, before and after the weights
+    change in place, against the reference kernels."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = rng.standard_normal((k, shape[1], 3, 3)).astype(np.float32)
+    for step in range(2):
+        z = K.conv2d_forward(x, w, None, 1, 1, 1, backend="cpu")
+        g = rng.standard_normal(z.shape).astype(np.float32)
+        gx = K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="cpu")
+        assert_close(z, K.conv2d_forward(x, w, None, 1, 1, 1, backend="reference"), reduction_len=9 * shape[1])
+        assert_close(gx, K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="reference"), reduction_len=9 * k)
+        assert len(fresh_cache) >= 2  # the forward's and the VJP's arrangements were kept
+        made = []
+        with pytest.MonkeyPatch.context() as mp:
+            arrange = cpu_conv._arrange
+            mp.setattr(cpu_conv, "_arrange", lambda w_, kind: made.append(kind) or arrange(w_, kind))
+            K.conv2d_forward(x, w, None, 1, 1, 1, backend="cpu"), K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="cpu")
+        assert made == []  # the same weights again: nothing arranged afresh
+        w *= -1.5  # in place, for the second round
