@@ -88,14 +88,14 @@ def _peer_summary(tr):
                "torch imported before relprop)")
     if _GEMM:
         tr.write_line(f"session GEMM rate (np.matmul 2048x2048 float32): {_GEMM[0]:.1f} GFLOP/s")
-    tr.write_line(f"{'net':<10} {'task':<22} {'relprop ms':>11} {'peer ms':>10} {'peer/relprop':>12} {'quartiles':>11} "
+    tr.write_line(f"{'net':<13} {'task':<22} {'relprop ms':>11} {'peer ms':>10} {'peer/relprop':>12} {'quartiles':>11} "
                   f"{'target':>10} {'x own fwd':>9} {'of GEMM':>7} {'rounds':>6}")
     for net, task, ours, theirs, ratio, own, target, frac, iqr, rounds in rows:
         t = "" if target is None else f">={target:g}" + (" ok" if ratio >= target else " NO")
         o = "" if own is None else f"{own:9.2f}"
         f = "" if frac is None else f"{frac:7.2f}"
         q = f"{iqr[0]:.2f}-{iqr[1]:.2f}"
-        tr.write_line(f"{net:<10} {task:<22} {ours:11.1f} {theirs:10.1f} {ratio:12.2f} {q:>11} {t:>10} {o:>9} {f:>7} "
+        tr.write_line(f"{net:<13} {task:<22} {ours:11.2f} {theirs:10.2f} {ratio:12.2f} {q:>11} {t:>10} {o:>9} {f:>7} "
                       f"{rounds:6d}")
 
 

@@ -23,6 +23,9 @@ the timing (a relprop :class:`~relprop.Explainer`; Zennit's composite registered
 ``lrp.epsilon_plus_flat``   Explainer vs Zennit ``EpsilonPlusFlat``
 ==========================  =============================================================
 
+``test_peer_single_image`` times the same pairs on one image (the first of the batch: the latency of
+explaining it), each timed call after one of its own side; the summary table lists them as "<net> b1".
+
 Relevance starts from R_c = f_c(x) on both sides.  ``torch.set_num_threads`` = the CPUs this
 process may use (relprop uses them all).  The two sides run alternately (A B A B ...), for as many rounds as fit in
 ``ROUND_SECONDS`` (from ``ROUNDS`` to ``MAX_ROUNDS``: a LeNet-5 round takes milliseconds and one
@@ -239,6 +242,55 @@ def test_peer(benchmark, peer_net, task, request):
         _PEER_ROWS.append((name, task, t_ours * 1e3, t_theirs * 1e3, info["peer_over_relprop"],
                            info.get("x_own_forward"), info["target"], info.get("frac_of_gemm"),
                            info["peer_over_relprop_iqr"], info["rounds"]))
+    finally:
+        if teardown is not None:
+            teardown()
+
+
+def _alternate_settled(fns, rounds):
+    """:func:`_alternate`, each member called twice in a row and the second call timed: every timed call
+    follows one of its own side, so neither finds the other's threads still busy (PyTorch's OpenMP workers
+    spin for milliseconds after each of its calls: as long as a whole single-image forward)."""
+    times = np.empty((len(fns), rounds))
+    for r in range(rounds):
+        for k, fn in enumerate(fns):
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            times[k, r] = time.perf_counter() - t0
+    return times
+
+
+SINGLE_TASKS = ["forward", "gradient", "lrp.epsilon_plus_flat"]
+
+
+@pytest.mark.parametrize("task", SINGLE_TASKS)
+def test_peer_single_image(benchmark, peer_net, task):
+    """One image (the first of the batch): the latency of explaining it, relprop beside the peer, each timed
+    call after one of its own side (:func:`_alternate_settled`).  No target: recorded in the summary table
+    as the net's name with " b1"."""
+    name, model, net, x, target, n_classes = peer_net
+    x1, t1 = np.ascontiguousarray(x[:1]), target[:1]
+    ours, theirs, teardown = _pair(task, model, net, x1, t1, n_classes)
+    try:
+        benchmark.group = f"peers-{name}-b1"
+        err, per_sample = _agreement(ours(), theirs())
+        tolerance = (TOLERANCE_VGG16 if name == "vgg16" else TOLERANCE)[task]
+        assert per_sample[0] < tolerance, f"{task}: relprop and the peer disagree on the image ({err:.1e})"
+        if benchmark.disabled:
+            benchmark(ours)
+            return
+        benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=0)
+        t0 = time.perf_counter()
+        ours(), ours(), theirs(), theirs()
+        times = _alternate_settled((ours, theirs), _rounds(time.perf_counter() - t0))
+        t_ours, t_theirs = np.median(times, axis=1)
+        ratios = times[1] / times[0]
+        iqr = [float(q) for q in np.percentile(ratios, [25, 75])]
+        benchmark.extra_info.update(relprop_s=t_ours, peer_s=t_theirs, rounds=times.shape[1],
+                                    peer_over_relprop=float(np.median(ratios)), peer_over_relprop_iqr=iqr)
+        _PEER_ROWS.append((f"{name} b1", task, t_ours * 1e3, t_theirs * 1e3, float(np.median(ratios)), None, None,
+                           None, iqr, times.shape[1]))
     finally:
         if teardown is not None:
             teardown()
