@@ -167,8 +167,8 @@ def _own_forward_ratio(ours, forward, seconds_per_round):
     Not in the peer's alternation: a call right after PyTorch's finds its OpenMP workers still spinning
     for a few milliseconds and runs slower (measured on CIFAR-VGG b64: relprop's forward 45-48 ms after a
     torch forward, 43-45 ms after a relprop call), which inflates a short call's time most; with the
-    forward timed right after Zennit there, ε+flat ÷ forward read 2.74-2.78 where it was 2.95-2.97 on
-    its own.  One call of each first, so that the first timed one does not follow the peer either."""
+    forward timed right after Zennit there, ε+flat ÷ forward read 2.74-2.78 on CIFAR-VGG where it was 2.95-2.99
+    on its own (LeNet-5: 2.1-2.35 against 3.6).  One call of each first, so that the first timed one does not follow the peer either."""
     ours(), forward()
     times = _alternate((ours, forward), _rounds(seconds_per_round))
     return float(np.median(times[0] / times[1]))
