@@ -83,6 +83,8 @@ def test_kinds_share_one_copy_and_small_weights_are_not_kept(fresh_cache, rng):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "WINOGRAD_CACHE_BYTES", 0)  # no cache at all
         assert cpu_conv._taps(w, "vjp_bands") is not cpu_conv._taps(w, "vjp_bands")
+    one = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)  # 1x1: the forward's order is a view of w
+    assert np.shares_memory(cpu_conv._taps(one, "forward"), one) and len(fresh_cache) == 2
     del w
     assert len(fresh_cache) == 0  # gone with the weights
 

@@ -793,34 +793,43 @@ def _row_grid(h_in, h_out, k, p, d):
     return hg, max(p, (k - 1) * d - p, 0)
 
 
-def _arrange(w, kind):
-    """The weights w (K, C, kh, kw) as a path of this module multiplies with them (see :func:`_taps`)."""
+def _arranged_view(w, kind):
+    """(view, shape): the weights w (K, C, kh, kw) as a path of this module multiplies with them, a view
+    of w in that order (no copy yet), and the shape its contiguous copy takes (see :func:`_taps`)."""
     k_, c_, kh, kw = w.shape
     if kind == "forward":  # the row-shift forward's GEMM operands: [a, k, (b, c)]
-        return np.ascontiguousarray(w.transpose(2, 0, 3, 1)).reshape(kh, k_, kw * c_)
+        return w.transpose(2, 0, 3, 1), (kh, k_, kw * c_)
     if kind == "vjp":  # the row-shift input-VJP's: [a, c, (b, k)]
-        return np.ascontiguousarray(w.transpose(2, 1, 3, 0)).reshape(kh, c_, kw * k_)
+        return w.transpose(2, 1, 3, 0), (kh, c_, kw * k_)
     if kind == "vjp_shift_out":  # ... with the column taps shifted on the way out: [a, (b, c), k]
-        return np.ascontiguousarray(w.transpose(2, 3, 1, 0)).reshape(kh, kw * c_, k_)
+        return w.transpose(2, 3, 1, 0), (kh, kw * c_, k_)
     flipped = w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]  # the input-VJP as a forward: w[k, c, kh-1-a, kw-1-b]
     if kind == "vjp_bands":  # its row-shift forward's operands, by bands of rows
-        return np.ascontiguousarray(flipped.transpose(2, 0, 3, 1)).reshape(kh, c_, kw * k_)
+        return flipped.transpose(2, 0, 3, 1), (kh, c_, kw * k_)
     if kind == "flipped":  # its weights (C, K, kh, kw), for the lanes path
-        return np.ascontiguousarray(flipped)
+        return flipped, (c_, k_, kh, kw)
     if kind == "im2col_vjp":  # W^T (C*kh*kw, K)
-        return np.ascontiguousarray(w.reshape(k_, c_ * kh * kw).T)
+        return w.reshape(k_, c_ * kh * kw).T, (c_ * kh * kw, k_)
     raise ValueError(f"unknown arrangement {kind!r}")  # pragma: no cover - callers pass the names above
+
+
+def _arrange(w, kind):
+    """The weights w in the order ``kind`` of :func:`_arranged_view`, contiguous."""
+    view, shape = _arranged_view(w, kind)
+    return np.ascontiguousarray(view).reshape(shape)
 
 
 def _taps(w, kind):
     """:func:`_arrange` of ``w``, kept between calls while ``w`` is unchanged
-    (:func:`relprop.kernels.cpu._derived.derived`) where it is at least ``_config.CONV_TAPS_CACHE_MIN_BYTES``.
+    (:func:`relprop.kernels.cpu._derived.derived`) where it is a copy (a contiguous view, as a 1x1
+    kernel's, costs nothing) of at least ``_config.CONV_TAPS_CACHE_MIN_BYTES``.
 
-    Each arrangement is a transposing copy of the weights, on every call of the path that uses it: at
-    CIFAR-VGG batch 1, where every 3x3 convolution takes the row-shift path, they were a fifth of the forward
-    (0.6 of 3.6 ms); cached, forward 1.2x, gradient and ε+flat 1.15x there."""
-    if w.nbytes < _config.CONV_TAPS_CACHE_MIN_BYTES:
-        return _arrange(w, kind)
+    Each arrangement was a transposing copy of the weights on every call of the path that uses it: at
+    CIFAR-VGG batch 1, where every 3x3 convolution takes the row-shift path, a sixth of the forward (0.6
+    of 3.6 ms); kept, forward 1.06x, gradient 1.18x, ε+flat 1.12x there (alternating processes)."""
+    view, shape = _arranged_view(w, kind)
+    if view.flags.c_contiguous or w.nbytes < _config.CONV_TAPS_CACHE_MIN_BYTES:
+        return np.ascontiguousarray(view).reshape(shape)
     return derived(w, ("taps", kind), lambda: _arrange(w, kind))
 
 
