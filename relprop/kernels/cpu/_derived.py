@@ -42,9 +42,9 @@ def _same_words(a, b):
 
 def _same_bits(a, b):
     """Do ``a`` and ``b`` (one dtype and shape; ``b`` C-contiguous) hold the same bits?  NaN payloads and the
-    sign of a zero count: this asks whether the array changed, not whether its values compare equal."""
-    if not a.flags.c_contiguous:
-        return bool(np.array_equal(a, b))
+    sign of a zero count: this asks whether the array changed, not whether its values compare equal.  (A
+    strided ``a`` is compared through a contiguous copy.)"""
+    a = np.ascontiguousarray(a)
     word = np.uint64 if a.nbytes % 8 == 0 else np.uint8
     return bool(_same_words(a.reshape(-1).view(word), b.reshape(-1).view(word)))
 
