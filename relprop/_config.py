@@ -75,13 +75,22 @@ PARALLEL_MIN_ELEMENTS = 1 << 23
 
 #: Threads that share out the chunks of one CPU convolution, each with single-threaded BLAS
 #: (relprop.kernels.cpu._chunks); None: the CPUs this process may run on.  1: the chunks run
-#: in the calling thread and BLAS uses its own threads.
+#: in the calling thread and BLAS uses its own threads (as the user set them).
 CONV_THREADS = None
 
 #: A convolution's batch of fewer samples is not cut into extra chunks to share out to the threads
 #: (relprop.kernels.cpu.conv2d._samples_per_chunk): small GEMMs lose more than the threads gain on
 #: an idle machine.
 CONV_SPLIT_MIN_SAMPLES = 32
+
+#: A convolution that runs as a single chunk (such a batch, one image) on several threads shares the
+#: rows of its GEMMs out to the threads (relprop.kernels.cpu._chunks.share) when it has at least this
+#: many multiply-adds; below, its chunk runs on the calling thread alone.  Either way BLAS is held to
+#: one thread (its workers would keep spinning for ~0.1 s after the call).  Measured on an idle 2-core
+#: machine, one image, the direct path: shared 1.2-1.65x faster than one thread from 1.2e8
+#: multiply-adds (32-512 channels), no faster at 3.8e7 (0.7 ms), 3.5x slower at 1.8e6 (handing a block
+#: to a pool thread costs ~0.1-0.2 ms there).
+CONV_SHARE_MIN_MACS = 1 << 26
 
 #: A CPU dense layer's batch of at least twice this many rows is cut into one block of rows per
 #: thread, each block one single-threaded GEMM (relprop.kernels.cpu.dense); smaller batches are
@@ -126,9 +135,11 @@ WINOGRAD = True
 #: block of outputs of one sample).  Measured on an idle 2-core machine, two threads, filters
 #: transformed once (cached): 1.3-2.6x faster than the direct path from 64 channels and 2^22
 #: (CIFAR-VGG at batch 16 and 64, VGG-16 at batch 4, 512 channels at 14x14 included), but
-#: 2-4x slower with 3-32 channels and 0.6-0.9x at batch 1 with 64-128 channels.
+#: 2-4x slower with 3-32 channels.  Down to 2^18 (CIFAR-VGG's layers at batch 1) since the direct
+#: path's single chunks no longer use BLAS's own threads (CONV_SHARE_MIN_MACS): CIFAR-VGG b1 forward
+#: 1.07x, b4 forward 1.68x, gradient 1.54x, ε+flat 1.60x against 2^22.
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_WORK = 1 << 22
+WINOGRAD_MIN_WORK = 1 << 18
 
 #: Bytes of Winograd filter transforms and other arrangements of the weights (and the weight copies
 #: that validate them, relprop.kernels.cpu._derived) kept between calls, least recently used first

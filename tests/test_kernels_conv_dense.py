@@ -27,7 +27,7 @@ PATHS = ["rows", "im2col", "lanes"]
 
 def pin(mp, path, chunk_bytes):
     """Route every cpu convolution through ``path`` (where its stride allows; "auto": the
-    module's own choice) with chunks of ``chunk_bytes``.  For "lanes" the chunk size picks the
+    module's own choice) with chunks of ``chunk_bytes``, a single chunk's GEMMs shared out to the threads.  For "lanes" the chunk size picks the
     samples per block instead: 1 (1 byte), 2 (a batch of 3 ends in a short block) or 16 (one short
     block for every batch drawn here)."""
     if path != "auto":
@@ -37,6 +37,7 @@ def pin(mp, path, chunk_bytes):
         if lanes:
             mp.setattr(config, "CONV_LANES", {1: 1, 2000: 2}.get(chunk_bytes, 16))
     mp.setattr(config, "CONV_CHUNK_BYTES", chunk_bytes)
+    mp.setattr(config, "CONV_SHARE_MIN_MACS", 0)  # a single chunk shares its GEMMs' columns out
 
 
 @st.composite

@@ -240,6 +240,111 @@ def test_small_dense_gemms_run_here_on_one_blas_thread(monkeypatch, rng):
             np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
+@st.composite
+def single_image_problem(draw):
+    """One image through a stride-1 (row shifts) or stride-2 (im2col) layer, with >= 8 channels so that
+    the input-VJP takes the row shifts too (K > C: the shift-out form), or a few (im2col's VJP)."""
+    c, k = draw(st.sampled_from([2, 8, 11])), draw(st.integers(1, 19))
+    h, w = draw(st.integers(16, 23)), draw(st.integers(16, 23))  # >= 2 blocks of 16 columns at stride 2
+    kh = draw(st.sampled_from([1, 3]))
+    return (1, c, h, w), (k, c, kh, kh), draw(st.sampled_from([1, 2])), draw(st.integers(0, kh // 2 + 1)), \
+        draw(st.integers(0, 2**32 - 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=single_image_problem(), threads=st.sampled_from([2, 3]))
+def test_single_chunk_shares_its_gemm_columns(dtype, problem, threads):
+    """A convolution of one image is a single chunk; its GEMMs' columns are shared out (CONV_SHARE_MIN_MACS
+    0): forward and input-VJP against the reference and the calling thread alone, odd widths (blocks that
+    end mid-row, a last block shorter than 16), and the same bits on a second run."""
+    x_shape, w_shape, stride, padding, seed = problem
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    w = rng.standard_normal(w_shape).astype(dtype)
+    b = rng.standard_normal(w_shape[0]).astype(dtype)
+    results = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_LANES", 0)  # narrow layers would take the lanes instead
+        mp.setattr(config, "CONV_SHARE_MIN_MACS", 0)
+        calls = []
+        real = _chunks.run_chunks
+        mp.setattr(_chunks, "run_chunks", lambda n, nb, *a: calls.append((n, nb)) or real(n, nb, *a))
+        for t in (1, threads, threads):
+            mp.setattr(config, "CONV_THREADS", t)
+            z = K.conv2d_forward(x, w, b, stride, padding, backend="cpu")
+            g = np.ascontiguousarray(z[:, ::-1])  # any cotangent of z's shape
+            results.append((z, K.conv2d_vjp(g, w, x_shape, stride, padding, backend="cpu")))
+        shared = [(n, nb) for n, nb in calls if nb < n]
+        assert shared and all(nb % 16 == 0 for _, nb in shared)  # columns shared, in whole cache lines
+    (z1, v1), (z2, v2), (z3, v3) = results
+    geometry = (stride, padding, 1)
+    assert_close = np.testing.assert_allclose
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert_close(z2, K.conv2d_forward(x, w, b, *geometry, backend="reference"), **tol)
+    assert_close(v2, K.conv2d_vjp(np.ascontiguousarray(z1[:, ::-1]), w, x_shape, *geometry, backend="reference"), **tol)
+    assert_close(z2, z1, **tol)
+    np.testing.assert_array_equal(z2, z3)
+    np.testing.assert_array_equal(v2, v3)
+
+
+def test_share_runs_here_unless_alone_and_large(monkeypatch):
+    """share(): blocks only inside the only chunk of a run_chunks call, from CONV_SHARE_MIN_MACS, aligned to
+    16 and covering the range once; a nested call leaves the flag as it found it."""
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    monkeypatch.setattr(config, "CONV_SHARE_MIN_MACS", 100)
+    got = []
+    _chunks.share(100, 10**6, lambda a, b: got.append((a, b)))  # not inside a chunk
+    assert got == [(0, 100)]
+
+    def one_chunk(macs, m=100):
+        got.clear()
+        _chunks.run_chunks(1, 1, lambda: None, lambda *_: _chunks.share(m, macs, lambda a, b: got.append((a, b))))
+        return sorted(got)
+
+    assert one_chunk(99) == [(0, 100)]  # too little work
+    assert one_chunk(100) == [(0, 64), (64, 100)]  # ceil(100 / 2) = 50, up to a cache line of float32
+    assert one_chunk(100, m=31) == [(0, 31)]  # fewer than two blocks' worth
+    got.clear()
+    _chunks.run_chunks(4, 1, lambda: None, lambda *_: _chunks.share(100, 10**6, lambda a, b: got.append((a, b))))
+    assert got == [(0, 100)] * 4  # several chunks: each runs its GEMMs whole
+    assert not getattr(_chunks._LOCAL, "alone", False)
+    monkeypatch.setattr(config, "CONV_THREADS", 1)
+    assert one_chunk(10**6) == [(0, 100)]  # one thread: nothing to share out
+
+
+@pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")
+@pytest.mark.parametrize("stride, channels", [(1, 16), (1, 3), (2, 16)])
+def test_one_image_never_wakes_blas_threads(monkeypatch, rng, stride, channels):
+    """Every GEMM of a one-image convolution (a single chunk: forward, input-VJP, the row shifts and
+    im2col, shared out or not) runs with BLAS held to one thread, and the user's setting is back after:
+    OpenBLAS's own workers spin for ~0.1 s after a threaded GEMM, a core taken from whatever runs next."""
+    from relprop.kernels.cpu import conv2d as cpu_conv
+
+    set_, get = _chunks._BLAS_THREADS
+    before = get()
+    set_(2)
+    try:
+        seen = []
+        real = cpu_conv._gemm
+        monkeypatch.setattr(cpu_conv, "_gemm", lambda *a, **k: seen.append(get()) or real(*a, **k))
+        monkeypatch.setattr(config, "CONV_THREADS", 2)
+        monkeypatch.setattr(config, "CONV_LANES", 0)
+        x = rng.standard_normal((1, channels, 20, 20)).astype(np.float32)
+        w = rng.standard_normal((24, channels, 3, 3)).astype(np.float32)
+        for share in (0, 1 << 40):
+            monkeypatch.setattr(config, "CONV_SHARE_MIN_MACS", share)
+            z = K.conv2d_forward(x, w, None, stride, 1, backend="cpu")
+            K.conv2d_vjp(z, w, x.shape, stride, 1, backend="cpu")
+        assert seen and set(seen) == {1}
+        assert get() == 2
+        monkeypatch.setattr(config, "CONV_THREADS", 1)  # the documented way back to BLAS's own threads
+        seen.clear()
+        K.conv2d_forward(x, w, None, stride, 1, backend="cpu")
+        assert set(seen) == {2}
+    finally:
+        set_(before)
+
+
 @pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")
 def test_blas_threads_restored_after_errors_and_concurrent_callers(monkeypatch):
     set_, get = _chunks._BLAS_THREADS

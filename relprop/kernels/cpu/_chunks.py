@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ... import _config
 
-__all__ = ["run_chunks", "conv_threads", "numpy_blas_library"]
+__all__ = ["run_chunks", "run_here", "share", "conv_threads", "numpy_blas_library"]
 
 
 def numpy_blas_library():
@@ -63,6 +63,9 @@ def _openblas_threads_api():
 _BLAS_THREADS = _openblas_threads_api()
 _LOCK = threading.Lock()
 _STATE = {"active": 0, "saved": None, "pool": None, "pool_size": 0}
+#: ``alone``: this thread is running the only chunk of a :func:`run_chunks` call (so :func:`share` may use
+#: the other threads)
+_LOCAL = threading.local()
 
 
 def _after_fork_in_child():
@@ -131,16 +134,32 @@ def run_chunks(n, nb, scratch, work):
     """Call ``work(n0, count, buffers)`` for the chunks ``[n0, n0 + count)`` of ``range(0, n, nb)``.
 
     ``scratch()`` makes one set of scratch buffers; each thread makes its own.  With one
-    chunk or one thread everything runs here, in order, with BLAS as the user set it.
-    Otherwise the calling thread and ``threads - 1`` pool threads take chunks in turn; the
-    first exception is raised here once every started chunk has finished.
+    chunk everything runs here with BLAS held to one thread, and the chunk may share its GEMMs'
+    rows out to the threads (:func:`share`); with ``_config.CONV_THREADS`` = 1, here with BLAS as
+    the user set it.  Otherwise the calling thread and ``threads - 1`` pool threads take chunks
+    in turn; the first exception is raised here once every started chunk has finished.
+
+    Not BLAS's own threads for a single chunk: OpenBLAS's workers keep spinning for ~0.1 s after
+    a threaded GEMM (measured: 105 ms of a core after a 64x27x50000 GEMM), so a single image's
+    call left a core busy behind it, and took one from the chunks of the layers that followed
+    (VGG-16 b1 forward 128-151 ms, 105 ms with BLAS held to one thread).
     """
     starts = list(range(0, n, nb))
     threads = min(conv_threads(), len(starts))
     if threads <= 1:
-        buffers = scratch()
-        for n0 in starts:
-            work(n0, min(nb, n - n0), buffers)
+        def here():
+            buffers = scratch()
+            for n0 in starts:
+                work(n0, min(nb, n - n0), buffers)
+
+        if conv_threads() <= 1:  # CONV_THREADS = 1 (or BLAS's thread count not settable): BLAS as the user set it
+            here()
+            return
+        alone, _LOCAL.alone = getattr(_LOCAL, "alone", False), len(starts) == 1
+        try:
+            run_here(here)  # BLAS held to one thread: its workers would spin on after the chunk
+        finally:
+            _LOCAL.alone = alone
         return
     state = {"next": 0, "done": 0, "error": None}
     lock, finished = threading.Lock(), threading.Event()
@@ -168,6 +187,7 @@ def run_chunks(n, nb, scratch, work):
                     finished.set()
 
     _enter()
+    alone, _LOCAL.alone = getattr(_LOCAL, "alone", False), False
     try:
         pool = _pool(threads - 1)
         for _ in range(threads - 1):
@@ -175,6 +195,29 @@ def run_chunks(n, nb, scratch, work):
         worker()
         finished.wait()
     finally:
+        _LOCAL.alone = alone
         _exit()
     if state["error"] is not None:
         raise state["error"]
+
+
+def share(m, macs, fn, align=16):
+    """``fn(m0, m1)`` over blocks of ``range(m)`` that together make ``fn(0, m)``: shared out to the
+    threads, one block each, when the calling thread runs the only chunk of a :func:`run_chunks` call
+    (a batch too small to cut into chunks: one image) and the work, ``macs`` multiply-adds, is at least
+    ``_config.CONV_SHARE_MIN_MACS``; else ``fn(0, m)`` here.  Blocks start at multiples of ``align``.
+
+    The blocks are the columns of a chunk's GEMMs (the pixels of its grid), 16 to a cache line of
+    float32: every thread reads the small weight operand whole and its own columns of the large one,
+    and writes its own columns.  (Blocks of rows, the output channels, ran slower: each thread
+    then streamed the whole large operand.)  This is
+    how a single image uses the cores without BLAS's own threads, whose workers keep spinning for
+    ~0.1 s after a threaded GEMM (measured: a full core; see :func:`run_chunks`)."""
+    threads = conv_threads()
+    if not getattr(_LOCAL, "alone", False) or threads <= 1 or macs < _config.CONV_SHARE_MIN_MACS \
+            or m < 2 * align:
+        fn(0, m)
+        return
+    per = -(-m // threads)
+    per = -(-per // align) * align
+    run_chunks(m, per, lambda: None, lambda m0, count, _: fn(m0, m0 + count))

@@ -45,7 +45,10 @@ no barrier of BLAS threads after every GEMM, copies in parallel, and a thread th
 deschedules on a shared machine delays only its own chunk (measured with other jobs on the
 cores: CIFAR-VGG forward at batch 64 0.88 s against 2.6 s with BLAS's own threads, in one
 process, alternating).  Chunks hold ``_config.CONV_CHUNK_BYTES`` of operands (16 MiB) and
-at most half a thread's share of the batch, so that the threads balance.  A sample larger
+at most half a thread's share of the batch, so that the threads balance.  A single chunk (one
+image) runs with BLAS held to one thread too, its GEMMs' columns shared out to the threads where
+the work pays for the hand-off (:func:`relprop.kernels.cpu._chunks.share`): BLAS's own workers
+would spin on for ~0.1 s after it.  A sample larger
 than a chunk (VGG-16's 224x224 layers: 51 MB of operands) runs in bands of output rows
 instead, each band a short "sample" of the grid with its halo of input rows (the input-VJP
 as the forward of the flipped weights): 1.33x on those layers, 1.06-1.13x at 112x112.
@@ -62,7 +65,7 @@ from numba import njit, types
 from ... import _config
 from ..._validate import conv_output_size
 from .. import _pool
-from ._chunks import conv_threads, numpy_blas_library, run_chunks
+from ._chunks import conv_threads, numpy_blas_library, run_chunks, share
 from ._derived import derived
 from .pool2d import first_max4, gather_at_switches, max4, maxpool2d_forward, maxpool2d_values, maxunpool2d, \
     relu_window
@@ -773,7 +776,8 @@ def _samples_per_chunk(rows_per_sample, n, itemsize):
     A batch below ``_config.CONV_SPLIT_MIN_SAMPLES`` is not split further to feed the threads:
     measured on an idle 2-core machine, CIFAR-VGG at batch 16 ran 1.4x slower in chunks of 4
     samples on two single-threaded-BLAS threads than as one chunk with BLAS's own threads
-    (at batch 64 the threads were level on the forward and 1.3x faster on the gradient)."""
+    (at batch 64 the threads were level on the forward and 1.3x faster on the gradient).  Such a
+    chunk now shares its GEMMs' columns out instead (:func:`relprop.kernels.cpu._chunks.share`)."""
     nb = max(1, min(n, _config.CONV_CHUNK_BYTES // max(1, rows_per_sample * itemsize)))
     threads = conv_threads()
     if threads > 1 and n >= _config.CONV_SPLIT_MIN_SAMPLES:
@@ -1173,9 +1177,13 @@ def _forward_rows(x, w, b, padding, dilation, out, a_out, mode):
     def work(n0, nc, buffers):
         xs, z = buffers
         _shifted_rows(x, n0, nc, kw, -pw, dw, hg, wg, margin, xs)
-        for a in range(kh):
-            _gemm(k_, nc * plane, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg, xs.shape[1],
-                  z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
+
+        def gemms(j0, j1):  # grid columns j0 .. j1
+            for a in range(kh):
+                _gemm(k_, j1 - j0, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg + j0,
+                      xs.shape[1], z, j0, z.shape[1], 0.0 if a == 0 else 1.0)
+
+        share(nc * plane, k_ * inner * kh * nc * plane, gemms)
         _crop(z, n0, nc, hg, wg, b, out, a_out, mode)
 
     run_chunks(n_, nb, scratch, work)
@@ -1235,9 +1243,13 @@ def _vjp_rows(g, w, padding, dilation, out):
     def work(n0, nc, buffers):
         gs, gin = buffers
         _shifted_rows(g, n0, nc, kw, pw, -dw, hg, wg, margin, gs)
-        for a in range(kh):
-            _gemm(c_, nc * plane, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg, gs.shape[1],
-                  gin, 0, gin.shape[1], 0.0 if a == 0 else 1.0)
+
+        def gemms(j0, j1):  # grid columns j0 .. j1
+            for a in range(kh):
+                _gemm(c_, j1 - j0, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg + j0,
+                      gs.shape[1], gin, j0, gin.shape[1], 0.0 if a == 0 else 1.0)
+
+        share(nc * plane, c_ * inner * kh * nc * plane, gemms)
         _crop(gin, n0, nc, hg, wg, zero, out, out, 0)
 
     run_chunks(n_, nb, scratch, work)
@@ -1265,9 +1277,13 @@ def _vjp_rows_shift_out(g, w, padding, dilation, out):
     def work(n0, nc, buffers):
         gg, p = buffers
         _shifted_rows(g, n0, nc, 1, 0, 0, hg, wg, margin, gg)
-        for a in range(kh):
-            _gemm(rows, nc * plane, k_, taps, a * rows * k_, k_, gg, margin + (ph - a * dh) * wg, gg.shape[1],
-                  p, 0, p.shape[1], 0.0 if a == 0 else 1.0)
+
+        def gemms(j0, j1):  # grid columns j0 .. j1
+            for a in range(kh):
+                _gemm(rows, j1 - j0, k_, taps, a * rows * k_, k_, gg, margin + (ph - a * dh) * wg + j0,
+                      gg.shape[1], p, j0, p.shape[1], 0.0 if a == 0 else 1.0)
+
+        share(nc * plane, rows * k_ * kh * nc * plane, gemms)
         _crop_shift_sum(p, n0, nc, kw, pw, -dw, hg, wg, out)
 
     run_chunks(n_, nb, scratch, work)
@@ -1290,7 +1306,8 @@ def _forward_im2col(x, w, b, stride, padding, dilation, out, a_out, mode):
     def work(n0, nc, buffers):
         cols, z = buffers
         im2col_chunk(x, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, cols)
-        _gemm(k_, nc * plane, rows, w2, 0, rows, cols, 0, cols.shape[1], z, 0, z.shape[1], 0.0)
+        share(nc * plane, k_ * rows * nc * plane, lambda j0, j1: _gemm(k_, j1 - j0, rows, w2, 0, rows, cols, j0,
+                                                                       cols.shape[1], z, j0, z.shape[1], 0.0))
         _crop(z, n0, nc, ho, wo, b, out, a_out, mode)
 
     run_chunks(n_, nb, scratch, work)
@@ -1313,7 +1330,8 @@ def _vjp_im2col(g, w, stride, padding, dilation, out):
     def work(n0, nc, buffers):
         gc, cols = buffers
         _to_columns(g, n0, nc, gc)
-        _gemm(rows, nc * plane, k_, wt, 0, k_, gc, 0, gc.shape[1], cols, 0, cols.shape[1], 0.0)
+        share(nc * plane, rows * k_ * nc * plane, lambda j0, j1: _gemm(rows, j1 - j0, k_, wt, 0, k_, gc, j0,
+                                                                       gc.shape[1], cols, j0, cols.shape[1], 0.0))
         _col2im(cols, n0, nc, kh, kw, sh, sw, ph, pw, dh, dw, ho, wo, out)
 
     run_chunks(n_, nb, scratch, work)
