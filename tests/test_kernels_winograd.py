@@ -30,6 +30,7 @@ def always_winograd(mp, chunk_tiles=512):
     mp.setattr(config, "WINOGRAD_MIN_WORK", 1)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES_WIDE", chunk_tiles)
+    mp.setattr(config, "WINOGRAD_FEW_TILES_MIN_MACS", 0)  # a small problem's threads share the phases
 
 
 def spy(mp):
@@ -156,11 +157,18 @@ def test_winograd_schedules_agree(threads, n, c, k, hw, padding, seed):
         few = []
         real = wg._few_tiles
         mp.setattr(wg, "_few_tiles", lambda *a: few.append(1) or real(*a))
-        outs = [wg.conv3x3_winograd(x, u, b, (padding, padding), np.empty((n, k, ho, wo), np.float32), cpu_conv._gemm_batch)
-                for _ in range(2)]
-    assert bool(few) == (threads > 1)  # these problems are one chunk: the few-tiles schedule when threaded
+        tiles = n * -(-ho // 4) * -(-wo // 4)
+        outs = []
+        for bound in (0, 0, 36 * tiles * c * k + 1):  # shared phases (twice), then too little work for them
+            mp.setattr(config, "WINOGRAD_FEW_TILES_MIN_MACS", bound)
+            few.clear()
+            outs.append(wg.conv3x3_winograd(x, u, b, (padding, padding), np.empty((n, k, ho, wo), np.float32),
+                                            cpu_conv._gemm_batch))
+            # these problems are one chunk: the few-tiles schedule when threaded and worth it
+            assert bool(few) == (threads > 1 and bound == 0)
     assert outs[0].tobytes() == outs[1].tobytes()
     assert_close(outs[0], K.conv2d_forward(x, w, b, 1, padding, 1, backend="reference"), reduction_len=c * 9)
+    assert_close(outs[2], outs[0], reduction_len=c * 9)
 
 
 def test_winograd_vjp_is_the_adjoint(rng):

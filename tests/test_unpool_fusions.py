@@ -40,6 +40,7 @@ def use_path(mp, path, chunk_tiles=512):
     mp.setattr(config, "WINOGRAD_MIN_WORK", 1)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES_WIDE", chunk_tiles)
+    mp.setattr(config, "WINOGRAD_FEW_TILES_MIN_MACS", 0)  # a small problem's threads share the phases
     if path == "unfused":
         mp.setattr(config, "CONV_LANES", 0)
 

@@ -613,7 +613,9 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
       blocks of output channels (each thread reads its columns of U once: U is 38 MB at 512
       channels, so splitting the tiles instead would read it once per thread), output transform
       by tile rows.  Before, a single chunk ran with BLAS's own threads, whose workers then kept
-      spinning and took a core from the next convolution (33 ms instead of 18 ms).
+      spinning and took a core from the next convolution (33 ms instead of 18 ms).  Below
+      ``_config.WINOGRAD_FEW_TILES_MIN_MACS`` (CIFAR-VGG's layers at batch 1) the phases' hand-offs to
+      the threads cost more than they save: one chunk on the calling thread instead.
     """
     ph, pw = padding
     n_, c_ = x.shape[:2]
@@ -642,7 +644,8 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, a_out, 6) if mode == 4 and out2.shape == out.shape
                                           else (u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     finite = []  # mode 3: per chunk, were its pooled windows finite?
-    if threads > 1 and -(-len(segs) // per_chunk) < threads:
+    if threads > 1 and -(-len(segs) // per_chunk) < threads \
+            and 36 * rows_total * tw * c_ * k_ * len(parts) >= _config.WINOGRAD_FEW_TILES_MIN_MACS:
         _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite, source)
         return out if all(finite) else None
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
