@@ -115,7 +115,10 @@ class Explainer:
                             f"got {type(x).__name__}")
         backend = resolve_backend(self.backend, array_namespace(x))
         self.net.check_input(x, where=f"explain({self.name!r})")
-        out = self._method(x, target, backend, return_layers)
+        from .kernels.cpu._derived import one_call  # (here: the CPU kernels load when first used)
+
+        with one_call():  # each weight array checked once against the CPU kernels' cached arrangements
+            out = self._method(x, target, backend, return_layers)
         R = out[0] if isinstance(out, tuple) else out
         xp = array_namespace(R)
         if not bool(xp.isfinite(R).all()):

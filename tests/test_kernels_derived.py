@@ -110,3 +110,54 @@ def test_convolutions_follow_weights_changed_in_place(shape, k, fresh_cache, rng
             K.conv2d_forward(x, w, None, 1, 1, 1, backend="cpu"), K.conv2d_vjp(g, w, x.shape, 1, 1, 1, backend="cpu")
         assert made == []  # the same weights again: nothing arranged afresh
         w *= -1.5  # in place, for the second round
+
+
+def test_one_call_checks_each_weight_array_once(fresh_cache, rng, monkeypatch):
+    """Inside one_call, a weight array found unchanged is not compared again (another kind, a second lookup);
+    outside it, and in the next block, every hit is compared; a nested block leaves the outer one's record."""
+    checks = []
+    real = _derived._same_bits
+    monkeypatch.setattr(_derived, "_same_bits", lambda a, b: checks.append(1) or real(a, b))
+    w = rng.standard_normal((8, 8, 3, 3)).astype(np.float32)
+    for kind in ("forward", "vjp"):
+        cpu_conv._taps(w, kind)  # kept (the second kind shares the first one's copy: compared once)
+    checks.clear()
+    for kind in ("forward", "vjp", "forward"):
+        cpu_conv._taps(w, kind)
+    assert len(checks) == 3  # outside a block: every hit
+    for _ in range(2):  # each block compares once
+        checks.clear()
+        with _derived.one_call():
+            cpu_conv._taps(w, "forward")
+            with _derived.one_call():
+                cpu_conv._taps(w, "vjp")
+            cpu_conv._taps(w, "vjp")
+            cpu_conv._taps(w, "forward")
+        assert len(checks) == 1
+    w[0, 0, 0, 0] += 1  # changed between blocks: the next block sees it
+    with _derived.one_call():
+        got = cpu_conv._taps(w, "forward")
+    np.testing.assert_array_equal(got, cpu_conv._arrange(w, "forward"))
+
+
+def test_an_explanation_checks_each_weight_array_once(fresh_cache, monkeypatch):
+    """relprop.Explainer opens one_call: a gradient through a conv net compares each convolution's weights once,
+    though it looks up two arrangements of them (the forward's and the input-VJP's)."""
+    import relprop
+
+    rng = np.random.default_rng(0)
+    spec = [{"type": "conv2d", "in": 8, "out": 16, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "conv2d", "in": 16, "out": 12, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "flatten"}, {"type": "linear", "in": 12 * 6 * 6, "out": 3}]
+    shapes = {"0.weight": (16, 8, 3, 3), "0.bias": (16,), "2.weight": (12, 16, 3, 3), "2.bias": (12,),
+              "5.weight": (3, 12 * 6 * 6), "5.bias": (3,)}
+    net = relprop.from_spec(spec, {k: rng.standard_normal(v).astype(np.float32) * 0.1 for k, v in shapes.items()})
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    explainer = relprop.Explainer(net, "gradient")
+    first = explainer(x, 1)  # arranges and keeps
+    checks = []
+    real = _derived._same_bits
+    monkeypatch.setattr(_derived, "_same_bits", lambda a, b: checks.append(1) or real(a, b))
+    again = explainer(x, 1)
+    assert len(checks) == 2  # two convolutions, each compared once
+    np.testing.assert_array_equal(again, first)

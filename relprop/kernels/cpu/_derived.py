@@ -12,10 +12,16 @@ half the time of the transposing copy it replaces, a sixth of forming U).
 
 Bounded by ``_config.WINOGRAD_CACHE_BYTES`` (the derived arrays and the copies, each copy counted once),
 least recently used first out; an entry goes when its weight array is collected (its id may be reused).
+
+Within :func:`one_call` (an explanation: :class:`relprop.Explainer` opens it) weights found unchanged
+are not checked again: a gradient looks each convolution's weights up twice (the forward's arrangement
+and the input-VJP's), an LRP rule its modified weights twice too, and SmoothGrad or Integrated Gradients
+once per step.  Nothing changes a net's weights while relprop explains with it.
 """
 import threading
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import numpy as np
 from numba import njit
@@ -24,6 +30,22 @@ from ... import _config
 
 _CACHE = OrderedDict()  # (id(w), kind) -> (weakref to w, copy of w, derived array)
 _LOCK = threading.Lock()
+_CALL = threading.local()  # depth: of nested one_call blocks; seen: id(w) -> the copy w was found equal to
+
+
+@contextmanager
+def one_call():
+    """A block (on this thread) in which weights are checked against their copies at most once each."""
+    depth = getattr(_CALL, "depth", 0)
+    if depth == 0:
+        _CALL.seen = {}
+    _CALL.depth = depth + 1
+    try:
+        yield
+    finally:
+        _CALL.depth = depth
+        if depth == 0:
+            _CALL.seen = None
 
 
 @njit(cache=_config.NUMBA_CACHE, nogil=True)
@@ -58,9 +80,18 @@ def _forget(key):
 
 
 def _current(entry, w):
-    """Is the cache entry ``entry`` (or None) one for ``w`` as it is now?"""
-    return entry is not None and entry[0]() is w and entry[1].dtype == w.dtype and entry[1].shape == w.shape \
-        and _same_bits(w, entry[1])
+    """Is the cache entry ``entry`` (or None) one for ``w`` as it is now?  Inside :func:`one_call`, a copy
+    that ``w`` was found equal to there already is taken without a second look."""
+    if entry is None or entry[0]() is not w or entry[1].dtype != w.dtype or entry[1].shape != w.shape:
+        return False
+    seen = getattr(_CALL, "seen", None)
+    if seen is not None and seen.get(id(w)) is entry[1]:
+        return True
+    if not _same_bits(w, entry[1]):
+        return False
+    if seen is not None:
+        seen[id(w)] = entry[1]
+    return True
 
 
 def derived(w, kind, make):
@@ -86,6 +117,9 @@ def derived(w, kind, make):
         other = next((e for k, e in _CACHE.items() if k[0] == id(w) and k != key and e[0]() is w), None)
         copy = other[1] if other is not None and _current(other, w) else np.array(w, order="C", copy=True)
         _CACHE[key] = (ref, copy, value)
+        seen = getattr(_CALL, "seen", None)
+        if seen is not None:
+            seen[id(w)] = copy
         while _cache_bytes() > limit and _CACHE:
             _CACHE.popitem(last=False)
     return value
