@@ -84,7 +84,7 @@ CONV_THREADS = None
 CONV_SPLIT_MIN_SAMPLES = 32
 
 #: A convolution that runs as a single chunk (such a batch, one image) on several threads shares the
-#: rows of its GEMMs out to the threads (relprop.kernels.cpu._chunks.share) when it has at least this
+#: columns of its GEMMs out to the threads (relprop.kernels.cpu._chunks.share) when it has at least this
 #: many multiply-adds; below, its chunk runs on the calling thread alone.  Either way BLAS is held to
 #: one thread (its workers would keep spinning for ~0.1 s after the call).  Measured on an idle 2-core
 #: machine, one image, the direct path: shared 1.2-1.65x faster than one thread from 1.2e8

@@ -135,7 +135,7 @@ def run_chunks(n, nb, scratch, work):
 
     ``scratch()`` makes one set of scratch buffers; each thread makes its own.  With one
     chunk everything runs here with BLAS held to one thread, and the chunk may share its GEMMs'
-    rows out to the threads (:func:`share`); with ``_config.CONV_THREADS`` = 1, here with BLAS as
+    columns out to the threads (:func:`share`); with ``_config.CONV_THREADS`` = 1, here with BLAS as
     the user set it.  Otherwise the calling thread and ``threads - 1`` pool threads take chunks
     in turn; the first exception is raised here once every started chunk has finished.
 
@@ -210,9 +210,9 @@ def share(m, macs, fn, align=16):
     The blocks are the columns of a chunk's GEMMs (the pixels of its grid), 16 to a cache line of
     float32: every thread reads the small weight operand whole and its own columns of the large one,
     and writes its own columns.  (Blocks of rows, the output channels, ran slower: each thread
-    then streamed the whole large operand.)  This is
-    how a single image uses the cores without BLAS's own threads, whose workers keep spinning for
-    ~0.1 s after a threaded GEMM (measured: a full core; see :func:`run_chunks`)."""
+    then streamed the whole large operand.)  This is how a single image uses the cores without
+    BLAS's own threads, whose workers keep spinning for ~0.1 s after a threaded GEMM (measured: a
+    full core; see :func:`run_chunks`)."""
     threads = conv_threads()
     if not getattr(_LOCAL, "alone", False) or threads <= 1 or macs < _config.CONV_SHARE_MIN_MACS \
             or m < 2 * align:
