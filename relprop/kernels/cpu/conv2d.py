@@ -1158,6 +1158,21 @@ def _vjp_as_bands(g, w, padding, dilation, out):
     return (kw * k_ + c_) * out.shape[2] * out.shape[3] * g.itemsize > _config.CONV_CHUNK_BYTES
 
 
+def _row_shift_gemms(taps, src, off, step, dst, cols):
+    """dst[:, :cols] = sum_a taps[a] @ src[:, off + a*step : off + a*step + cols] for the kh kernel rows a of
+    ``taps`` (kh, M, K): the row-shift paths' products, each kernel row a window of ``src`` shifted by
+    ``step`` (whole grid rows), accumulated by BLAS (beta = 1).  A single chunk's columns are shared out
+    to the threads (:func:`relprop.kernels.cpu._chunks.share`)."""
+    kh, m, k = taps.shape
+
+    def gemms(j0, j1):  # columns j0 .. j1
+        for a in range(kh):
+            _gemm(m, j1 - j0, k, taps, a * m * k, k, src, off + a * step + j0, src.shape[1], dst, j0, dst.shape[1],
+                  0.0 if a == 0 else 1.0)
+
+    share(cols, m * k * kh * cols, gemms)
+
+
 def _forward_rows(x, w, b, padding, dilation, out, a_out, mode):
     """z[:, grid] = sum_a W[:, :, a, :] @ X3[:, grid + (a*dh - ph)*Wo], X3 = the kw column shifts of x."""
     (ph, pw), (dh, dw) = padding, dilation
@@ -1177,13 +1192,7 @@ def _forward_rows(x, w, b, padding, dilation, out, a_out, mode):
     def work(n0, nc, buffers):
         xs, z = buffers
         _shifted_rows(x, n0, nc, kw, -pw, dw, hg, wg, margin, xs)
-
-        def gemms(j0, j1):  # grid columns j0 .. j1
-            for a in range(kh):
-                _gemm(k_, j1 - j0, inner, taps, a * k_ * inner, inner, xs, margin + (a * dh - ph) * wg + j0,
-                      xs.shape[1], z, j0, z.shape[1], 0.0 if a == 0 else 1.0)
-
-        share(nc * plane, k_ * inner * kh * nc * plane, gemms)
+        _row_shift_gemms(taps, xs, margin - ph * wg, dh * wg, z, nc * plane)
         _crop(z, n0, nc, hg, wg, b, out, a_out, mode)
 
     run_chunks(n_, nb, scratch, work)
@@ -1216,9 +1225,7 @@ def _forward_rows_bands(x, taps, b, kh, kw, padding, dilation, out, a_out, mode)
             r_hi = max(r_lo, r_hi)
             top = r_lo - top_in  # zero rows above the image
             _shifted_rows(x[n:n + 1, :, r_lo:r_hi, :], 0, 1, kw, -pw, dw, rows + halo - top, wg, top * wg, xs)
-            for a in range(kh):
-                _gemm(k_, rows * wg, inner, taps, a * k_ * inner, inner, xs, a * dh * wg, xs.shape[1],
-                      z, 0, z.shape[1], 0.0 if a == 0 else 1.0)
+            _row_shift_gemms(taps, xs, 0, dh * wg, z, rows * wg)
             _crop_band(z, n, i0, rows, wg, b, out, a_out, mode)
 
     run_chunks(len(bands), 1, scratch, work)
@@ -1243,13 +1250,7 @@ def _vjp_rows(g, w, padding, dilation, out):
     def work(n0, nc, buffers):
         gs, gin = buffers
         _shifted_rows(g, n0, nc, kw, pw, -dw, hg, wg, margin, gs)
-
-        def gemms(j0, j1):  # grid columns j0 .. j1
-            for a in range(kh):
-                _gemm(c_, j1 - j0, inner, taps, a * c_ * inner, inner, gs, margin + (ph - a * dh) * wg + j0,
-                      gs.shape[1], gin, j0, gin.shape[1], 0.0 if a == 0 else 1.0)
-
-        share(nc * plane, c_ * inner * kh * nc * plane, gemms)
+        _row_shift_gemms(taps, gs, margin + ph * wg, -dh * wg, gin, nc * plane)
         _crop(gin, n0, nc, hg, wg, zero, out, out, 0)
 
     run_chunks(n_, nb, scratch, work)
@@ -1277,13 +1278,7 @@ def _vjp_rows_shift_out(g, w, padding, dilation, out):
     def work(n0, nc, buffers):
         gg, p = buffers
         _shifted_rows(g, n0, nc, 1, 0, 0, hg, wg, margin, gg)
-
-        def gemms(j0, j1):  # grid columns j0 .. j1
-            for a in range(kh):
-                _gemm(rows, j1 - j0, k_, taps, a * rows * k_, k_, gg, margin + (ph - a * dh) * wg + j0,
-                      gg.shape[1], p, j0, p.shape[1], 0.0 if a == 0 else 1.0)
-
-        share(nc * plane, rows * k_ * kh * nc * plane, gemms)
+        _row_shift_gemms(taps, gg, margin + ph * wg, -dh * wg, p, nc * plane)
         _crop_shift_sum(p, n0, nc, kw, pw, -dw, hg, wg, out)
 
     run_chunks(n_, nb, scratch, work)
