@@ -135,18 +135,27 @@ WINOGRAD = True
 #: block of outputs of one sample).  Measured on an idle 2-core machine, two threads, filters
 #: transformed once (cached): 1.3-2.6x faster than the direct path from 64 channels and 2^22
 #: (CIFAR-VGG at batch 16 and 64, VGG-16 at batch 4, 512 channels at 14x14 included), but
-#: 2-4x slower with 3-32 channels.  Down to 2^18 (CIFAR-VGG's layers at batch 1) since the direct
-#: path's single chunks no longer use BLAS's own threads (CONV_SHARE_MIN_MACS): CIFAR-VGG b1 forward
-#: 1.07x, b4 forward 1.68x, gradient 1.54x, ε+flat 1.60x against 2^22.
+#: 2-4x slower with 3-32 channels.  Since small Winograd convolutions run on the calling thread
+#: (WINOGRAD_THREADS_MIN_MACS), it pays down to a single tile (one image, layer by layer on one
+#: thread: 64 -> 64 channels at 4x4 1.5x, 64 -> 128 at 16x16 1.8x, 128 -> 256 at 8x8 1.4x; 128-512
+#: channels at 2x2-4x4, one tile, level): 2^12, the least work of a layer WINOGRAD_MIN_CHANNELS
+#: wide (CIFAR-VGG b1 forward 1.10x, gradient 1.03x, ε+flat 1.04x against 2^18).
 WINOGRAD_MIN_CHANNELS = 64
-WINOGRAD_MIN_WORK = 1 << 18
+WINOGRAD_MIN_WORK = 1 << 12
+
+#: A Winograd convolution of fewer multiply-adds in its GEMMs than this (36 x tiles x C x K, summed
+#: over its filter sets) runs on the calling thread alone, its chunks one after the other: a hand-off
+#: to a pool thread costs ~0.1 ms, more than sharing out such a layer saves (one image, per layer
+#: against one thread: 0.87-1.03x at 9.4e6, 0.91-1.17x at 1.9e7, 1.2-1.6x from 3.8e7).
+WINOGRAD_THREADS_MIN_MACS = 1 << 24
 
 #: A Winograd convolution with too few tiles for a chunk per thread shares its three phases out to the
-#: threads (relprop.kernels.cpu.winograd._few_tiles) only from this many multiply-adds in its GEMMs (36 x
-#: tiles x C x K per filter set); below, it is one chunk on the calling thread: each phase's hand-off
-#: to a pool thread costs ~0.1 ms.  Measured on an idle 2-core machine: CIFAR-VGG b1 (9.4e6 per layer)
-#: forward 1.17x, gradient 1.05x, ε+flat 1.04x on one thread; b4 (3.8e7) 1.1x faster shared.
-WINOGRAD_FEW_TILES_MIN_MACS = 1 << 24
+#: threads (relprop.kernels.cpu.winograd._few_tiles) only from this many multiply-adds in its GEMMs
+#: (counted as for WINOGRAD_THREADS_MIN_MACS); below, it is one chunk on the calling thread: each
+#: phase's hand-off to a pool thread costs ~0.1 ms.  Measured per layer on an idle 2-core machine
+#: against one thread: 0.71-0.86x at 1.9e7 (128 -> 128 channels at 16x16, two images; 256 -> 256 at
+#: 8x8), 1.2-1.4x at 3.8e7.
+WINOGRAD_FEW_TILES_MIN_MACS = 1 << 25
 
 #: Bytes of Winograd filter transforms and other arrangements of the weights (and the weight copies
 #: that validate them, relprop.kernels.cpu._derived) kept between calls, least recently used first

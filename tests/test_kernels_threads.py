@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -310,6 +311,28 @@ def test_share_runs_here_unless_alone_and_large(monkeypatch):
     assert not getattr(_chunks._LOCAL, "alone", False)
     monkeypatch.setattr(config, "CONV_THREADS", 1)
     assert one_chunk(10**6) == [(0, 100)]  # one thread: nothing to share out
+
+
+@pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")
+def test_run_chunks_threads_caps_the_threads(monkeypatch):
+    """run_chunks(..., threads=1): every chunk here, in order, with BLAS held to one thread and no single-chunk
+    sharing (the work is too small to hand off); threads=None or 2: the pool takes chunks too."""
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    get = _chunks._BLAS_THREADS[1]
+    me = threading.get_ident()
+    for cap, alone in ((1, True), (2, False), (None, False)):
+        seen = []
+
+        def work(n0, nc, buffers):
+            seen.append((n0, nc, threading.get_ident(), get(), getattr(_chunks._LOCAL, "alone", False)))
+            time.sleep(0.002)  # long enough for the pool's thread to take a chunk
+
+        _chunks.run_chunks(7, 2, lambda: None, work, cap)
+        assert sorted(s[:2] for s in seen) == [(0, 2), (2, 2), (4, 2), (6, 1)]
+        assert ({s[2] for s in seen} == {me}) is alone
+        assert all(s[3] == 1 and not s[4] for s in seen)
+        if alone:
+            assert [s[0] for s in seen] == [0, 2, 4, 6]
 
 
 @pytest.mark.skipif(_chunks._BLAS_THREADS is None, reason="NumPy's BLAS thread count cannot be set")

@@ -7,6 +7,8 @@ batch 1, sizes that are not a multiple of the 4x4 tile (the last tiles overhang 
 padding 0, 1 and 2, one and several channels, chunks of one tile row (bands of one sample)
 up to whole batches.
 """
+import threading
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -31,6 +33,7 @@ def always_winograd(mp, chunk_tiles=512):
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES_WIDE", chunk_tiles)
     mp.setattr(config, "WINOGRAD_FEW_TILES_MIN_MACS", 0)  # a small problem's threads share the phases
+    mp.setattr(config, "WINOGRAD_THREADS_MIN_MACS", 0)  # ... and its chunks
 
 
 def spy(mp):
@@ -154,6 +157,7 @@ def test_winograd_schedules_agree(threads, n, c, k, hw, padding, seed):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "CONV_THREADS", threads)
         mp.setattr(config, "WINOGRAD_CHUNK_TILES", 512)  # one chunk of at most 3 * 4 * 4 tiles
+        mp.setattr(config, "WINOGRAD_THREADS_MIN_MACS", 0)
         few = []
         real = wg._few_tiles
         mp.setattr(wg, "_few_tiles", lambda *a: few.append(1) or real(*a))
@@ -192,7 +196,8 @@ def test_winograd_vjp_is_the_adjoint(rng):
     ((64, 32, 16, 16), (32, 32, 3, 3), (1, 1), (1, 1), (1, 1), False),     # too few channels
     ((64, 3, 32, 32), (64, 3, 3, 3), (1, 1), (1, 1), (1, 1), False),
     ((1, 128, 16, 16), (128, 128, 3, 3), (1, 1), (1, 1), (1, 1), True),    # CIFAR-VGG's at batch 1
-    ((1, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), False),      # too little work: 16 tiles
+    ((1, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), True),       # 16 tiles
+    ((1, 64, 4, 4), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), True),         # one tile
     ((64, 128, 8, 8), (128, 128, 3, 3), (2, 2), (1, 1), (1, 1), False),    # stride
     ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (1, 1), (2, 2), False),    # dilation
     ((64, 128, 8, 8), (128, 128, 3, 3), (1, 1), (3, 3), (1, 1), False),    # padding beyond 2
@@ -203,6 +208,49 @@ def test_winograd_applies_where_it_pays(x_shape, w_shape, stride, padding, dilat
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config, "WINOGRAD", False)
         assert not wg.winograd_applies(x_shape, w_shape, stride, padding, dilation)
+
+
+def test_winograd_work_bound():
+    """``WINOGRAD_MIN_WORK`` bounds tiles x C x K from below, inclusive."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "WINOGRAD_MIN_WORK", 16 * 64 * 64)
+        assert wg.winograd_applies((1, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+        mp.setattr(config, "WINOGRAD_MIN_WORK", 16 * 64 * 64 + 1)
+        assert not wg.winograd_applies((1, 64, 16, 16), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1))
+
+
+@pytest.mark.parametrize("also", [0, 1])
+def test_winograd_small_work_runs_on_the_calling_thread(also):
+    """Below ``WINOGRAD_THREADS_MIN_MACS`` (counting every filter set) every chunk of a convolution of
+    several chunks runs on the calling thread; from it, the threads take chunks.  Same values either way."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 8, 12, 13)).astype(np.float32)
+    w = rng.standard_normal((2, 16, 8, 3, 3)).astype(np.float32)
+    b = np.zeros(16, np.float32)
+    tiles = 3 * 3 * 4
+    macs = 36 * tiles * 8 * 16 * (1 + also)
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", 2)
+        mp.setattr(config, "WINOGRAD_CHUNK_TILES", 4)  # one tile row a chunk: 9 chunks
+        seen = []
+        real = wg._input_transform
+        mp.setattr(wg, "_input_transform", lambda *a: seen.append(threading.get_ident()) or real(*a))
+        for bound, alone in ((macs + 1, True), (macs, False)):
+            mp.setattr(config, "WINOGRAD_THREADS_MIN_MACS", bound)
+            seen.clear()
+            out = np.empty((3, 16, 12, 13), np.float32)
+            extra = [(wg.transformed_filters(w[1]), b, np.empty_like(out))] if also else []
+            for _ in range(20):  # threaded, the pool's thread takes a chunk in one of these calls at least
+                wg.conv3x3_winograd(x, wg.transformed_filters(w[0]), b, (1, 1), out, cpu_conv._gemm_batch, also=extra)
+                if not alone and len(set(seen)) > 1:
+                    break
+            assert len(seen) >= 9
+            assert (set(seen) == {threading.get_ident()}) is alone
+            outs.append([out] + [e[2] for e in extra])
+    for a, c in zip(*outs):
+        assert_close(a, c, reduction_len=8 * 9)
+    assert_close(outs[0][0], K.conv2d_forward(x, w[0], b, 1, 1, 1, backend="reference"), reduction_len=8 * 9)
 
 
 def test_filter_transforms_are_cached_and_checked(rng):

@@ -41,6 +41,7 @@ def use_path(mp, path, chunk_tiles=512):
     mp.setattr(config, "WINOGRAD_CHUNK_TILES", chunk_tiles)
     mp.setattr(config, "WINOGRAD_CHUNK_TILES_WIDE", chunk_tiles)
     mp.setattr(config, "WINOGRAD_FEW_TILES_MIN_MACS", 0)  # a small problem's threads share the phases
+    mp.setattr(config, "WINOGRAD_THREADS_MIN_MACS", 0)  # ... and its chunks
     if path == "unfused":
         mp.setattr(config, "CONV_LANES", 0)
 

@@ -130,14 +130,15 @@ def run_here(fn):
         _exit()
 
 
-def run_chunks(n, nb, scratch, work):
+def run_chunks(n, nb, scratch, work, threads=None):
     """Call ``work(n0, count, buffers)`` for the chunks ``[n0, n0 + count)`` of ``range(0, n, nb)``.
 
     ``scratch()`` makes one set of scratch buffers; each thread makes its own.  With one
-    chunk everything runs here with BLAS held to one thread, and the chunk may share its GEMMs'
-    columns out to the threads (:func:`share`); with ``_config.CONV_THREADS`` = 1, here with BLAS as
-    the user set it.  Otherwise the calling thread and ``threads - 1`` pool threads take chunks
-    in turn; the first exception is raised here once every started chunk has finished.
+    chunk (or ``threads`` = 1: work too small to pay for a hand-off) everything runs here with BLAS
+    held to one thread, and a single chunk may share its GEMMs' columns out to the threads
+    (:func:`share`); with ``_config.CONV_THREADS`` = 1, here with BLAS as the user set it.
+    Otherwise the calling thread and pool threads, ``conv_threads()`` (at most ``threads``) in all,
+    take chunks in turn; the first exception is raised here once every started chunk has finished.
 
     Not BLAS's own threads for a single chunk: OpenBLAS's workers keep spinning for ~0.1 s after
     a threaded GEMM (measured: 105 ms of a core after a 64x27x50000 GEMM), so a single image's
@@ -145,7 +146,7 @@ def run_chunks(n, nb, scratch, work):
     (VGG-16 b1 forward 128-151 ms, 105 ms with BLAS held to one thread).
     """
     starts = list(range(0, n, nb))
-    threads = min(conv_threads(), len(starts))
+    threads = min(conv_threads(), len(starts), threads or len(starts))
     if threads <= 1:
         def here():
             buffers = scratch()

@@ -614,8 +614,11 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
       channels, so splitting the tiles instead would read it once per thread), output transform
       by tile rows.  Before, a single chunk ran with BLAS's own threads, whose workers then kept
       spinning and took a core from the next convolution (33 ms instead of 18 ms).  Below
-      ``_config.WINOGRAD_FEW_TILES_MIN_MACS`` (CIFAR-VGG's layers at batch 1) the phases' hand-offs to
-      the threads cost more than they save: one chunk on the calling thread instead.
+      ``_config.WINOGRAD_FEW_TILES_MIN_MACS`` the phases' hand-offs to the threads cost more than
+      they save: one chunk on the calling thread instead.
+
+    Below ``_config.WINOGRAD_THREADS_MIN_MACS`` (CIFAR-VGG's layers at batch 1) every chunk runs on
+    the calling thread.
     """
     ph, pw = padding
     n_, c_ = x.shape[:2]
@@ -635,7 +638,9 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
         else _config.WINOGRAD_CHUNK_TILES_WIDE
     rows_total = n_ * th
     max_rows = max(1, tiles // tw)
-    threads = conv_threads()
+    # the calling thread alone below WINOGRAD_THREADS_MIN_MACS (a hand-off costs more than it saves)
+    macs = 36 * rows_total * tw * c_ * k_ * (1 + len(also))
+    threads = conv_threads() if macs >= _config.WINOGRAD_THREADS_MIN_MACS else 1
     if threads > 1:
         max_rows = min(max_rows, max(-(-rows_total // (2 * threads)), -(-tiles // (4 * tw))))
     segs, per_chunk = _segments(n_, th, max_rows)
@@ -644,8 +649,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
     parts = [(u, b, out, a_out, mode)] + [(u2, b2, out2, a_out, 6) if mode == 4 and out2.shape == out.shape
                                           else (u2, b2, out2, out2, 0) for u2, b2, out2 in also]
     finite = []  # mode 3: per chunk, were its pooled windows finite?
-    if threads > 1 and -(-len(segs) // per_chunk) < threads \
-            and 36 * rows_total * tw * c_ * k_ * len(parts) >= _config.WINOGRAD_FEW_TILES_MIN_MACS:
+    if threads > 1 and -(-len(segs) // per_chunk) < threads and macs >= _config.WINOGRAD_FEW_TILES_MIN_MACS:
         _few_tiles(x, (ph, pw, th, tw), cst, gemm_batch, threads, parts, finite, source)
         return out if all(finite) else None
     rows_max = int(max(segs[s:s + per_chunk, 2].sum() for s in range(0, len(segs), per_chunk)))
@@ -663,7 +667,7 @@ def conv3x3_winograd(x, u, b, padding, out, gemm_batch, a_out=None, mode=0, also
             gemm_batch(36, t, k_, c_, v, 0, t * c_, c_, u_, 0, c_ * k_, k_, mf, 0, t * k_, k_)
             _transform_out(mf[:36 * t * k_].reshape(36, t * k_), chunk, tw, cst, b_, out_, a_, mode_, finite)
 
-    run_chunks(len(segs), per_chunk, scratch, work)
+    run_chunks(len(segs), per_chunk, scratch, work, threads)
     return out if all(finite) else None
 
 
