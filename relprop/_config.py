@@ -164,6 +164,17 @@ WINOGRAD_FEW_TILES_MIN_MACS = 1 << 25
 #: for the gradient and 820 MB for z+ rules (the z+ weights W+ are a second set).
 WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 
+#: Check a net's cached weight arrangements (relprop.kernels.cpu._derived) on a thread of their own, ahead
+#: of the calling thread, which then only takes their verdicts: the weights the previous forward or
+#: explanation of the same net or explainer looked up, in that order.  The same checks; at CIFAR-VGG b1
+#: they took a fifth of a forward on the calling thread.  False: each check on the calling thread.
+#: Only for batches of at most WEIGHT_CHECKS_AHEAD_MAX_SAMPLES samples: larger ones keep every thread
+#: busy, and the checker only takes a core from them.  Measured in alternating processes (ABBA) on an
+#: idle 2-core machine: CIFAR-VGG b1 forward 1.06x, gradient 1.03x, ε+flat 1.13x; b4 1.03-1.08x; b16
+#: 1.04-1.06x; VGG-16 b1 1.03-1.04x; but CIFAR-VGG b64 0.98-1.00x and VGG-16 b4 0.99-1.00x.
+WEIGHT_CHECKS_AHEAD = True
+WEIGHT_CHECKS_AHEAD_MAX_SAMPLES = 16
+
 #: The CPU convolutions' other arrangements of the weights (the row-shift and im2col GEMMs' operands, the
 #: flipped weights of an input-VJP in lanes) are kept between calls like the Winograd transforms, in the
 #: same cache, for weights of at least this many bytes (below it, a copy costs less than the check).

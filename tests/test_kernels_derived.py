@@ -161,3 +161,106 @@ def test_an_explanation_checks_each_weight_array_once(fresh_cache, monkeypatch):
     again = explainer(x, 1)
     assert len(checks) == 2  # two convolutions, each compared once
     np.testing.assert_array_equal(again, first)
+
+
+def _small_conv_net(rng):
+    import relprop
+
+    spec = [{"type": "conv2d", "in": 8, "out": 16, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "conv2d", "in": 16, "out": 12, "kernel": 3, "padding": 1}, {"type": "relu"},
+            {"type": "flatten"}, {"type": "linear", "in": 12 * 6 * 6, "out": 3}]
+    shapes = {"0.weight": (16, 8, 3, 3), "0.bias": (16,), "2.weight": (12, 16, 3, 3), "2.bias": (12,),
+              "5.weight": (3, 12 * 6 * 6), "5.bias": (3,)}
+    return relprop.from_spec(spec, {k: rng.standard_normal(v).astype(np.float32) * 0.1 for k, v in shapes.items()})
+
+
+def _checks_by_thread(monkeypatch):
+    """Patch _same_bits to record (thread, weight id) per comparison."""
+    import threading
+
+    seen = []
+    real = _derived._same_bits
+    monkeypatch.setattr(_derived, "_same_bits", lambda a, b: seen.append((threading.get_ident(), id(a))) or real(a, b))
+    return seen
+
+
+def test_a_nets_weights_are_checked_ahead_on_another_thread(fresh_cache, monkeypatch):
+    """From a net's second forward on, the weights its previous forward looked up are compared on the checker
+    thread, in the order they were looked up, and the calling thread compares none; weights changed in place
+    between forwards get the verdict "changed": the forward follows them (the reference's values)."""
+    import threading
+
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    rng = np.random.default_rng(1)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    first = net.forward(x)  # arranges and keeps; records the order
+    seen = _checks_by_thread(monkeypatch)
+    ws = [net.layers[0].weight, net.layers[2].weight]
+    for _ in range(3):
+        seen.clear()
+        np.testing.assert_array_equal(net.forward(x), first)
+        assert [wid for _, wid in seen] == [id(w) for w in ws]  # each once, in the forward's order
+        assert threading.get_ident() not in {t for t, _ in seen}
+    ws[1] *= -1  # in place
+    seen.clear()
+    changed = net.forward(x)
+    assert threading.get_ident() not in {t for t, _ in seen[:2]}  # the verdicts came from the checker
+    assert_close(changed, net.forward(x, backend="reference"), reduction_len=16 * 9)
+    assert not np.allclose(changed, first)
+
+
+@pytest.mark.parametrize("why", ["one thread", "switched off", "large batch", "no owner"])
+def test_weights_are_checked_here_without_checks_ahead(fresh_cache, monkeypatch, why):
+    import threading
+
+    monkeypatch.setattr(config, "CONV_THREADS", 1 if why == "one thread" else 2)
+    monkeypatch.setattr(config, "WEIGHT_CHECKS_AHEAD", why != "switched off")
+    monkeypatch.setattr(config, "WEIGHT_CHECKS_AHEAD_MAX_SAMPLES", 1 if why == "large batch" else 16)
+    rng = np.random.default_rng(2)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    run = (lambda: net.trace(x, keep=False).output) if why == "no owner" else (lambda: net.forward(x))
+    run()
+    seen = _checks_by_thread(monkeypatch)
+    run()
+    assert len(seen) == 2 and {t for t, _ in seen} == {threading.get_ident()}
+
+
+def test_a_failed_checker_leaves_the_checks_to_the_caller(fresh_cache, monkeypatch):
+    """If the checker thread fails, each lookup compares its weights on the calling thread: still exact."""
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    rng = np.random.default_rng(3)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    first = net.forward(x)
+
+    def broken(self):
+        raise RuntimeError("checker down")
+
+    monkeypatch.setattr(_derived._Ahead, "_run", broken)
+    np.testing.assert_array_equal(net.forward(x), first)
+    net.layers[0].weight[0, 0, 0, 0] += 1.0
+    assert_close(net.forward(x), net.forward(x, backend="reference"), reduction_len=16 * 9)
+
+
+def test_an_explainer_checks_ahead_too(fresh_cache, monkeypatch):
+    """An Explainer is an owner of its own: its second call's checks (the forward's and the VJP's weights, and
+    the z+ rules' modified weights) run on the checker thread, each weight array once."""
+    import threading
+
+    import relprop
+
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    rng = np.random.default_rng(4)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    for method in ("gradient", "lrp.epsilon_plus_flat"):
+        explainer = relprop.Explainer(net, method)
+        first = explainer(x, 1)
+        seen = _checks_by_thread(monkeypatch)
+        np.testing.assert_array_equal(explainer(x, 1), first)
+        assert seen and threading.get_ident() not in {t for t, _ in seen}
+        assert len({wid for _, wid in seen}) == len(seen)
+        monkeypatch.undo()
+        monkeypatch.setattr(config, "CONV_THREADS", 2)

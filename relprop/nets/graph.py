@@ -229,7 +229,11 @@ class Graph:
     # -- passes -----------------------------------------------------------------------
     def forward(self, x, backend=None):
         """The logits f(x).  ``backend``: None (by array type) | "reference" | "cpu" | "cuda"."""
-        return self.trace(x, backend=backend, keep=False).output
+        from ..kernels.cpu._derived import one_call  # (here: the CPU kernels load when first used)
+
+        samples = x.shape[0] if getattr(x, "ndim", 0) else 1  # (trace checks x)
+        with one_call(self, samples):  # the weights' cached arrangements checked ahead, on another thread
+            return self.trace(x, backend=backend, keep=False).output
 
     def trace(self, x, backend=None, keep=True, check=True, upto=None, preactivations=True, also=None, pooled=(),
               at_switches=()):
