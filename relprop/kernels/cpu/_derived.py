@@ -128,8 +128,10 @@ def one_call(owner=None, samples=1):
                 _CALL.order = []
                 if refs and samples <= _config.WEIGHT_CHECKS_AHEAD_MAX_SAMPLES and conv_threads() > 1:
                     pairs = _pairs(refs)
-                    if pairs:
-                        _CALL.ahead = _Ahead(pairs)
+                    try:
+                        _CALL.ahead = _Ahead(pairs) if pairs else None
+                    except RuntimeError:  # no new threads (the interpreter is shutting down): checks here
+                        _CALL.ahead = None
     _CALL.depth = depth + 1
     try:
         yield
