@@ -117,8 +117,8 @@ class Explainer:
         self.net.check_input(x, where=f"explain({self.name!r})")
         from .kernels.cpu._derived import one_call  # (here: the CPU kernels load when first used)
 
-        with one_call(self, x.shape[0]):  # each weight array checked once (ahead, on another thread) against the CPU
-            # kernels' cached arrangements
+        # each weight array checked once (ahead, on another thread) against the CPU kernels' cached arrangements
+        with one_call(self, x.shape[0]):
             out = self._method(x, target, backend, return_layers)
         R = out[0] if isinstance(out, tuple) else out
         xp = array_namespace(R)
