@@ -321,11 +321,14 @@ def test_run_chunks_threads_caps_the_threads(monkeypatch):
     get = _chunks._BLAS_THREADS[1]
     me = threading.get_ident()
     for cap, alone in ((1, True), (2, False), (None, False)):
-        seen = []
+        seen, other = [], threading.Event()
 
         def work(n0, nc, buffers):
             seen.append((n0, nc, threading.get_ident(), get(), getattr(_chunks._LOCAL, "alone", False)))
-            time.sleep(0.002)  # long enough for the pool's thread to take a chunk
+            if threading.get_ident() != me:
+                other.set()
+            elif not alone:
+                other.wait(5.0)  # until the pool's thread has taken a chunk (however loaded the machine)
 
         _chunks.run_chunks(7, 2, lambda: None, work, cap)
         assert sorted(s[:2] for s in seen) == [(0, 2), (2, 2), (4, 2), (6, 1)]

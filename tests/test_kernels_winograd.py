@@ -8,6 +8,7 @@ padding 0, 1 and 2, one and several channels, chunks of one tile row (bands of o
 up to whole batches.
 """
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -235,16 +236,21 @@ def test_winograd_small_work_runs_on_the_calling_thread(also):
         mp.setattr(config, "WINOGRAD_CHUNK_TILES", 4)  # one tile row a chunk: 9 chunks
         seen = []
         real = wg._input_transform
-        mp.setattr(wg, "_input_transform", lambda *a: seen.append(threading.get_ident()) or real(*a))
+
+
+        def transform(*a):  # a chunk long enough (2 ms) for the pool's thread to wake and take one
+            seen.append(threading.get_ident())
+            time.sleep(0.002)
+            return real(*a)
+
+        mp.setattr(wg, "_input_transform", transform)
         for bound, alone in ((macs + 1, True), (macs, False)):
             mp.setattr(config, "WINOGRAD_THREADS_MIN_MACS", bound)
             seen.clear()
             out = np.empty((3, 16, 12, 13), np.float32)
             extra = [(wg.transformed_filters(w[1]), b, np.empty_like(out))] if also else []
-            for _ in range(20):  # threaded, the pool's thread takes a chunk in one of these calls at least
+            for _ in range(3):  # threaded, the pool's thread takes chunks in every call
                 wg.conv3x3_winograd(x, wg.transformed_filters(w[0]), b, (1, 1), out, cpu_conv._gemm_batch, also=extra)
-                if not alone and len(set(seen)) > 1:
-                    break
             assert len(seen) >= 9
             assert (set(seen) == {threading.get_ident()}) is alone
             outs.append([out] + [e[2] for e in extra])
