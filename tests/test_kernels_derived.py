@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import relprop._config as config
 import relprop.kernels as K
 from helpers import assert_close
-from relprop.kernels.cpu import _derived, conv2d as cpu_conv
+from relprop.kernels.cpu import _chunks, _derived, conv2d as cpu_conv
 
 
 @pytest.fixture
@@ -163,6 +163,10 @@ def test_an_explanation_checks_each_weight_array_once(fresh_cache, monkeypatch):
     np.testing.assert_array_equal(again, first)
 
 
+needs_threads = pytest.mark.skipif(_chunks._BLAS_THREADS is None,
+                                   reason="one thread only: NumPy's BLAS thread count cannot be set")
+
+
 def _small_conv_net(rng):
     import relprop
 
@@ -184,6 +188,7 @@ def _checks_by_thread(monkeypatch):
     return seen
 
 
+@needs_threads
 def test_a_nets_weights_are_checked_ahead_on_another_thread(fresh_cache, monkeypatch):
     """From a net's second forward on, the weights its previous forward looked up are compared on the checker
     thread, in the order they were looked up, and the calling thread compares none; weights changed in place
@@ -244,6 +249,7 @@ def test_a_failed_checker_leaves_the_checks_to_the_caller(fresh_cache, monkeypat
     assert_close(net.forward(x), net.forward(x, backend="reference"), reduction_len=16 * 9)
 
 
+@needs_threads
 def test_an_explainer_checks_ahead_too(fresh_cache, monkeypatch):
     """An Explainer is an owner of its own: its second call's checks (the forward's and the VJP's weights, and
     the z+ rules' modified weights) run on the checker thread, each weight array once."""
