@@ -44,9 +44,9 @@ from ._chunks import conv_threads
 _CACHE = OrderedDict()  # (id(w), kind) -> (weakref to w, copy of w, derived array)
 _LOCK = threading.Lock()
 #: per thread: depth (of nested one_call blocks); seen: id(w) -> the copy w was found equal to; ahead: the
-#: block's background checks (or None); order: weak references to the weights looked up, in order
+#: block's background checks (or None); order: weak references to the weights looked up and their copies, in order
 _CALL = threading.local()
-_LAST = weakref.WeakKeyDictionary()  # owner -> the weights its last block looked up (weak references, in order)
+_LAST = weakref.WeakKeyDictionary()  # owner -> its last block's order (see _CALL)
 _CHECKER = {"pool": None}
 
 
@@ -95,18 +95,9 @@ class _Ahead:
 
 
 def _pairs(refs):
-    """[(w, copy)] for the weights still alive among ``refs`` with a copy in the cache, in order."""
-    copies = {}
-    with _LOCK:
-        for (wid, _), e in _CACHE.items():
-            copies.setdefault(wid, e)
-    pairs = []
-    for ref in refs:
-        w = ref()
-        e = None if w is None else copies.get(id(w))
-        if e is not None and e[0]() is w:
-            pairs.append((w, e[1]))
-    return pairs
+    """[(w, copy)] for the (weak references to) weights and their copies ``refs`` whose both are still alive."""
+    pairs = [(w(), c()) for w, c in refs]
+    return [(w, c) for w, c in pairs if w is not None and c is not None]
 
 
 class one_call:
@@ -205,7 +196,7 @@ def _current(entry, w):
     if seen is not None:
         seen[id(w)] = entry[1]
         if _CALL.order is not None:
-            _CALL.order.append(weakref.ref(w))
+            _CALL.order.append((weakref.ref(w), weakref.ref(entry[1])))
     return True
 
 
@@ -236,7 +227,7 @@ def derived(w, kind, make):
         if seen is not None and seen.get(id(w)) is not copy:
             seen[id(w)] = copy
             if _CALL.order is not None:
-                _CALL.order.append(ref)
+                _CALL.order.append((ref, weakref.ref(copy)))
         while _cache_bytes() > limit and _CACHE:
             _CACHE.popitem(last=False)
     return value
