@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import relprop._config as config
 import relprop.kernels as K
-from relprop.kernels.cpu import pool2d as cpu_pool
+from relprop.kernels.cpu import elementwise as cpu_elementwise, pool2d as cpu_pool
 from helpers import assert_close
 
 DTYPES = [np.float32, np.float64]
@@ -274,6 +275,27 @@ def test_stabilized_divide_matches_reference(dtype, problem, epsilon):
     assert actual.dtype == dtype
     assert_close(actual, expected, magnitude=float(np.abs(expected).max(initial=1.0)))
     assert K.stabilized_divide(r, z, epsilon, backend="cpu").tobytes() == actual.tobytes()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@given(problem=elementwise_problem(), epsilon=st.sampled_from([0.0, 1e-2, 1.0]), threshold=st.sampled_from([0, 10**12]))
+def test_stabilized_divide_in_place_gives_the_same_bits(dtype, problem, epsilon, threshold):
+    """out = r and out = z (the sweeps divide in place) take their own kernels: the same bits as a third
+    array, on both twins (``threshold``: parallel for every size, or serial)."""
+    shape, seed = problem
+    rng = np.random.default_rng(seed)
+    r, z = with_zeros(shape, rng, dtype), with_zeros(shape, rng, dtype)
+    want = K.stabilized_divide(r, z, epsilon, backend="reference")
+    saved, config.PARALLEL_MIN_ELEMENTS = config.PARALLEL_MIN_ELEMENTS, threshold
+    try:
+        apart = cpu_elementwise.stabilized_divide(r, z, epsilon, np.empty_like(r))
+        over_r, over_z = r.copy(), z.copy()
+        assert cpu_elementwise.stabilized_divide(over_r, z, epsilon, over_r) is over_r
+        assert cpu_elementwise.stabilized_divide(r, over_z, epsilon, over_z) is over_z
+    finally:
+        config.PARALLEL_MIN_ELEMENTS = saved
+    assert over_r.tobytes() == apart.tobytes() and over_z.tobytes() == apart.tobytes()
+    assert_close(apart, want, magnitude=float(np.abs(want).max(initial=1.0)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,7 +11,9 @@ waits for all its threads, which on a shared machine costs more than a small pas
 give the same bits.
 """
 import numpy as np
-from numba import prange
+from numba import njit, prange
+
+from ... import _config
 
 from ._threads import parallel_above
 
@@ -63,17 +65,60 @@ def relu_backward_guided(g, z, out):
     return out
 
 
-@parallel_above()
+@njit(inline="always", cache=_config.NUMBA_CACHE, fastmath=_config.FASTMATH_FLAGS)
+def _quotient(rk, zk, eps):
+    """r / (z + ε·sign₀(z)), 0 where the denominator is 0 (only ε = 0 and z = 0 reach it)."""
+    den = zk + eps if zk >= 0 else zk - eps  # sign0(0) = +1
+    return 0 if den == 0 else rk / den
+
+
+@parallel_above("stabilized_divide")
+def _divide_to(r, z, epsilon, out):
+    """out = r / stab(z), out apart from r and z."""
+    rf, zf, of = r.reshape(-1), z.reshape(-1), out.reshape(-1)
+    eps = np.array([epsilon]).astype(z.dtype)[0]
+    for k in prange(rf.size):
+        of[k] = _quotient(rf[k], zf[k], eps)
+    return out
+
+
+@parallel_above("stabilized_divide")
+def _divide_over_r(r, z, epsilon):
+    """r = r / stab(z), in place."""
+    rf, zf = r.reshape(-1), z.reshape(-1)
+    eps = np.array([epsilon]).astype(z.dtype)[0]
+    for k in prange(rf.size):
+        rf[k] = _quotient(rf[k], zf[k], eps)
+    return r
+
+
+@parallel_above("stabilized_divide")
+def _divide_over_z(r, z, epsilon):
+    """z = r / stab(z), in place."""
+    rf, zf = r.reshape(-1), z.reshape(-1)
+    eps = np.array([epsilon]).astype(z.dtype)[0]
+    for k in prange(rf.size):
+        zf[k] = _quotient(rf[k], zf[k], eps)
+    return z
+
+
 def stabilized_divide(r, z, epsilon, out):
     """Same math as :func:`relprop.kernels.reference.elementwise.stabilized_divide`; prange over elements.
 
     ε is cast to the arrays' dtype first, so float32 input computes the denominator in
     float32 like the reference (an ε that underflows to 0 gives 0, not r/ε).
-    """
-    rf, zf, of = r.reshape(-1), z.reshape(-1), out.reshape(-1)
-    eps = np.array([epsilon]).astype(z.dtype)[0]
-    for k in prange(rf.size):
-        zk = zf[k]
-        den = zk + eps if zk >= 0 else zk - eps  # sign0(0) = +1
-        of[k] = 0 if den == 0 else rf[k] / den  # only ε = 0 and z = 0 reach den == 0
-    return out
+
+    ``out`` may be ``r`` or ``z`` (the sweeps divide in place): each case has its own kernel, whose
+    loop writes the array it reads.  One loop through a separate ``out`` that is ``r`` runs scalar: LLVM
+    vectorises it behind a run-time check that ``out`` does not overlap the inputs, which an in-place
+    call fails (measured at 2^20 float32: 1.2 ms, against 0.41 ms in place and 0.48 ms to a third array).
+    The same bits either way."""
+    if out is r:
+        return _divide_over_r(r, z, epsilon)
+    if out is z:
+        return _divide_over_z(r, z, epsilon)
+    return _divide_to(r, z, epsilon, out)
+
+
+#: the out-of-place twins (tests pin one, as for the other kernels)
+stabilized_divide.parallel, stabilized_divide.serial = _divide_to.parallel, _divide_to.serial
