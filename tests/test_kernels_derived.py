@@ -249,6 +249,29 @@ def test_a_failed_checker_leaves_the_checks_to_the_caller(fresh_cache, monkeypat
     assert_close(net.forward(x), net.forward(x, backend="reference"), reduction_len=16 * 9)
 
 
+def test_a_checker_failing_after_the_block_is_not_the_callers_error(fresh_cache, monkeypatch):
+    """The block waits for its checker at the end; a checker that fails then (the lookups having compared on
+    the calling thread) does not fail the caller's forward."""
+    import threading
+
+    monkeypatch.setattr(config, "CONV_THREADS", 2)
+    rng = np.random.default_rng(3)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    first = net.forward(x)  # records the weights the next block checks ahead
+    release = threading.Event()
+
+    def late(self):
+        release.wait(5)
+        raise RuntimeError("checker down")
+
+    monkeypatch.setattr(_derived._Ahead, "_run", late)
+    monkeypatch.setattr(_derived._Ahead, "verdict", lambda self, w, copy: None)  # never waits for the checker
+    timer = threading.Timer(0.05, release.set)
+    timer.start()
+    np.testing.assert_array_equal(net.forward(x), first)
+    timer.join()
+
 @needs_threads
 def test_an_explainer_checks_ahead_too(fresh_cache, monkeypatch):
     """An Explainer is an owner of its own: its second call's checks (the forward's and the VJP's weights, and

@@ -144,7 +144,10 @@ class one_call:
         if order is not None and (order or self.refs):
             _LAST[self.owner] = order
         if ahead is not None and not ahead.future.done():
-            ahead.future.result()  # nothing reads the weights after the block
+            try:
+                ahead.future.result()  # nothing reads the weights after the block
+            except Exception:  # noqa: BLE001 - a failed checker: the lookups compared on this thread instead
+                pass
         return False
 
 
