@@ -135,6 +135,8 @@ def explain(net, x, method, target=None, backend=None, return_layers=False, **op
     """Explain the decision of ``net`` on ``x``: an array of x's shape.
 
     A thin wrapper over :class:`Explainer`; build one Explainer when explaining many
-    batches with the same method (it caches modified weights and patterns).
+    batches with the same method (it caches patterns and per-input-shape constants).  The
+    modified weights of the convolutions (z⁺'s W⁺) and their kernel arrangements are kept
+    between calls either way (beside the layer's own, while its weights are unchanged).
     """
     return Explainer(net, method, backend=backend, **options)(x, target, return_layers=return_layers)

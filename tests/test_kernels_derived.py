@@ -293,3 +293,32 @@ def test_an_explainer_checks_ahead_too(fresh_cache, monkeypatch):
         assert len({wid for _, wid in seen}) == len(seen)
         monkeypatch.undo()
         monkeypatch.setattr(config, "CONV_THREADS", 2)
+
+
+def test_new_explainers_get_the_same_modified_weights_until_the_weights_change(fresh_cache):
+    """A rule's modified conv weights (z⁺'s W⁺) are kept beside the layer's weight arrangements: a second,
+    new explainer (each call of relprop.explain) gets the same array, so the kernels' transforms of it are
+    reused; weights changed in place give a new one, and the explanation follows them."""
+    import relprop
+    from relprop.rules import Gamma, ZPlus
+    from relprop.rules.core import _params
+
+    rng = np.random.default_rng(3)
+    net = _small_conv_net(rng)
+    conv, x = net.layers[2], rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    first = _params(ZPlus(), conv, x, {})[0][0][0]
+    assert _params(ZPlus(), conv, x, {})[0][0][0] is first  # an equal rule, a new state: the same W⁺
+    np.testing.assert_array_equal(first, np.maximum(conv.weight, 0))
+    assert _params(Gamma(0.25), conv, x, {})[0][0][0] is not first  # another rule: its own weights
+    np.testing.assert_array_equal(_params(ZPlus(), net.layers[5], x.reshape(2, -1)[:, :432], {})[0][0][0],
+                                  np.maximum(net.layers[5].weight, 0))  # dense layers: made afresh, not kept
+
+    before = relprop.explain(net, x, "lrp.zplus", target=1)
+    conv.weight[...] = -conv.weight  # changed in place: no set_params, the same array
+    changed = _params(ZPlus(), conv, x, {})[0][0][0]
+    assert changed is not first
+    np.testing.assert_array_equal(changed, np.maximum(conv.weight, 0))
+    rebuilt = relprop.from_spec(net.spec(), {k: np.array(v) for k, v in net.state_dict().items()})
+    after = relprop.explain(net, x, "lrp.zplus", target=1)
+    np.testing.assert_array_equal(after, relprop.explain(rebuilt, x, "lrp.zplus", target=1))
+    assert not np.array_equal(after, before)
