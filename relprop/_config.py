@@ -208,6 +208,16 @@ LRP_DIVIDE_BEFORE_UNPOOL = True
 #: same below their division (LRP_DIVIDE_BEFORE_UNPOOL).  False: the unpooling, then the VJP.
 UNPOOL_IN_VJP = True
 
+#: LRP sweeps run whole hand the relevance of a conv, ReLU, 2x2 max-pool triple whose conv has the flat
+#: rule down still pooled (rules.core.UnpoolBelow), and the flat rule's kernel unpools it as it sums it
+#: over the channels (rules.core.FlatBelowPool).  The same bits.  False: the unpooling, then the rule.
+LRP_FLAT_BELOW_POOL = True
+
+#: The flat rule's backward at a convolution (relprop.kernels.cpu.conv2d.conv2d_flat_relevance) shares its
+#: samples out to the threads from this many elements read and written (r and R_in) on; below, one thread
+#: (a hand-off costs 0.1-0.3 ms here; the whole pass at LeNet-5 b256 takes ~0.4 ms).
+FLAT_THREADS_MIN_ELEMENTS = 1 << 21
+
 #: Tiles (4x4 blocks of outputs) per chunk of a Winograd convolution: the rows of its 36 GEMMs.
 #: Small, so that a chunk's transformed tiles and products stay in cache between the transforms
 #: and the GEMMs (36 BLAS calls per chunk, issued from compiled code); but WINOGRAD_CHUNK_TILES_WIDE

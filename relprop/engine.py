@@ -304,6 +304,15 @@ class Sweep:
                 self.whole_rules = rewritten
                 self.whole_spans = self.whole_spans + tuple(spans)
                 self._at_switches = frozenset(i for i, _ in spans)
+        # and a flat rule below a max-pool takes the pooled relevance and unpools it as it sums it
+        if _config.LRP_FLAT_BELOW_POOL and _config.TRACE_FUSED_POOLS:
+            from .rules.core import flats_below_pools
+
+            base = self.rules if self.whole_rules is None else self.whole_rules
+            rewritten, spans = flats_below_pools(net, base, self.preactivations)
+            if spans:
+                self.whole_rules = rewritten
+                self.whole_spans = self.whole_spans + tuple(spans)
 
     def _refresh(self):
         """Re-fold the user's net if its parameters changed since the canonical net was made."""

@@ -597,6 +597,25 @@ def test_conv2d_unpool_vjp_matches_reference(times, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("geometry", [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 1), (1, 2))])
+def test_conv2d_flat_relevance_matches_reference(geometry, pooled, dtype, rng):
+    """The flat rule's backward, from the conv's output or a 2x2 max-pool's pooled side (odd sizes)."""
+    kernel, stride, padding, dilation = geometry
+    x_shape = (2, 3, 9, 7)
+    ho, wo = _ops.conv2d_output_shape(x_shape, (4, 3) + kernel, stride, padding, dilation)[2:]
+    r, switches = normal(rng, (2, 4, ho, wo), dtype), None
+    if pooled:
+        _, switches = _ops.maxpool2d_forward(r, (2, 2), (2, 2), (0, 0), "reference")
+        r = normal(rng, switches.shape, dtype)
+    inv = np.abs(normal(rng, (ho, wo), dtype))
+    args = (kernel, stride, padding, dilation, x_shape)
+    got = host(_ops.conv2d_flat_relevance(dev(r), None if switches is None else dev(switches), dev(inv), *args,
+                                          "cuda"))
+    assert_close(got, _ops.conv2d_flat_relevance(r, switches, inv, *args, "reference"), reduction_len=4 * 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_conv2d_relu_maxpool2x2_chain_matches_reference(dtype, rng):
     """Two triples in a chain (a forward that keeps no record; the second with padding and no bias)."""
     x = normal(rng, (2, 1, 13, 11), dtype)

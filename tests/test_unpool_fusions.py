@@ -8,7 +8,9 @@ Below a conv, ReLU, 2x2 stride-2 max-pool triple only the pool's switches carry 
 * the conv's transposed pass reads the signal still pooled and unpools it as it goes
   (``conv2d_unpool_vjp``; on the CPU Winograd path in the input transform), for LRP
   (``DividedAbove``) and for the gradient-type sweeps (``GateBeforeUnpool(unpooled=True)``,
-  ``VjpOfUnpooled``).
+  ``VjpOfUnpooled``);
+* the flat rule's kernel unpools the relevance as it sums it over the channels
+  (``conv2d_flat_relevance``, ``FlatBelowPool``).
 
 Every fused path must give the unfused kernels' bits, and the sweeps the plain rules' bits.
 """
@@ -25,7 +27,7 @@ from relprop.kernels.cpu import conv2d as cpu_conv
 from relprop.kernels.cpu import winograd as wg
 from relprop.kernels.reference import pool2d as ref_pool
 from relprop.kernels.cpu import pool2d as cpu_pool
-from relprop.rules.core import DividedAbove, DivideBeforeUnpool
+from relprop.rules.core import DividedAbove, DivideBeforeUnpool, FlatBelowPool, UnpoolBelow
 from relprop.rules.signal import VjpOfUnpooled
 from helpers import assert_close, conv_inputs
 from nets_factory import make_net
@@ -173,6 +175,68 @@ def _triples_net(dtype, c=2, h=13, w=11):
     return make_net(spec + [{"type": "linear", "in": flat, "out": 3}], dtype=dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@given(n=st.integers(1, 3), c=st.integers(1, 4), k=st.integers(1, 5), kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
+       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+       padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), h=st.integers(1, 13), w=st.integers(1, 13),
+       pooled=st.booleans(), seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]))
+def test_conv2d_flat_relevance_matches_reference(threads, n, c, k, kernel, stride, dilation, padding, h, w, pooled, seed,
+                                                 dtype):
+    """The flat rule's backward (Σ over the channels, unpooling as it reads where pooled, the transposed all-ones
+    convolution, a copy per input channel): the CPU kernel against the reference, on any geometry (batch 1, odd
+    sizes, strides, dilations, padding; ties in the pools), on one thread and shared out (the same bits)."""
+    rng = np.random.default_rng(seed)
+    (kh, kw), (dh, dw) = kernel, dilation
+    h, w = max(h, (kh - 1) * dh + 1 - 2 * padding[0]), max(w, (kw - 1) * dw + 1 - 2 * padding[1])
+    ho, wo = (_ops.conv2d_output_shape((n, c, h, w), (k, c, kh, kw), stride, padding, dilation))[2:]
+    inv = rng.random((ho, wo)).astype(dtype)
+    switches = None
+    r = rng.integers(-2, 3, size=(n, k, ho, wo)).astype(dtype)  # ties and zeros
+    if pooled and ho >= 2 and wo >= 2:
+        y, switches = K.maxpool2d_forward(r, 2, backend="reference")
+        r = rng.standard_normal(y.shape).astype(dtype)
+    args = (r, switches, inv, kernel, stride, padding, dilation, (n, c, h, w))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "CONV_THREADS", threads)
+        mp.setattr(config, "FLAT_THREADS_MIN_ELEMENTS", 0)
+        got = _ops.conv2d_flat_relevance(*args, "cpu")
+        mp.setattr(config, "FLAT_THREADS_MIN_ELEMENTS", 1 << 40)
+        assert got.dtype == dtype and got.tobytes() == _ops.conv2d_flat_relevance(*args, "cpu").tobytes()
+    want = _ops.conv2d_flat_relevance(*args, "reference")
+    assert_close(got, want, reduction_len=k * kh * kw)
+    np.testing.assert_array_equal(got, got[:, :1].repeat(c, axis=1))  # the same for every input channel
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_flat_below_a_pool_unpools_in_its_kernel(backend, monkeypatch):
+    """ε+flat's first conv heads a conv, ReLU, max-pool triple: its whole sweep hands the relevance down pooled
+    (UnpoolBelow) to the flat rule's kernel (FlatBelowPool): no unpooling pass, and the plain rules' bits, also
+    with the unpooling switched back on, per layer and from a start inside the triple.  The flat rule's promise
+    holds: all relevance reaching the first layer is passed on (no bias, every input counted)."""
+    net = _triples_net(np.float64)
+    x = np.random.default_rng(8).standard_normal((3, 2, 13, 11))
+    explainer = _explainer(net, "lrp.epsilon_plus_flat", backend)
+    rules = explainer._method.whole_rules
+    assert isinstance(rules[0], FlatBelowPool) and isinstance(rules[2], UnpoolBelow)
+    unpooled = []
+    real = _ops.maxunpool2d
+    monkeypatch.setattr(_ops, "maxunpool2d", lambda *a: unpooled.append(a[0].shape) or real(*a))
+    got = explainer(x)
+    assert unpooled == []  # neither pool's relevance written whole (the second's: DividedAbove)
+    per_layer = explainer(x, return_layers=True)[1]  # (unpooled by the pools' rules)
+    assert per_layer[0].tobytes() == got.tobytes()
+    np.testing.assert_allclose(got.sum(axis=(1, 2, 3)), per_layer[1].sum(axis=(1, 2, 3)), rtol=1e-6)  # stab(n_j)
+    monkeypatch.setattr(config, "UNPOOL_IN_VJP", False)
+    assert explainer(x).tobytes() == got.tobytes()
+    monkeypatch.setattr(config, "UNPOOL_IN_VJP", True)
+    monkeypatch.setattr(config, "LRP_FLAT_BELOW_POOL", False)
+    plain = _explainer(net, "lrp.epsilon_plus_flat", backend)
+    assert not any(isinstance(r, FlatBelowPool) for r in plain._method.whole_rules or [])
+    assert plain(x).tobytes() == got.tobytes()
+    unit = relprop.Unit(layer=1, channel=2, position=(4, 3))
+    assert explainer(x, unit).tobytes() == plain(x, unit).tobytes()
+
+
 #: the convs whose triple each method's whole sweep fuses: not the first (its input, x, is not known to be
 #: >= 0, so its z⁺ has an a⁻ term), none under γ or αβ (two groups, γ's masked by the sign of z)
 LRP_FUSED = {"lrp.zplus": [3], "dtd.zplus": [3], "lrp.epsilon_plus_flat": [3], "lrp.gamma": [], "lrp.alpha_beta": []}
@@ -209,6 +273,7 @@ def test_lrp_divides_above_the_unpooling(method, path, backend, monkeypatch):
     assert explainer(x).tobytes() == got.tobytes()
     monkeypatch.setattr(config, "UNPOOL_IN_VJP", True)
     monkeypatch.setattr(config, "LRP_DIVIDE_BEFORE_UNPOOL", False)
+    monkeypatch.setattr(config, "LRP_FLAT_BELOW_POOL", False)
     plain = _explainer(net, method, backend)
     assert plain._method.whole_rules is None
     want = plain(x)

@@ -118,6 +118,14 @@ def conv2d_unpool_vjp(g, switches, w, a, input_shape, stride, padding, dilation,
     return kernels(backend).conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out)
 
 
+def conv2d_flat_relevance(r, switches, inv, kernel, stride, padding, dilation, input_shape, backend):
+    """The flat rule's R_in at a convolution, from r at its output or (with ``switches``) from the pooled
+    side of a 2x2 stride-2 max-pool above it and its ReLU; inv (Ho, Wo) = 1/stab(n_j)."""
+    out = _pool.empty(tuple(input_shape), r.dtype, _xp(r))
+    return kernels(backend).conv2d_flat_relevance(r, switches, inv, tuple(kernel), tuple(stride), tuple(padding),
+                                                  tuple(dilation), out)
+
+
 def pool_output_shape(x_shape, kernel, stride, padding):
     n, c, h, wd = x_shape
     return (n, c, conv_output_size(h, kernel[0], stride[0], padding[0]),

@@ -70,10 +70,10 @@ from ._derived import derived
 from .pool2d import first_max4, gather_at_switches, max4, maxpool2d_forward, maxpool2d_values, maxunpool2d, \
     relu_window
 from .elementwise import stabilized_divide
-from .winograd import conv3x3_winograd, emit, stab_divide, transformed_filters, winograd_applies
+from .winograd import _NO_SWITCHES, conv3x3_winograd, emit, stab_divide, transformed_filters, winograd_applies
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance", "conv2d_unpool_vjp"]
+           "conv2d_relevance", "conv2d_unpool_vjp", "conv2d_flat_relevance"]
 
 
 # ============================================================================================
@@ -1003,6 +1003,92 @@ def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
     if a is None:
         return conv2d_vjp(r, w, stride, padding, dilation, out)
     return conv2d_relevance(r, None, 0.0, w, stride, padding, dilation, a, out)
+
+
+@njit(cache=_config.NUMBA_CACHE, nogil=True, fastmath=_config.FASTMATH_FLAGS)
+def _flat_samples(r, switches, inv, kh, kw, sh, sw, ph, pw, dh, dw, out, n0, n1):
+    """:func:`conv2d_flat_relevance` for samples n0 .. n1 - 1, on the zero-padded input grid (Hp, Wp) flattened,
+    where every tap lands in range.  Per sample: s = inv ⊙ Σ_k R_k, laid out with the grid's row length
+    Wp (R unpooled into s where ``switches`` is not empty); the transposed all-ones convolution of s, which
+    is separable: t = s added at each of the kw column taps, then the grid = t added at each of the kh row
+    taps; at unit strides each of those is one vector add over the whole plane (the columns of s past Wo
+    are zeros, so what runs over a row's end adds nothing).  Then cropped into every input channel."""
+    k_, ho, wo = r.shape[1], inv.shape[0], inv.shape[1]
+    c_, h, wd = out.shape[1], out.shape[2], out.shape[3]
+    hp, wp = h + 2 * ph, wd + 2 * pw
+    m = ho * wp
+    s0 = np.empty(ho * wo, r.dtype)  # Σ_k R_k, rows of Wo
+    s = np.zeros(m, r.dtype)  # inv ⊙ s0, rows of Wp (the columns past Wo stay 0)
+    t = np.empty(m + (kw - 1) * dw, r.dtype)
+    grid = np.empty(hp * wp + (kw - 1) * dw, r.dtype)
+    for n in range(n0, n1):
+        if switches.shape[0] > 0:  # pooled: R_k is g at its switches, 0 elsewhere
+            s0[:] = 0
+            for k in range(k_):
+                g, sk = r[n, k], switches[n, k]
+                for py in range(g.shape[0]):
+                    gy, sy = g[py], sk[py]
+                    for px in range(g.shape[1]):
+                        s0[sy[px]] += gy[px]
+        else:
+            s0[:] = r[n, 0].reshape(-1)  # (r is C-contiguous: so is each plane)
+            for k in range(1, k_):
+                g = r[n, k].reshape(-1)
+                for j in range(s0.size):
+                    s0[j] += g[j]
+        for y in range(ho):  # into the grid's row length, times 1/stab(n_j)
+            sy, s0y, iy_ = s[y * wp:y * wp + wo], s0[y * wo:(y + 1) * wo], inv[y]
+            for x in range(wo):
+                sy[x] = s0y[x] * iy_[x]
+        t[:] = 0
+        if sw == 1:
+            for v in range(kw):
+                tv = t[v * dw:v * dw + m]
+                for q in range(m):
+                    tv[q] += s[q]
+        else:
+            for y in range(ho):
+                for v in range(kw):
+                    for x in range(wo):
+                        t[y * wp + x * sw + v * dw] += s[y * wp + x]
+        grid[:] = 0
+        if sh == 1:
+            for u in range(kh):
+                gu = grid[u * dh * wp:u * dh * wp + m]
+                for q in range(m):
+                    gu[q] += t[q]
+        else:
+            for y in range(ho):
+                for u in range(kh):
+                    gu, ty = grid[(y * sh + u * dh) * wp:(y * sh + u * dh + 1) * wp], t[y * wp:(y + 1) * wp]
+                    for x in range(wp):
+                        gu[x] += ty[x]
+        for ch in range(c_):
+            o = out[n, ch]
+            for iy in range(h):
+                oy, gy = o[iy], grid[(iy + ph) * wp + pw:(iy + ph) * wp + pw + wd]
+                for x in range(wd):
+                    oy[x] = gy[x]
+    return out
+
+
+def conv2d_flat_relevance(r, switches, inv, kernel, stride, padding, dilation, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_flat_relevance`, one pass per sample
+    (:func:`_flat_samples`): the channel sum (unpooling as it reads, with ``switches``) into one plane, the
+    transposed all-ones convolution of that plane by row adds, the copies.  Measured at LeNet-5's first
+    layer (b256, R from above its max-pool): 0.08 ms, against 1.2 ms for the unpooling, the sum and the
+    transposed convolution of a 1 → 1 channel layer.  Samples are shared out to the threads above
+    ``_config.FLAT_THREADS_MIN_ELEMENTS`` elements read and written."""
+    sw_ = _NO_SWITCHES if switches is None else switches
+    n = out.shape[0]
+    args = (tuple(kernel) + tuple(stride) + tuple(padding) + tuple(dilation))
+
+    def work(n0, count, _):
+        _flat_samples(r, sw_, inv, *args, out, n0, n0 + count)
+
+    big = r.size + out.size >= _config.FLAT_THREADS_MIN_ELEMENTS
+    run_chunks(n, max(1, -(-n // conv_threads())) if big else n, lambda: None, work, threads=None if big else 1)
+    return out
 
 
 def _vjp_as_forward(g, w, stride, padding, dilation, out, a_out, mode, divide=None, lanes=True):

@@ -25,7 +25,7 @@ from .elementwise import relu_forward, stabilized_divide
 from .pool2d import gather_at_switches, maxpool2d_forward, maxpool2d_values, maxunpool2d
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance", "conv2d_unpool_vjp"]
+           "conv2d_relevance", "conv2d_unpool_vjp", "conv2d_flat_relevance"]
 
 
 @cuda.jit(cache=_config.NUMBA_CACHE)
@@ -226,4 +226,18 @@ def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
     conv2d_vjp(full, w, stride, padding, dilation, out)
     if a is not None:
         out *= a
+    return out
+
+
+def conv2d_flat_relevance(r, switches, inv, kernel, stride, padding, dilation, out):
+    """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_flat_relevance`: the unpooling (with
+    ``switches``), the sum over the channels, and the transposed convolution of that one channel with
+    all-ones weights (:func:`conv2d_vjp`), copied to every input channel."""
+    n, (ho, wo) = out.shape[0], inv.shape
+    full = r if switches is None else maxunpool2d(r, switches, empty(r, (n, r.shape[1], ho, wo)))
+    s1 = full.sum(axis=1, keepdims=True)
+    s1 *= inv
+    ones = empty(r, (1, 1) + tuple(kernel))
+    ones.fill(1)
+    out[...] = conv2d_vjp(s1, ones, stride, padding, dilation, empty(r, (n, 1) + tuple(out.shape[2:])))
     return out

@@ -23,7 +23,7 @@ from .elementwise import stabilized_divide
 from .pool2d import gather_at_switches, maxpool2d_forward, maxpool2d_values, maxunpool2d
 
 __all__ = ["conv2d_forward", "conv2d_vjp", "conv2d_relu_maxpool2x2", "conv2d_relu_maxpool2x2_chain",
-           "conv2d_relevance", "conv2d_unpool_vjp"]
+           "conv2d_relevance", "conv2d_unpool_vjp", "conv2d_flat_relevance"]
 
 
 def _tap(offset, step, count, dil):
@@ -155,4 +155,27 @@ def conv2d_unpool_vjp(g, switches, w, stride, padding, dilation, a, out):
     conv2d_vjp(full, w, stride, padding, dilation, out)
     if a is not None:
         out *= a
+    return out
+
+
+def conv2d_flat_relevance(r, switches, inv, kernel, stride, padding, dilation, out):
+    r"""The flat rule's backward through a convolution [Lapuschkin2019]_ (every weight and input 1):
+
+    .. math:: R^{\mathrm{in}}_{n,c,i} = \sum_{j \ni i} \frac{1}{\mathrm{stab}(n_j)} \sum_k R_{n,k,j}
+
+    the sum over the outputs j whose window holds input position i (the same for every input channel
+    c), n_j the number of real inputs of j.  r (N,K,Ho,Wo) with ``switches`` None; or, with ``switches``,
+    the pooled side of a 2x2 stride-2 max-pool above the convolution and its ReLU (r and switches
+    (N,K,Ho//2,Wo//2), :func:`~relprop.kernels.reference.pool2d.maxunpool2d` to (N,K,Ho,Wo) first).
+    inv (Ho,Wo): 1/stab(n_j), the same for every output channel.  ``kernel`` (kh, kw) and the layer's
+    stride, padding, dilation; out (N,C,H,W).  The sum over the channels k first, then the transposed
+    convolution of that one channel with all-ones weights, copied to every input channel."""
+    kh, kw = kernel
+    n, c = out.shape[:2]
+    ho, wo = inv.shape
+    full = r if switches is None else maxunpool2d(r, switches, np.empty((n, r.shape[1], ho, wo), r.dtype))
+    s1 = full.sum(axis=1, keepdims=True) * inv
+    c1 = conv2d_vjp(s1, np.ones((1, 1, kh, kw), r.dtype), stride, padding, dilation,
+                    np.empty((n, 1) + out.shape[2:], r.dtype))
+    out[...] = c1
     return out
