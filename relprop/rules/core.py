@@ -472,8 +472,8 @@ class FlatBelowPool(Rule):
     .. math:: R^{\mathrm{in}}_i = \sum_{j \ni i} \frac{1}{\mathrm{stab}(n_j)} \sum_k \mathrm{unpool}(R)_{k,j}
 
     in one call (:func:`relprop.kernels.reference.conv2d.conv2d_flat_relevance`): the unpooled map is
-    never written (LeNet-5's first layer at b256: 0.08 ms against 1.2 ms for the unpooling and the flat
-    rule)."""
+    never written (LeNet-5's first layer and its pool at b256: 0.47 ms, against 1.19 ms for the unpooling
+    and the flat rule's channel sum and transposed convolution)."""
 
     rule: Rule
     group: int

@@ -1075,9 +1075,10 @@ def _flat_samples(r, switches, inv, kh, kw, sh, sw, ph, pw, dh, dw, out, n0, n1)
 def conv2d_flat_relevance(r, switches, inv, kernel, stride, padding, dilation, out):
     """Same math as :func:`relprop.kernels.reference.conv2d.conv2d_flat_relevance`, one pass per sample
     (:func:`_flat_samples`): the channel sum (unpooling as it reads, with ``switches``) into one plane, the
-    transposed all-ones convolution of that plane by row adds, the copies.  Measured at LeNet-5's first
-    layer (b256, R from above its max-pool): 0.08 ms, against 1.2 ms for the unpooling, the sum and the
-    transposed convolution of a 1 → 1 channel layer.  Samples are shared out to the threads above
+    transposed all-ones convolution of that plane by whole-plane vector adds, the copies.  Measured at
+    LeNet-5's first layer (b256): 0.37 ms from R at its output, 0.53 ms from its max-pool's pooled side,
+    against 0.83 ms for the channel sum and the transposed convolution of a 1 → 1 channel layer, and 0.34
+    ms more for the unpooling.  Samples are shared out to the threads from
     ``_config.FLAT_THREADS_MIN_ELEMENTS`` elements read and written."""
     sw_ = _NO_SWITCHES if switches is None else switches
     n = out.shape[0]
