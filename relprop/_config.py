@@ -164,6 +164,11 @@ WINOGRAD_FEW_TILES_MIN_MACS = 1 << 25
 #: for the gradient and 820 MB for z+ rules (the z+ weights W+ are a second set).
 WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 
+#: An LRP rule's modified weights (W⁺, W⁻, ...) are kept in that cache too, so that a new explainer gets the
+#: same arrays (relprop.rules.core._term_weight): a convolution's always, a dense layer's up to this many
+#: bytes of weights (VGG-16's 411 MB first dense layer, with its copy, would crowd out the transforms).
+RULE_WEIGHTS_KEPT_MAX_BYTES = 64 * 1024 * 1024
+
 #: Check a net's cached weight arrangements (relprop.kernels.cpu._derived) on a thread of their own, ahead
 #: of the calling thread, which then only takes their verdicts: the weights the previous forward or
 #: explanation of the same net or explainer looked up, in that order.  The same checks; at CIFAR-VGG b1

@@ -296,9 +296,9 @@ def test_an_explainer_checks_ahead_too(fresh_cache, monkeypatch):
 
 
 def test_new_explainers_get_the_same_modified_weights_until_the_weights_change(fresh_cache):
-    """A rule's modified conv weights (z⁺'s W⁺) are kept beside the layer's weight arrangements: a second,
-    new explainer (each call of relprop.explain) gets the same array, so the kernels' transforms of it are
-    reused; weights changed in place give a new one, and the explanation follows them."""
+    """A rule's modified weights (z⁺'s W⁺; a dense layer's up to a bound) are kept beside the layer's weight
+    arrangements: a second, new explainer (each call of relprop.explain) gets the same array, so the kernels'
+    transforms of it are reused; weights changed in place give a new one, and the explanation follows them."""
     import relprop
     from relprop.rules import Gamma, ZPlus
     from relprop.rules.core import _params
@@ -310,8 +310,15 @@ def test_new_explainers_get_the_same_modified_weights_until_the_weights_change(f
     assert _params(ZPlus(), conv, x, {})[0][0][0] is first  # an equal rule, a new state: the same W⁺
     np.testing.assert_array_equal(first, np.maximum(conv.weight, 0))
     assert _params(Gamma(0.25), conv, x, {})[0][0][0] is not first  # another rule: its own weights
-    np.testing.assert_array_equal(_params(ZPlus(), net.layers[5], x.reshape(2, -1)[:, :432], {})[0][0][0],
-                                  np.maximum(net.layers[5].weight, 0))  # dense layers: made afresh, not kept
+    dense, xd = net.layers[5], x.reshape(2, -1)[:, :432]
+    kept = _params(ZPlus(), dense, xd, {})[0][0][0]
+    assert _params(ZPlus(), dense, xd, {})[0][0][0] is kept  # a small dense layer's too
+    np.testing.assert_array_equal(kept, np.maximum(dense.weight, 0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(config, "RULE_WEIGHTS_KEPT_MAX_BYTES", dense.weight.nbytes - 1)  # a large one's made afresh
+        again = _params(ZPlus(), dense, xd, {})[0][0][0]
+        assert again is not kept and _params(ZPlus(), dense, xd, {})[0][0][0] is not again
+        np.testing.assert_array_equal(again, kept)
 
     before = relprop.explain(net, x, "lrp.zplus", target=1)
     conv.weight[...] = -conv.weight  # changed in place: no set_params, the same array

@@ -281,13 +281,16 @@ def _params(rule, layer, like, state):
 
 
 def _term_weight(rule, layer, index, term, w, xp):
-    """W⁽ᵏ⁾ of term ``index`` (group, term) of ``rule``.  At a convolution on NumPy arrays, kept beside the CPU
-    kernels' arrangements of the layer's weights w (:func:`relprop.kernels.cpu._derived.derived`, which makes
-    it afresh once w changes): a new explainer of the same rule then gets the same W⁽ᵏ⁾ back, and with it
-    the Winograd transforms cached for that array.  Made afresh, each new explainer (every call of
-    :func:`relprop.explain`) transformed new z⁺ weights and ran its kernels on freshly faulted memory:
-    ε+flat on CIFAR-VGG b64 took 2x a kept explainer's time (286 against 140 ms)."""
-    if term.weight is keep or layer.kind != "conv2d" or xp is not np:
+    """W⁽ᵏ⁾ of term ``index`` (group, term) of ``rule``.  On NumPy arrays, at a convolution or a dense layer of
+    at most ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES``, kept beside the CPU kernels' arrangements of the layer's
+    weights w (:func:`relprop.kernels.cpu._derived.derived`, which makes it afresh once w changes): a new
+    explainer of the same rule then gets the same W⁽ᵏ⁾ back, and with it the Winograd transforms cached for
+    that array.  Made afresh, each new explainer (every call of :func:`relprop.explain`) transformed new z⁺
+    weights and ran its kernels on freshly faulted memory: ε+flat on CIFAR-VGG b64 took 2x a kept explainer's
+    time (286 against 140 ms); αβ formed its dense layers' W⁺ and W⁻ anew (11 ms of 310).  (A large dense
+    layer's copies, VGG-16's 411 MB, would push the convolutions' transforms out of the cache.)"""
+    if term.weight is keep or xp is not np or not (
+            layer.kind == "conv2d" or (layer.kind == "linear" and w.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES)):
         return term.weight(w, xp)
     kind = ("rule weights", rule, index)
     try:
