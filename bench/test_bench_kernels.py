@@ -325,6 +325,55 @@ def test_conv2d_unpool_vjp_one_call_vs_two(benchmark, request, name, x_shape, w_
     benchmark.extra_info["whole_over_at_switches"] = _ratio(request, at, whole, 15)
 
 
+FLATS = [c for c in CONVS if c[0] in ("lenet.conv1", "vgg.conv1")]
+
+
+@pytest.mark.benchmark(group="conv2d_flat_relevance")
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("name,x_shape,w_shape,padding", FLATS, ids=_ids(FLATS))
+def test_conv2d_flat_relevance_one_call_vs_composed(benchmark, request, name, x_shape, w_shape, padding, pooled):
+    """The flat rule's backward at a first layer as one call (channel sum, separable all-ones transposed
+    convolution, copies; with ``pooled``, unpooling as it sums) against what it replaced: the unpooling, the
+    channel sum (``einsum`` with the inverse denominators) and the 1 → 1 channel transposed convolution,
+    alternating: ``extra_info["composed_over_one"]``."""
+    x, w, b, geometry, z_shape, _ = _conv_case(x_shape, w_shape, padding)
+    rng = np.random.default_rng(2)
+    r = rng.standard_normal(z_shape).astype(np.float32)
+    inv = np.full(z_shape[2:], 1.0 / np.prod(w_shape[1:]), np.float32)
+    sw = None
+    if pooled:
+        _, sw = _ops.maxpool2d_forward(r, (2, 2), (2, 2), (0, 0), "cpu")
+        r = rng.standard_normal(sw.shape).astype(np.float32)
+    ones = np.ones((1, 1) + w_shape[2:], np.float32)
+    inv_k = np.broadcast_to(inv, z_shape[1:])
+
+    def composed():
+        full = r if sw is None else _ops.maxunpool2d(r, sw, z_shape, "cpu")
+        s1 = np.ascontiguousarray(np.einsum("nk...,k...->n...", full, inv_k)[:, None])
+        c1 = _ops.conv2d_vjp(s1, ones, (x_shape[0], 1) + x_shape[2:], *geometry, "cpu")
+        return c1 if x_shape[1] == 1 else np.array(np.broadcast_to(c1, x_shape), order="C")
+
+    one = lambda: _ops.conv2d_flat_relevance(r, sw, inv, w_shape[2:], *geometry, x_shape, "cpu")  # noqa: E731
+    np.testing.assert_allclose(one(), composed(), rtol=1e-4, atol=1e-5)
+    _time_against(benchmark, request, "composed_over_one", one, composed, 15)
+
+
+@pytest.mark.benchmark(group="stabilized_divide")
+@pytest.mark.parametrize("name,x_shape", POOLS, ids=_ids(POOLS))
+def test_stabilized_divide_in_place_own_kernel_vs_shared(benchmark, request, name, x_shape):
+    """The stabilised divide in place (out = r, as the sweeps call it) on its own kernel against the loop that
+    writes a separate ``out`` given r (what ran before: LLVM's overlap check sends it to scalar code),
+    alternating: ``extra_info["shared_over_own"]``."""
+    from relprop.kernels.cpu import elementwise
+
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal(x_shape).astype(np.float32)
+    z = rng.choice(np.array([-1.0, 1.0], np.float32), size=x_shape)  # stab(z) = ±1: r keeps its scale, round after round
+    own = lambda: elementwise.stabilized_divide(r, z, 0.0, r)  # noqa: E731
+    shared = lambda: elementwise._divide_to(r, z, 0.0, r)  # noqa: E731
+    _time_against(benchmark, request, "shared_over_own", own, shared, 15)
+
+
 def _dense_case(n, i, j):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, i)).astype(np.float32)
