@@ -83,23 +83,17 @@ def _divide_to(r, z, epsilon, out):
 
 
 @parallel_above("stabilized_divide")
-def _divide_over_r(r, z, epsilon):
-    """r = r / stab(z), in place."""
-    rf, zf = r.reshape(-1), z.reshape(-1)
-    eps = np.array([epsilon]).astype(z.dtype)[0]
-    for k in prange(rf.size):
-        rf[k] = _quotient(rf[k], zf[k], eps)
-    return r
-
-
-@parallel_above("stabilized_divide")
-def _divide_over_z(r, z, epsilon):
-    """z = r / stab(z), in place."""
-    rf, zf = r.reshape(-1), z.reshape(-1)
-    eps = np.array([epsilon]).astype(z.dtype)[0]
-    for k in prange(rf.size):
-        zf[k] = _quotient(rf[k], zf[k], eps)
-    return z
+def _divide_in_place(a, b, epsilon, a_is_r):
+    """a = r / stab(z) in place: a is r (``a_is_r``) or z, and b the other."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    eps = np.array([epsilon]).astype(a.dtype)[0]
+    if a_is_r:
+        for k in prange(af.size):
+            af[k] = _quotient(af[k], bf[k], eps)
+    else:
+        for k in prange(af.size):
+            af[k] = _quotient(bf[k], af[k], eps)
+    return a
 
 
 def stabilized_divide(r, z, epsilon, out):
@@ -108,15 +102,13 @@ def stabilized_divide(r, z, epsilon, out):
     ε is cast to the arrays' dtype first, so float32 input computes the denominator in
     float32 like the reference (an ε that underflows to 0 gives 0, not r/ε).
 
-    ``out`` may be ``r`` or ``z`` (the sweeps divide in place): each case has its own kernel, whose
-    loop writes the array it reads.  One loop through a separate ``out`` that is ``r`` runs scalar: LLVM
+    ``out`` may be ``r`` or ``z`` (the sweeps divide in place): that takes a kernel of its own, whose
+    loop writes the array it reads (:func:`_divide_in_place`).  One loop through a separate ``out`` that is ``r`` runs scalar: LLVM
     vectorises it behind a run-time check that ``out`` does not overlap the inputs, which an in-place
     call fails (measured at 2^20 float32: 1.2 ms, against 0.41 ms in place and 0.48 ms to a third array).
     The same bits either way."""
-    if out is r:
-        return _divide_over_r(r, z, epsilon)
-    if out is z:
-        return _divide_over_z(r, z, epsilon)
+    if out is r or out is z:
+        return _divide_in_place(out, z if out is r else r, epsilon, out is r)
     return _divide_to(r, z, epsilon, out)
 
 
