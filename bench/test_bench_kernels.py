@@ -368,7 +368,7 @@ def test_stabilized_divide_in_place_own_kernel_vs_shared(benchmark, request, nam
 
     rng = np.random.default_rng(0)
     r = rng.standard_normal(x_shape).astype(np.float32)
-    z = rng.choice(np.array([-1.0, 1.0], np.float32), size=x_shape)  # stab(z) = ±1: r keeps its scale, round after round
+    z = rng.choice(np.array([-1.0, 1.0], np.float32), size=x_shape)  # stab(z) = ±1: r keeps its scale
     own = lambda: elementwise.stabilized_divide(r, z, 0.0, r)  # noqa: E731
     shared = lambda: elementwise._divide_to(r, z, 0.0, r)  # noqa: E731
     _time_against(benchmark, request, "shared_over_own", own, shared, 15)

@@ -136,7 +136,8 @@ def explain(net, x, method, target=None, backend=None, return_layers=False, **op
 
     A thin wrapper over :class:`Explainer`; build one Explainer when explaining many
     batches with the same method (it caches patterns and per-input-shape constants).  The
-    modified weights of the convolutions (z⁺'s W⁺) and their kernel arrangements are kept
-    between calls either way (beside the layer's own, while its weights are unchanged).
+    rules' modified weights (z⁺'s W⁺: a convolution's, a dense layer's up to
+    ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES``) and their kernel arrangements are kept between
+    calls either way (beside the layer's own, while its weights are unchanged).
     """
     return Explainer(net, method, backend=backend, **options)(x, target, return_layers=return_layers)

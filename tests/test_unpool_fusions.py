@@ -176,12 +176,12 @@ def _triples_net(dtype, c=2, h=13, w=11):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@given(n=st.integers(1, 3), c=st.integers(1, 4), k=st.integers(1, 5), kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)),
-       stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+@given(n=st.integers(1, 3), c=st.integers(1, 4), k=st.integers(1, 5),
+       kernel=st.tuples(st.integers(1, 5), st.integers(1, 5)), stride=st.tuples(st.integers(1, 3), st.integers(1, 3)), dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
        padding=st.tuples(st.integers(0, 2), st.integers(0, 2)), h=st.integers(1, 13), w=st.integers(1, 13),
        pooled=st.booleans(), seed=st.integers(0, 2**32 - 1), dtype=st.sampled_from([np.float32, np.float64]))
-def test_conv2d_flat_relevance_matches_reference(threads, n, c, k, kernel, stride, dilation, padding, h, w, pooled, seed,
-                                                 dtype):
+def test_conv2d_flat_relevance_matches_reference(threads, n, c, k, kernel, stride, dilation, padding, h, w, pooled,
+                                                 seed, dtype):
     """The flat rule's backward (Σ over the channels, unpooling as it reads where pooled, the transposed all-ones
     convolution, a copy per input channel): the CPU kernel against the reference, on any geometry (batch 1, odd
     sizes, strides, dilations, padding; ties in the pools), on one thread and shared out (the same bits)."""

@@ -10,6 +10,9 @@ array still holds the bits of the copy kept when the entry was made, so weights 
 derived afresh.  The check reads two arrays the size of the weights, front to back (:func:`_same_bits`:
 half the time of the transposing copy it replaces, a sixth of forming U).
 
+An LRP rule's modified weights (z⁺'s W⁺) are kept here too, derived from the layer's weights like the
+rest (:func:`relprop.rules.core._term_weight`): a new explainer gets the same W⁺, and with it its transforms.
+
 Bounded by ``_config.WINOGRAD_CACHE_BYTES`` (the derived arrays and the copies, each copy counted once),
 least recently used first out; an entry goes when its weight array is collected (its id may be reused).
 
