@@ -77,7 +77,7 @@ def test_gather_at_switches_matches_reference(n, c, h, w, kernel, seed, dtype):
 def test_triple_records_also_at_the_switches(path, threads, chunk_tiles, n, c, k, h, w, padding, ties, seed, dtype):
     """conv2d_relu_maxpool2x2(..., at_switches=True): the maxima and switches of the plain call, and z' at the
     switches equal to the whole z' gathered there, to the bit, on each CPU path (Winograd: in the output
-    transform, both schedules; lanes and unfused: gathered) and the reference's."""
+    transform, both schedules; lanes: from the lanes at the switches; unfused: gathered) and the reference's."""
     rng = np.random.default_rng(seed)
     h, w = max(h, 4 - 2 * padding), max(w, 4 - 2 * padding)  # at least a 2x2 output
     x, wt, b = conv_inputs(rng, (n, c, h, w), (k, c, 3, 3), ties, dtype)
@@ -86,12 +86,15 @@ def test_triple_records_also_at_the_switches(path, threads, chunk_tiles, n, c, k
     with pytest.MonkeyPatch.context() as mp:
         use_path(mp, path, chunk_tiles)
         mp.setattr(config, "CONV_THREADS", threads)
-        written = []
+        written, from_lanes = [], []
         real = wg._output_transform_at_switches
         mp.setattr(wg, "_output_transform_at_switches", lambda *a: written.append(1) or real(*a))
+        real_lanes = cpu_conv._from_lanes_at_switches
+        mp.setattr(cpu_conv, "_from_lanes_at_switches", lambda *a: from_lanes.append(1) or real_lanes(*a))
         y, sw, at = _ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "cpu", switches=True, also=also, at_switches=True)
         y2, sw2, whole = _ops.conv2d_relu_maxpool2x2(x, wt, b, *geometry, "cpu", switches=True, also=also)
-    assert bool(written) == (path == "winograd")
+        lanes = path == "lanes" and cpu_conv._lanes_path((1, 1), c, k)  # (17 channels are too many for lanes)
+    assert bool(written) == (path == "winograd") and bool(from_lanes) == lanes
     assert y.tobytes() == y2.tobytes() and sw.tobytes() == sw2.tobytes()
     for a, z in zip(at, whole):
         assert a.shape == y.shape and a.dtype == dtype
@@ -105,17 +108,18 @@ def test_triple_records_also_at_the_switches(path, threads, chunk_tiles, n, c, k
         assert r.tobytes() == gather(_ops.conv2d_forward(x, w2, b2, *geometry, "reference"), rsw).tobytes()
 
 
+@pytest.mark.parametrize("path", ["winograd", "lanes"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_also_at_the_switches_after_the_nan_fallback(threads, rng):
-    """A pooled window holding an infinity: the Winograd write-out gives up and the triple runs unfused; z' at
-    the switches is then gathered at the unfused pool's switches, not at the abandoned ones."""
+def test_also_at_the_switches_after_the_nan_fallback(threads, path, rng):
+    """A pooled window holding an infinity: the Winograd or lanes write-out gives up and the triple runs unfused;
+    z' at the switches is then gathered at the unfused pool's switches, not at the abandoned ones."""
     x = rng.standard_normal((2, 3, 9, 9)).astype(np.float32)
     x[1, 2, 4, 4] = np.inf
     w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     b = rng.standard_normal(5).astype(np.float32)
     also = [(np.abs(w), np.abs(b))]
     with pytest.MonkeyPatch.context() as mp:
-        use_path(mp, "winograd")
+        use_path(mp, path)
         mp.setattr(config, "CONV_THREADS", threads)
         y, sw, (at,) = _ops.conv2d_relu_maxpool2x2(x, w, b, (1, 1), (1, 1), (1, 1), "cpu", switches=True, also=also,
                                                    at_switches=True)

@@ -658,6 +658,26 @@ def _from_lanes(zb, n0, nb, lanes, bias, out, a_out, mode):
 
 
 @_jit
+def _from_lanes_at_switches(zb, n0, nb, lanes, bias, out, switches, wo):
+    """out[n0 + l, k, i, j] = zb[k, s // wo, (s % wo)*L + l] + bias[k] for l < nb, s = switches[n0 + l, k, i, j]
+    (flat indices into the (Ho, Wo) plane, ``wo`` = Wo): a forward written at a max-pool's switches only, an LRP
+    rule's z⁺ where the trace records it there (the Winograd path's
+    :func:`relprop.kernels.cpu.winograd._output_transform_at_switches`).  The values :func:`_from_lanes` and a
+    gather at the switches give, to the bit, without the full-size write and the gather's pass."""
+    k_, hp, wp = out.shape[1], out.shape[2], out.shape[3]
+    for l in range(nb):
+        for k in range(k_):
+            bk, zk = bias[k], zb[k]
+            o, sk = out[n0 + l, k], switches[n0 + l, k]
+            for i in range(hp):
+                oi, si = o[i], sk[i]
+                for j in range(wp):
+                    q = si[j]
+                    oi[j] = zk[q // wo, (q % wo) * lanes + l] + bk
+    return out
+
+
+@_jit
 def _from_lanes_times(zb, n0, nb, lanes, bias, out, a):
     """out[n0 + l, k, i, j] = (zb[k, i, j*L + l] + bias[k]) a[n0 + l, k, i, j] for l < nb: :func:`_from_lanes`
     with the product of an LRP backward (:func:`conv2d_relevance`).  Its own function: as a fourth mode of
@@ -884,8 +904,8 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
     written, and the separate ReLU and pool passes are gone.  Elsewhere, or when a pooled window holds
     a NaN or an infinity, the convolution with its fused ReLU and then the pool, as unfused.  An ``also``
     output shaped like ``out`` receives z' at the switches only: written there by the Winograd
-    write-out (:func:`relprop.kernels.cpu.winograd._output_transform_at_switches`), elsewhere computed
-    whole and gathered (:func:`gather_at_switches`)."""
+    write-out (:func:`relprop.kernels.cpu.winograd._output_transform_at_switches`) and the lanes write-out
+    (:func:`_from_lanes_at_switches`), elsewhere computed whole and gathered (:func:`gather_at_switches`)."""
     k_, c_, kh, kw = w.shape
     n_, _, h_, w_ = x.shape
     z_shape = (n_, k_, conv_output_size(h_, kh, stride[0], padding[0], dilation[0]),
@@ -900,16 +920,17 @@ def conv2d_relu_maxpool2x2(x, w, b, stride, padding, dilation, out, switches=Non
         # the full-size ones are computed; those at the switches again below (a window held a NaN or an
         # infinity, and the unfused pool may choose other switches)
         also, at = [e for e, a in zip(also, at) if a], [True] * sum(at)
-    # elsewhere z' at the switches is computed whole (from the recycled buffers) and gathered
-    full = compute = [(w2, b2, _pool.empty(z_shape, x.dtype) if a else o2) for (w2, b2, o2), a in zip(also, at)]
     if not wino and _lanes_path(tuple(stride), c_, k_):
-        if _forward_lanes(x, w, b, padding, dilation, out, out, 3, switches, full):
-            return out if switches is None else _gathered(out, switches, full, also)
-        compute = ()  # computed (in every block, finite or not)
+        # z' at the switches written from the lanes (:func:`_from_lanes_at_switches`)
+        if _forward_lanes(x, w, b, padding, dilation, out, out, 3, switches, also):
+            return out if switches is None else (out, switches)
+        # a window held a NaN or an infinity: unfused below, z' at the unfused pool's switches
+    # elsewhere z' at the switches is computed whole (from the recycled buffers) and gathered
+    full = [(w2, b2, _pool.empty(z_shape, x.dtype) if a else o2) for (w2, b2, o2), a in zip(also, at)]
     # the full-size relu(z) from the recycled buffers (relprop.kernels._pool): a fresh one would fault in
     # its pages on every forward
     z = _pool.empty(z_shape, x.dtype)
-    conv2d_forward(x, w, b, stride, padding, dilation, z, z, compute)
+    conv2d_forward(x, w, b, stride, padding, dilation, z, z, full)
     if switches is None:
         return maxpool2d_values(z, (2, 2), (2, 2), (0, 0), out)
     return _gathered(*maxpool2d_forward(z, (2, 2), (2, 2), (0, 0), out, switches), full, also)
@@ -1146,7 +1167,8 @@ def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode, switches=None, 
 
     ``also``: ``(w', b', out')`` triples, out' = conv2d(x, w') + b' from the same block of lanes (an LRP
     rule's z⁺ beside the trace's z: the input goes into lanes once, and one batch of blocks for the
-    threads; LeNet-5 b256 ε+flat 1.04x, interquartile 1.02-1.07x, alternating processes).
+    threads; LeNet-5 b256 ε+flat 1.04x, interquartile 1.02-1.07x, alternating processes); with mode 3 and
+    ``switches``, an out' shaped like ``out`` receives z' at the switches only (:func:`_from_lanes_at_switches`).
     ``divide`` = (z, ε): the convolution of x / stab(z), divided on the way into lanes (with mode 5, an LRP
     backward: :func:`conv2d_relevance`)."""
     (ph, pw), (dh, dw) = padding, dilation
@@ -1180,7 +1202,10 @@ def _forward_lanes(x, w, b, padding, dilation, out, a_out, mode, switches=None, 
             _from_lanes(zb, n0, nb, lanes, b, out, a_out, mode)
         for w2, b2, out2 in also:  # zb is free again
             _lanes_conv(xb, w2, dh, dw, lanes, zb, ph, ph + h_)
-            _from_lanes(zb, n0, nb, lanes, b2, out2, out2, 0)
+            if mode == 3 and switches is not None and out2.shape == out.shape:  # wanted at the switches only
+                _from_lanes_at_switches(zb, n0, nb, lanes, b2, out2, switches, wo)
+            else:
+                _from_lanes(zb, n0, nb, lanes, b2, out2, out2, 0)
 
     run_chunks(n_, lanes, scratch, work)
     return all(finite) if mode == 3 else out
