@@ -549,6 +549,33 @@ def _lanes_row3x2x2(z0, z1, y0, y1, xr, w, k, c, a, step, m):
 
 
 @_jit
+def _lanes_row5x1x2(z0, y0, xr, w, k, c, a, step, m):
+    """:func:`_lanes_row5x2x2` for one output channel: input row xr is kernel row ``a`` of output row i (z0) and
+    kernel row ``a - 1`` of row i + 1 (y0), each x value loaded once for both (the single-row pass is bound
+    by its loads: six per five multiply-adds)."""
+    w00, w01, w02, w03, w04 = w[k, c, a, 0], w[k, c, a, 1], w[k, c, a, 2], w[k, c, a, 3], w[k, c, a, 4]
+    v00, v01, v02, v03, v04 = w[k, c, a - 1, 0], w[k, c, a - 1, 1], w[k, c, a - 1, 2], w[k, c, a - 1, 3], w[k, c, a - 1, 4]
+    x0, x1, x2 = xr[:m], xr[step:step + m], xr[2 * step:2 * step + m]
+    x3, x4 = xr[3 * step:3 * step + m], xr[4 * step:4 * step + m]
+    for q in range(m):
+        a0, a1, a2, a3, a4 = x0[q], x1[q], x2[q], x3[q], x4[q]
+        z0[q] += w00 * a0 + w01 * a1 + w02 * a2 + w03 * a3 + w04 * a4
+        y0[q] += v00 * a0 + v01 * a1 + v02 * a2 + v03 * a3 + v04 * a4
+
+
+@_jit
+def _lanes_row3x1x2(z0, y0, xr, w, k, c, a, step, m):
+    """:func:`_lanes_row5x1x2` for kw = 3."""
+    w00, w01, w02 = w[k, c, a, 0], w[k, c, a, 1], w[k, c, a, 2]
+    v00, v01, v02 = w[k, c, a - 1, 0], w[k, c, a - 1, 1], w[k, c, a - 1, 2]
+    x0, x1, x2 = xr[:m], xr[step:step + m], xr[2 * step:2 * step + m]
+    for q in range(m):
+        a0, a1, a2 = x0[q], x1[q], x2[q]
+        z0[q] += w00 * a0 + w01 * a1 + w02 * a2
+        y0[q] += v00 * a0 + v01 * a1 + v02 * a2
+
+
+@_jit
 def _lanes_row(z, xr, w, k, c, a, step, m):
     """:func:`_lanes_row5` for any kw: one pass per tap."""
     for b in range(w.shape[3]):
@@ -567,7 +594,8 @@ def _lanes_conv(xb, w, dh, dw, lanes, zb, r0, r1):
     output row is loaded and stored once per kernel row.  With dilation 1, output rows go in pairs
     too: input row i + a is kernel row a of output row i and kernel row a - 1 of row i + 1, so each
     x value is loaded once for four rows of z (per layer 1.0-1.25x, LeNet-5 b256 forward, gradient and
-    LRP 1.05-1.07x).  The row updates are separate functions: written as branches of one loop body
+    LRP 1.05-1.07x); and for the channel left over where there is an odd number (the input-VJP to LeNet-5's
+    one input channel 1.19x).  The row updates are separate functions: written as branches of one loop body
     they ran 1.9-2.1x slower.  Each output sums its terms in the same order either way, so the
     pairings do not change a bit.  Input rows outside [r0, r1) are the zero padding: their taps are
     skipped (an input-VJP of a small map is mostly padding: LeNet-5's 16 -> 6 does a third less work, 1.35x;
@@ -615,7 +643,26 @@ def _lanes_conv(xb, w, dh, dw, lanes, zb, r0, r1):
                     else:
                         _lanes_row3x2(z0, z1, xr, w, k, c, a, step, m)
     for k in range(k_ - k_ % 2 if paired else 0, k_):  # the odd one out, or every channel of a kernel not 3 or 5 wide
-        for i in range(ho):
+        for i in range(0, ho - 1 if rows2 else 0, 2):  # in row pairs too, as above
+            z0, y0 = zb[k, i], zb[k, i + 1]
+            _fill0(z0)
+            _fill0(y0)
+            for c in range(c_):
+                if kw == 5:
+                    if r0 <= i < r1:
+                        _lanes_row5(z0, xb[c, i], w, k, c, 0, step, m)
+                    for a in range(max(1, r0 - i), min(kh, r1 - i)):
+                        _lanes_row5x1x2(z0, y0, xb[c, i + a], w, k, c, a, step, m)
+                    if r0 <= i + kh < r1:
+                        _lanes_row5(y0, xb[c, i + kh], w, k, c, kh - 1, step, m)
+                else:
+                    if r0 <= i < r1:
+                        _lanes_row3(z0, xb[c, i], w, k, c, 0, step, m)
+                    for a in range(max(1, r0 - i), min(kh, r1 - i)):
+                        _lanes_row3x1x2(z0, y0, xb[c, i + a], w, k, c, a, step, m)
+                    if r0 <= i + kh < r1:
+                        _lanes_row3(y0, xb[c, i + kh], w, k, c, kh - 1, step, m)
+        for i in range(ho - ho % 2 if rows2 else 0, ho):
             z = zb[k, i]
             _fill0(z)
             for c in range(c_):
