@@ -552,7 +552,9 @@ def _lanes_row3x2x2(z0, z1, y0, y1, xr, w, k, c, a, step, m):
 def _lanes_row5x1x2(z0, y0, xr, w, k, c, a, step, m):
     """:func:`_lanes_row5x2x2` for one output channel: input row xr is kernel row ``a`` of output row i (z0) and
     kernel row ``a - 1`` of row i + 1 (y0), each x value loaded once for both (the single-row pass is bound
-    by its loads: six per five multiply-adds)."""
+    by its loads: six per five multiply-adds).  :func:`_lanes_row5x2`'s loop with other weights: one function
+    for both, taking each row's channel and kernel row as arguments, ran LeNet-5's 16 -> 6 input-VJP 0.86x
+    and its 6 -> 1 0.92x (alternating processes), so they stay apart."""
     w00, w01, w02, w03, w04 = w[k, c, a, 0], w[k, c, a, 1], w[k, c, a, 2], w[k, c, a, 3], w[k, c, a, 4]
     v00, v01, v02, v03, v04 = w[k, c, a - 1, 0], w[k, c, a - 1, 1], w[k, c, a - 1, 2], w[k, c, a - 1, 3], w[k, c, a - 1, 4]
     x0, x1, x2 = xr[:m], xr[step:step + m], xr[2 * step:2 * step + m]
