@@ -72,16 +72,18 @@ def test_where_the_time_goes(benchmark, method_nets):
     ``extra_info`` holds each family's thread time per call and the method's over the forward's.  Its
     Winograd GEMMs run three times per convolution (W a and W⁺a in the trace, W⁺ᵀs in the backward) to
     the forward's once, so their ratio stays near 3 whatever the kernels' speed: this says how far below
-    that the whole can go.  The smoke run (a batch of 2, direct convolutions) checks that the clock
-    restores the kernels it wrapped and that the families add up."""
-    from bench.breakdown import FAMILIES, breakdown
+    that the whole can go; ``floor_x_forward`` is :func:`bench.breakdown.floor`, the whole with every family at
+    the forward's speed per unit of work.  The smoke run (a batch of 2, direct convolutions) checks that the
+    clock restores the kernels it wrapped and that the families add up."""
+    from bench.breakdown import FAMILIES, breakdown, floor
     net, x = method_nets["cifar_vgg"]
     benchmark.group = "methods-cifar_vgg"
     explainer = relprop.Explainer(net, "lrp.epsilon_plus_flat")
     wrapped = [getattr(mod, name) for names in FAMILIES.values() for mod, name in names]
     rounds = 1 if benchmark.disabled else 7
+    work = {}
     result = benchmark.pedantic(breakdown, args=({"forward": lambda: net.forward(x), "lrp": lambda: explainer(x)},
-                                                 rounds), rounds=1, iterations=1)
+                                                 rounds, work), rounds=1, iterations=1)
     assert [getattr(mod, name) for names in FAMILIES.values() for mod, name in names] == wrapped
     for times in result.values():
         assert set(times) == set(FAMILIES) | {"other", "wall"} and all(times[f] >= 0 for f in FAMILIES)
@@ -90,7 +92,12 @@ def test_where_the_time_goes(benchmark, method_nets):
         return
     fwd, lrp = result["forward"], result["lrp"]
     assert fwd["Winograd GEMMs"] > 0 and lrp["Winograd GEMMs"] > 0, "CIFAR-VGG's 3x3 convolutions ran direct"
+    # z⁺ multiplies three times per convolution (W a, W⁺a, W⁺ᵀs) to the forward's once: exactly, in multiply-adds
+    assert work["lrp"]["Winograd GEMMs"] == 3 * work["forward"]["Winograd GEMMs"], work
     for key in fwd:
         benchmark.extra_info[f"{key} forward_ms"] = 1e3 * fwd[key]
         benchmark.extra_info[f"{key} lrp_ms"] = 1e3 * lrp[key]
         benchmark.extra_info[f"{key} x_forward"] = lrp[key] / fwd[key] if fwd[key] > 0 else float("nan")
+        if key in FAMILIES:
+            benchmark.extra_info[f"{key} work_x_forward"] = work["lrp"][key] / work["forward"][key]
+    benchmark.extra_info["floor_x_forward"] = floor(result, work)["lrp"]
