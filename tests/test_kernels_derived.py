@@ -329,3 +329,36 @@ def test_new_explainers_get_the_same_modified_weights_until_the_weights_change(f
     after = relprop.explain(net, x, "lrp.zplus", target=1)
     np.testing.assert_array_equal(after, relprop.explain(rebuilt, x, "lrp.zplus", target=1))
     assert not np.array_equal(after, before)
+
+
+def test_arrays_made_here_are_neither_checked_nor_copied(fresh_cache, monkeypatch):
+    """A rule's modified weights (z⁺'s W⁺) are made by the cache from the layer's weights: their own arrangements
+    (the taps of W⁺) are looked up without comparing W⁺ to a copy (it is current whenever w is, and w is
+    compared), and no copy of W⁺ is kept; the layers' own weights are still compared, so a change in place is
+    still followed through W⁺ to its arrangements."""
+    import relprop
+    from relprop.rules import ZPlus
+    from relprop.rules.core import _params
+
+    rng = np.random.default_rng(5)
+    net = _small_conv_net(rng)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    explainer = relprop.Explainer(net, "lrp.zplus")
+    first = explainer(x, 1)
+    plus = [_params(ZPlus(), net.layers[i], x, {})[0][0][0] for i in (0, 2)]
+    entries = [e for e in fresh_cache.values() if any(e[0]() is p for p in plus)]
+    assert entries and all(e[1] is e[0]() for e in entries)  # W⁺'s arrangements: W⁺ is its own "copy"
+    seen = _checks_by_thread(monkeypatch)
+    again = explainer(x, 1)
+    checked = {i for _, i in seen}
+    weights = {id(layer.weight) for layer in net.layers if getattr(layer, "weight", None) is not None}
+    assert checked and checked <= weights  # the layers' w compared (the small dense layer's too), W⁺ never
+    assert {id(net.layers[i].weight) for i in (0, 2)} <= checked
+    np.testing.assert_array_equal(again, first)
+    net.layers[2].weight[...] *= -1  # in place: a new W⁺, and its taps made afresh
+    changed = _params(ZPlus(), net.layers[2], x, {})[0][0][0]
+    assert changed is not plus[1]
+    np.testing.assert_array_equal(changed, np.maximum(net.layers[2].weight, 0))
+    rebuilt = relprop.from_spec(net.spec(), {k: np.array(v) for k, v in net.state_dict().items()})
+    np.testing.assert_array_equal(relprop.explain(net, x, "lrp.zplus", target=1),
+                                  relprop.explain(rebuilt, x, "lrp.zplus", target=1))
