@@ -168,6 +168,10 @@ WINOGRAD_CACHE_BYTES = 1024 * 1024 * 1024
 #: same arrays (relprop.rules.core._term_weight): a convolution's always, a dense layer's up to this many
 #: bytes of weights (VGG-16's 411 MB first dense layer, with its copy, would crowd out the transforms).
 RULE_WEIGHTS_KEPT_MAX_BYTES = 64 * 1024 * 1024
+#: ... and from this many bytes of weights on: smaller ones are formed on every call (an element-wise pass
+#: over LeNet-5's 9.6 KB costs less than looking them up, whose check of the weights may wait for the
+#: checker thread: LeNet-5 b1 ε+flat 0.8 ms kept, 0.4 ms formed afresh).
+RULE_WEIGHTS_KEPT_MIN_BYTES = 64 * 1024
 
 #: Check a net's cached weight arrangements (relprop.kernels.cpu._derived) on a thread of their own, ahead
 #: of the calling thread, which then only takes their verdicts: the weights the previous forward or

@@ -15,12 +15,13 @@ from relprop.kernels.cpu import _chunks, _derived, conv2d as cpu_conv
 @pytest.fixture
 def fresh_cache():
     """An empty cache of the default size, for this test alone; neither Winograd nor lanes (the row-shift
-    paths run)."""
+    paths run); every weight array's arrangements kept, however small."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_derived, "_CACHE", type(_derived._CACHE)())
         mp.setattr(config, "WINOGRAD", False)
         mp.setattr(config, "CONV_LANES", 0)
         mp.setattr(config, "CONV_TAPS_CACHE_MIN_BYTES", 1)
+        mp.setattr(config, "RULE_WEIGHTS_KEPT_MIN_BYTES", 0)
         yield _derived._CACHE
 
 

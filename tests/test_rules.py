@@ -491,12 +491,51 @@ def test_return_layers_and_repeated_calls_reuse_cache():
     shapes = [x.shape] + [tuple(s) for s in net.shapes(x.shape)]
     assert [rel.shape for rel in per_layer] == shapes
     state = explainer._method._state
-    cached = {i: dict(s) for i, s in enumerate(state)}
+
+    def lasting(s):  # what a call leaves for the next (not the modified weights of one call, not its token)
+        return {k: v for k, v in s.items() if k != "_call" and not (k[0] == "params" and v[2] is None and v[0] is not None)}
+
+    cached = {i: lasting(s) for i, s in enumerate(state)}
     r2 = explainer(x)
     np.testing.assert_array_equal(r, r2)
-    for i, s in enumerate(state):  # the second call made no new modified weights
-        assert all(s[k] is cached[i][k] for k in cached[i]) and set(s) == set(cached[i])
-    assert any(k[0] == "params" for k in state[3])  # z⁺ weights of conv 3 are cached
+    for i, s in enumerate(state):  # the second call made nothing new that lasts
+        assert all(lasting(s)[k] is cached[i][k] for k in cached[i]) and set(lasting(s)) == set(cached[i])
+    # z⁺ weights of conv 3 are kept beside its weights (and checked against them), not in the explainer
+    from relprop.rules.core import _params
+
+    rule = explainer._method.rules[3]
+    kept = [v for k, v in lasting(state[3]).items() if k[0] == "params"]
+    assert type(rule).__name__ == "ZPlus" and kept and all(v[2] is not None for v in kept)  # (small: with a copy
+    # of the weights they came from, compared on every call)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(relprop._config, "RULE_WEIGHTS_KEPT_MIN_BYTES", 0)  # (these weights are small: formed afresh)
+        assert _params(rule, net.layers[3], x, {})[0][0][0] is _params(rule, net.layers[3], x, {})[0][0][0]
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "formed-per-call"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_kept_explainer_follows_weights_changed_in_place(backend, dtype, kept, monkeypatch):
+    """Weights changed in place (the same arrays, no set_params: the layers' versions stay) between two calls of
+    one Explainer: the second call explains the changed net, as a new net with those weights does, for every
+    method whose rules form something from the weights (W⁺, W⁻, W², a bound's forward, a pattern's W ⊙ A),
+    whether those are kept beside the weights (``kept``; checked against them) or formed on every call (small
+    weights).  Before, the explainer kept what its first call formed and silently explained the old net (γ off
+    by 4x)."""
+    monkeypatch.setattr(relprop._config, "RULE_WEIGHTS_KEPT_MIN_BYTES", 0 if kept else 1 << 30)
+    methods = CPU_METHODS + [("signal.filter", {}), ("attribution.filter", {}), ("gradient", {})]
+    for method, options in methods:
+        net, x = get_net("conv", dtype=dtype)
+        explainer = relprop.Explainer(net, method, backend=backend, **options)
+        before = explainer(x)
+        for layer in net.layers:
+            if getattr(layer, "weight", None) is not None:
+                layer.weight[...] = -0.5 * layer.weight + 0.01  # in place
+        rebuilt = relprop.from_spec(net.spec(), {k: np.array(v) for k, v in net.state_dict().items()})
+        want = relprop.Explainer(rebuilt, method, backend=backend, **options)(x)
+        got = explainer(x)
+        assert not np.allclose(want, before), method  # the change matters
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(np.abs(want).max()), err_msg=method)
 
 
 def test_dtype_and_shape_preserved():

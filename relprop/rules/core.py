@@ -266,18 +266,66 @@ class Norm(Rule):
 
 # -- the generic computation ---------------------------------------------------------------------------------
 def _params(rule, layer, like, state):
-    """[(W⁽ᵏ⁾, b⁽ᵏ⁾) per term, per group], in ``like``'s namespace and dtype; cached in ``state``."""
+    """[(W⁽ᵏ⁾, b⁽ᵏ⁾) per term, per group], in ``like``'s namespace and dtype.
+
+    Not kept in the explainer's ``state`` from one call to the next: weights changed in place (the same arrays,
+    no ``set_params``, so the layer's version stays) must give the new W⁽ᵏ⁾.  Kept there, a kept explainer
+    went on with the old W⁺ and returned the old net's relevance, silently.  The W⁽ᵏ⁾ that are worth keeping
+    are kept by :func:`_term_weight`, which checks the weights they came from (once per call); the rest cost
+    one element-wise pass over the weights.  Kept in ``state`` only where that is safe: the layer's own
+    weights and biases unmodified (ε's, LRP-0's: the arrays themselves, whatever they hold); small weights
+    (under ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES``) with a copy of the weights and bias they came from,
+    compared on each call; and within one call of a sweep (``state["_call"]``,
+    :meth:`relprop.engine.Sweep.state`; the trace and the backward both ask for z⁺'s W⁺), during which
+    nothing changes the weights."""
     xp = array_namespace(like)
     key = ("params", xp.__name__, np.dtype(like.dtype).str)
     hit = state.get(key)
-    if hit is None:
-        w, b = layer.params(like)
-        hit = state[key] = [
-            [(_term_weight(rule, layer, (gi, ti), t, w, xp), None if (b is None or t.bias is None) else t.bias(b, xp))
-             for ti, t in enumerate(g.terms)]
-            for gi, g in enumerate(rule.groups)
-        ]
-    return hit
+    # (a sweep's state is emptied when the layer's parameters are set anew, and until then layer.params hands
+    # out the same arrays: a hit needs no look at them)
+    if hit is not None and (hit[0] is None or hit[0] is state.get("_call") or _unchanged(hit[2])):
+        return hit[1]
+    w, b = layer.params(like)
+    groups = rule.groups  # (made on each read)
+    params = [
+        [(_term_weight(rule, layer, (gi, ti), t, w, xp), None if (b is None or t.bias is None) else t.bias(b, xp))
+         for ti, t in enumerate(g.terms)]
+        for gi, g in enumerate(groups)
+    ]
+    plain = all(t.weight is keep and t.bias in (keep, None) for g in groups for t in g.terms)
+    call = None if plain else state.get("_call")
+    # small weights formed afresh (_term_weight) are kept with a copy of what they came from, compared on the
+    # next call (a few words: cheaper than forming them again, and fresh arrays slowed the kernels that read
+    # them, LeNet-5 b1 ε+flat 0.46 against 0.42 ms)
+    snapshot = None
+    if not plain and xp is np and w.nbytes < _config.RULE_WEIGHTS_KEPT_MIN_BYTES:
+        snapshot = [(p, p.copy()) for p in (w, b) if p is not None]
+    if plain or call is not None or snapshot is not None:
+        state[key] = (call, params, snapshot)
+    return params
+
+
+def _unchanged(snapshot):
+    """Do the arrays of ``snapshot`` [(array, copy)] (or None) still hold their copies' bits?"""
+    if snapshot is None:
+        return False
+    from ..kernels.cpu._derived import _same_bits
+
+    return all(_same_bits(p, c) for p, c in snapshot)
+
+
+def _same_params(kept, params, xp):
+    """Are ``kept`` and ``params`` ([(W⁽ᵏ⁾, b⁽ᵏ⁾)]) the same: each weight the very array (:func:`_term_weight`
+    hands out the same one while the layer's weights are unchanged), each bias equal (a modified bias, b⁺, is
+    formed afresh on every call; it is short)?  What a cached forward of the constant terms was made with."""
+    if len(kept) != len(params):
+        return False
+    for (w0, b0), (w1, b1) in zip(kept, params):
+        if w0 is not w1 or (b0 is None) != (b1 is None):
+            return False
+        if b0 is not None and b0 is not b1 and (b0.shape != b1.shape or not bool(xp.all(b0 == b1))):
+            return False
+    return True
 
 
 def _term_weight(rule, layer, index, term, w, xp):
@@ -288,8 +336,9 @@ def _term_weight(rule, layer, index, term, w, xp):
     that array.  Made afresh, each new explainer (every call of :func:`relprop.explain`) transformed new z⁺
     weights and ran its kernels on freshly faulted memory: ε+flat on CIFAR-VGG b64 took 2x a kept explainer's
     time (286 against 140 ms); αβ formed its dense layers' W⁺ and W⁻ anew (11 ms of 310).  (A large dense
-    layer's copies, VGG-16's 411 MB, would push the convolutions' transforms out of the cache.)"""
-    if term.weight is keep or xp is not np or not (
+    layer's copies, VGG-16's 411 MB, would push the convolutions' transforms out of the cache.)  Weights under
+    ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES`` are formed afresh: cheaper than the lookup."""
+    if term.weight is keep or xp is not np or w.nbytes < _config.RULE_WEIGHTS_KEPT_MIN_BYTES or not (
             layer.kind == "conv2d" or (layer.kind == "linear" and w.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES)):
         return term.weight(w, xp)
     kind = ("rule weights", rule, index)
@@ -580,10 +629,10 @@ def relevance(rule, layer, rec, r, state):
             elif term.constant:
                 ckey = ("const", gi, ti) + dkey
                 hit = state.get(ckey)
-                if hit is None:
+                if hit is None or not _same_params(hit[0], [(w, b)], xp):  # made with these W⁽ᵏ⁾, b⁽ᵏ⁾
                     x1 = _constant_input(rule, term, a, xp)
-                    hit = state[ckey] = (x1, layer.forward_with(x1, w, b, backend))
-                x_k, zk = hit
+                    hit = state[ckey] = ([(w, b)], x1, layer.forward_with(x1, w, b, backend))
+                x_k, zk = hit[1:]
                 inputs.append(x_k)
                 k_owned = False
             elif term.plain:
@@ -613,9 +662,10 @@ def relevance(rule, layer, rec, r, state):
         # 2. s⁽ᵍ⁾ = λ_g m_g R / stab(z⁽ᵍ⁾)
         if z.shape != r.shape:  # only constant terms: a per-position denominator, cached with its inverse
             ikey = ("inv", gi) + dkey
-            inv = state.get(ikey)
-            if inv is None:
-                inv = state[ikey] = _stab_inverse(z, rule.eps, xp)
+            hit = state.get(ikey)
+            if hit is None or not _same_params(hit[0], gparams, xp):  # z is a function of them (and of dkey)
+                hit = state[ikey] = (list(gparams), _stab_inverse(z, rule.eps, xp))
+            inv = hit[1]
             if _flat_sum(group, layer):
                 # flat: s1 = Σ_k R_k inv_k in one pass, no full-size s (LeNet-5's first layer: 0.15 ms against
                 # 0.52 for the product and the sum; the same bits); c = 1ᵀ s1 for every input channel

@@ -191,7 +191,11 @@ class Pattern(Rule):
     (``times_weight=True``, PatternAttribution).  ``matrix`` is shaped like the layer's
     weight (float64 on the host), or ``"filter"`` for the filter estimator S_w's
     A = W / ‖w_j‖²; W ⊙ A and S_w are formed from the layer's current weight, so a changed
-    weight is never combined with a stale product.
+    weight is never combined with a stale product: on NumPy, at a convolution or a dense layer of at
+    most ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES`` (and at least ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES``) of
+    weights, kept beside the layer's weights and formed afresh
+    once they change, in place too (:func:`relprop.kernels.cpu._derived.derived`); elsewhere formed
+    on every call.  (Kept in the explainer, a weight changed in place went on with the old product.)
 
     .. [Kindermans2018] P.-J. Kindermans et al. Learning how to explain neural networks:
        PatternNet and PatternAttribution. ICLR 2018.
@@ -203,18 +207,31 @@ class Pattern(Rule):
 
     def backward(self, layer, rec, r, state):
         xp = array_namespace(r)
-        key = ("pattern", xp.__name__, np.dtype(r.dtype).str)
-        m = state.get(key)
-        if m is None:
-            w = np.asarray(to_numpy(layer.weight), dtype=np.float64)
-            if isinstance(self.matrix, str):  # "filter", S_w: a = w / (wᵀw) per unit, from the layer's current weight
-                flat = w.reshape(w.shape[0], -1)
-                norm2 = (flat * flat).sum(axis=1)
-                host = (flat / np.where(norm2 > 0, norm2, 1.0)[:, None]).reshape(w.shape)
-            else:
-                host = np.asarray(to_numpy(self.matrix), dtype=np.float64)
-            if self.times_weight:
-                host = w * host
-            m = state[key] = xp.ascontiguousarray(xp.asarray(host, dtype=r.dtype))
+        if not (self.times_weight or isinstance(self.matrix, str)):  # A alone: the weights play no part
+            key = ("pattern", xp.__name__, np.dtype(r.dtype).str)
+            m = state.get(key)
+            if m is None:
+                m = state[key] = self._matrix(layer, r, xp)
+        elif xp is np and layer.weight.nbytes >= _config.RULE_WEIGHTS_KEPT_MIN_BYTES and (
+                layer.kind == "conv2d" or layer.weight.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES):
+            from ..kernels.cpu._derived import derived
+
+            m = derived(layer.weight, ("pattern", self, np.dtype(r.dtype).str), lambda: self._matrix(layer, r, xp))
+        else:
+            m = self._matrix(layer, r, xp)
         shape = rec.a.shape
         return layer.vjp_with(r, m, shape, rec.backend)
+
+    def _matrix(self, layer, r, xp):
+        """The matrix of the transposed pass, A or W ⊙ A, from the layer's current weight (float64 on the host,
+        then ``r``'s namespace and dtype)."""
+        w = np.asarray(to_numpy(layer.weight), dtype=np.float64)
+        if isinstance(self.matrix, str):  # "filter", S_w: a = w / (wᵀw) per unit, from the layer's current weight
+            flat = w.reshape(w.shape[0], -1)
+            norm2 = (flat * flat).sum(axis=1)
+            host = (flat / np.where(norm2 > 0, norm2, 1.0)[:, None]).reshape(w.shape)
+        else:
+            host = np.asarray(to_numpy(self.matrix), dtype=np.float64)
+        if self.times_weight:
+            host = w * host
+        return xp.ascontiguousarray(xp.asarray(host, dtype=r.dtype))
