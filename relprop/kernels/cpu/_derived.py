@@ -19,7 +19,8 @@ out all the same, so a check of it could not mend that).  On VGG-16 b4 those che
 ε+flat's CPU time (a second read of W⁺ and its copy, 59 MB each) and their copies 59 MB.
 
 Bounded by ``_config.WINOGRAD_CACHE_BYTES`` (the derived arrays and the copies, each copy counted once),
-least recently used first out; an entry goes when its weight array is collected (its id may be reused).
+least recently used first out; an entry goes when its weight array is collected (its id may be reused;
+at once, or at the next lookup where the collection came inside one: :func:`_forget`).
 
 Within :func:`one_call` (an explanation: :class:`relprop.Explainer` opens it, and so does a net's
 forward) weights found unchanged are not checked again: a gradient looks each convolution's weights up
@@ -49,8 +50,9 @@ from numba import njit
 from ... import _config
 from ._chunks import conv_threads
 
-_CACHE = OrderedDict()  # (id(w), kind) -> (weakref to w, copy of w (w itself if made here), derived array)
+_CACHE = OrderedDict()  # (id(w), kind) -> (weakref to w, copy of w (None if made here), derived array)
 _LOCK = threading.Lock()
+_DEAD = []  # keys of entries whose weights were collected, dropped by _purge (under the lock)
 _MADE = {}  # id(a) -> weakref to a, for the arrays this cache made (see the module doc)
 #: per thread: depth (of nested one_call blocks); seen: id(w) -> the copy w was found equal to; ahead: the
 #: block's background checks (or None); order: weak references to the weights looked up and their copies, in order
@@ -184,11 +186,31 @@ def _same_bits(a, b):
 
 
 def _forget(key):
-    def drop(_ref):  # w was collected: its id may be reused
-        cache = _CACHE
-        if cache is not None:  # (None once the interpreter is tearing the module down)
-            cache.pop(key, None)
+    """The callback of w's weak reference: w was collected, its entry goes, by :func:`_purge` under the lock.
+    The callback runs wherever the collection happens, the garbage collector's included, which may be inside
+    a loop over the cache (seen: "OrderedDict mutated during iteration"); every such loop holds the lock, so
+    the entry is dropped here only if the lock is free, else by the next lookup."""
+    def drop(_ref):
+        dead, lock = _DEAD, _LOCK
+        if dead is None or lock is None:  # (None once the interpreter is tearing the module down)
+            return
+        dead.append(key)
+        if lock.acquire(blocking=False):
+            try:
+                _purge()
+            finally:
+                lock.release()
     return drop
+
+
+def _purge():
+    """Drop the entries of collected weights (call with the lock held).  A key may name a new entry by now (the
+    id reused by a new array): only an entry whose weights are gone is dropped."""
+    while _DEAD:
+        key = _DEAD.pop()
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0]() is None:
+            del _CACHE[key]
 
 
 def _made_here(w):
@@ -214,10 +236,12 @@ def _current(entry, w):
     """Is the cache entry ``entry`` (or None) one for ``w`` as it is now?  Inside :func:`one_call`, a copy
     that ``w`` was found equal to there already is taken without a second look; an array made here needs none
     (see the module doc)."""
-    if entry is None or entry[0]() is not w or entry[1].dtype != w.dtype or entry[1].shape != w.shape:
+    if entry is None or entry[0]() is not w:
         return False
-    if entry[1] is w and _made_here(w):
-        return True
+    if entry[1] is None:  # made here (see the module doc)
+        return _made_here(w)
+    if entry[1].dtype != w.dtype or entry[1].shape != w.shape:
+        return False
     seen = getattr(_CALL, "seen", None)
     if seen is not None and seen.get(id(w)) is entry[1]:
         return True
@@ -242,6 +266,7 @@ def derived(w, kind, make):
         return make()
     key = (id(w), kind)
     with _LOCK:
+        _purge()
         hit = _CACHE.get(key)
         if hit is not None:
             _CACHE.move_to_end(key)
@@ -253,18 +278,20 @@ def derived(w, kind, make):
     except TypeError:  # pragma: no cover - an array type without weak references
         return value
     with _LOCK:
+        _purge()
         _remember_made(value, w)
-        # another kind's copy of the same weights, if current, is shared; an array made here is its own
+        # another kind's copy of the same weights, if current, is shared; an array made here needs none (and a
+        # strong reference to it here would keep it, and its entries, alive for good)
         other = next((e for k, e in _CACHE.items() if k[0] == id(w) and k != key and e[0]() is w), None)
         if _made_here(w):
-            copy = w
+            copy = None
         elif other is not None and _current(other, w):
             copy = other[1]
         else:
             copy = np.array(w, order="C", copy=True)
         _CACHE[key] = (ref, copy, value)
         seen = getattr(_CALL, "seen", None)
-        if seen is not None and copy is not w and seen.get(id(w)) is not copy:
+        if seen is not None and copy is not None and seen.get(id(w)) is not copy:
             seen[id(w)] = copy
             if _CALL.order is not None:
                 _CALL.order.append((ref, weakref.ref(copy)))
@@ -274,7 +301,6 @@ def derived(w, kind, make):
 
 
 def _cache_bytes():
-    """Bytes held by the cache: every derived array, and every weight copy once (an array made here, its own
-    "copy", is counted as a derived array already)."""
-    copies = {id(e[1]): e[1].nbytes for e in _CACHE.values() if not (e[0]() is e[1] and _made_here(e[1]))}
+    """Bytes held by the cache: every derived array, and every weight copy once."""
+    copies = {id(e[1]): e[1].nbytes for e in _CACHE.values() if e[1] is not None}
     return sum(e[2].nbytes for e in _CACHE.values()) + sum(copies.values())
