@@ -299,10 +299,15 @@ def _params(rule, layer, like, state):
     # them, LeNet-5 b1 ε+flat 0.46 against 0.42 ms)
     snapshot = None
     if not plain and xp is np and w.nbytes < _config.RULE_WEIGHTS_KEPT_MIN_BYTES:
-        snapshot = [(p, p.copy()) for p in (w, b) if p is not None]
+        snapshot = _snapshot((w, b))
     if plain or call is not None or snapshot is not None:
         state[key] = (call, params, snapshot)
     return params
+
+
+def _snapshot(arrays):
+    """[(array, copy)] of ``arrays`` (None skipped): what :func:`_unchanged` compares them with later."""
+    return [(p, p.copy()) for p in arrays if p is not None]
 
 
 def _unchanged(snapshot):
@@ -328,6 +333,15 @@ def _same_params(kept, params, xp):
     return True
 
 
+def kept_beside_weights(layer, w, xp):
+    """Is what a rule forms from the weights ``w`` of ``layer`` kept beside them
+    (:func:`relprop.kernels.cpu._derived.derived`, checked against them)?  On NumPy, at a convolution, or a
+    dense layer of at most ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES``, from ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES``
+    on (see :func:`_term_weight`)."""
+    return xp is np and w.nbytes >= _config.RULE_WEIGHTS_KEPT_MIN_BYTES and (
+        layer.kind == "conv2d" or (layer.kind == "linear" and w.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES))
+
+
 def _term_weight(rule, layer, index, term, w, xp):
     """W⁽ᵏ⁾ of term ``index`` (group, term) of ``rule``.  On NumPy arrays, at a convolution or a dense layer of
     at most ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES``, kept beside the CPU kernels' arrangements of the layer's
@@ -338,8 +352,7 @@ def _term_weight(rule, layer, index, term, w, xp):
     time (286 against 140 ms); αβ formed its dense layers' W⁺ and W⁻ anew (11 ms of 310).  (A large dense
     layer's copies, VGG-16's 411 MB, would push the convolutions' transforms out of the cache.)  Weights under
     ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES`` are formed afresh: cheaper than the lookup."""
-    if term.weight is keep or xp is not np or w.nbytes < _config.RULE_WEIGHTS_KEPT_MIN_BYTES or not (
-            layer.kind == "conv2d" or (layer.kind == "linear" and w.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES)):
+    if term.weight is keep or not kept_beside_weights(layer, w, xp):
         return term.weight(w, xp)
     kind = ("rule weights", rule, index)
     try:

@@ -30,7 +30,7 @@ from .. import _config
 from .._backend import array_namespace, to_numpy
 from ..kernels import _ops
 from ..nets.layers import LAYER_TYPES
-from .core import LINEAR_KINDS, Rule, Unpooled
+from .core import LINEAR_KINDS, Rule, Unpooled, _snapshot, _unchanged, kept_beside_weights
 
 __all__ = ["Gradient", "DeconvNet", "GuidedBackprop", "Pattern", "gradient_sweep"]
 
@@ -191,11 +191,10 @@ class Pattern(Rule):
     (``times_weight=True``, PatternAttribution).  ``matrix`` is shaped like the layer's
     weight (float64 on the host), or ``"filter"`` for the filter estimator S_w's
     A = W / ‖w_j‖²; W ⊙ A and S_w are formed from the layer's current weight, so a changed
-    weight is never combined with a stale product: on NumPy, at a convolution or a dense layer of at
-    most ``_config.RULE_WEIGHTS_KEPT_MAX_BYTES`` (and at least ``_config.RULE_WEIGHTS_KEPT_MIN_BYTES``) of
-    weights, kept beside the layer's weights and formed afresh
-    once they change, in place too (:func:`relprop.kernels.cpu._derived.derived`); elsewhere formed
-    on every call.  (Kept in the explainer, a weight changed in place went on with the old product.)
+    weight is never combined with a stale product, in place changes too: on NumPy kept beside the
+    layer's weights (:func:`relprop.rules.core.kept_beside_weights`) or in the explainer with a copy of
+    them, compared on each call; elsewhere formed on every call.  (Kept in the explainer alone, a weight
+    changed in place went on with the old product.)
 
     .. [Kindermans2018] P.-J. Kindermans et al. Learning how to explain neural networks:
        PatternNet and PatternAttribution. ICLR 2018.
@@ -212,11 +211,16 @@ class Pattern(Rule):
             m = state.get(key)
             if m is None:
                 m = state[key] = self._matrix(layer, r, xp)
-        elif xp is np and layer.weight.nbytes >= _config.RULE_WEIGHTS_KEPT_MIN_BYTES and (
-                layer.kind == "conv2d" or layer.weight.nbytes <= _config.RULE_WEIGHTS_KEPT_MAX_BYTES):
+        elif kept_beside_weights(layer, layer.weight, xp):
             from ..kernels.cpu._derived import derived
 
             m = derived(layer.weight, ("pattern", self, np.dtype(r.dtype).str), lambda: self._matrix(layer, r, xp))
+        elif xp is np:  # kept here with a copy of the weights, compared on each call (cheaper than forming it)
+            key = ("pattern", xp.__name__, np.dtype(r.dtype).str)
+            hit = state.get(key)
+            if hit is None or not _unchanged(hit[1]):
+                hit = state[key] = (self._matrix(layer, r, xp), _snapshot((layer.weight,)))
+            m = hit[0]
         else:
             m = self._matrix(layer, r, xp)
         shape = rec.a.shape
